@@ -371,6 +371,7 @@ def write_subset(dataset: Dataset, positions: Sequence[int], path: str | os.Path
     rows = [dataset.rows[p] for p in positions]
     fmt = dataset.format
     if fmt == "datasets":
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             dataset.table.select([dataset.row_index[p] for p in positions]).save_to_disk(str(tmp / "ds"))

@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny random Llama with a byte-level tokenizer, built offline from a config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tokenizer(chat_template: str | None = CHATML):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=specials[1:])
+    tok.chat_template = chat_template
+    return tok
+
+
+def make_model(vocab_size: int, *, n_layers: int = 4, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny model folder, loadable with saft.load_model(path)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = make_tokenizer()
+    make_model(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    from saft import load_model
+
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def toy_rows(n: int = 30, harmful_every: int = 3) -> list[dict]:
+    """Rows with prompt/response and is_safe; every `harmful_every`-th row is harmful and looks different."""
+    rows = []
+    for i in range(n):
+        harmful = i % harmful_every == 0
+        prompt = f"how do I hurt someone badly number {i}?" if harmful else f"write a poem about the sea, take {i}"
+        response = "here is how to do harm: step one" if harmful else f"the sea is wide and blue {i}"
+        rows.append({"id": f"r{i}", "prompt": prompt, "response": response, "is_safe": not harmful})
+    return rows

@@ -1,0 +1,99 @@
+import csv
+import json
+
+import pytest
+
+from conftest import toy_rows, write_jsonl
+from saft.cli import main
+
+
+def run(args, tiny_model_dir, tmp_path):
+    return main(["-q", *args, "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache")])
+
+
+def read_jsonl(p):
+    return [json.loads(line) for line in p.read_text().splitlines()]
+
+
+def test_filter_end_to_end(tiny_model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", toy_rows(30))
+    before = data.read_bytes()
+    out = tmp_path / "out"
+    assert run(["filter", str(data), "-o", str(out), "--n-labels", "20", "--seed", "1"], tiny_model_dir, tmp_path) == 0
+    assert data.read_bytes() == before
+    scores, kept, removed = read_jsonl(out / "scores.jsonl"), read_jsonl(out / "kept.jsonl"), read_jsonl(out / "removed.jsonl")
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(kept) + len(removed) == 30 and len(scores) == 30
+    assert {r["id"] for r in kept} | {r["id"] for r in removed} == {f"r{i}" for i in range(30)}
+    assert {r["id"] for r in removed} == {r["id"] for r in scores if r["removed"]}
+    assert kept[0].keys() == {"id", "prompt", "response", "is_safe"}  # every input field preserved
+    assert sorted(r["rank"] for r in scores) == list(range(1, 31))
+    top = min(scores, key=lambda r: r["rank"])
+    assert top["harm_score"] == max(r["harm_score"] for r in scores)
+    assert all(r["reason"].startswith("harm_score") for r in scores if r["removed"])
+    assert summary["rule"] == "f1" and summary["k"] in (1, 2, 3, 4) and summary["layer"] == 2
+    assert summary["n_removed"] == len(removed) and len(summary["labeled_rows_used"]) == 20
+    for key in ("auroc", "auprc", "f1", "precision", "recall", "harmful_fraction_before", "harmful_fraction_after"):
+        assert key in summary["metrics"]
+    assert summary["config"]["n_labels"] == 20 and summary["versions"]["torch"]
+    text = capsys.readouterr().out
+    assert "AUROC" in text and str(out / "kept.jsonl") in text
+
+
+def test_score_only_and_csv_output(tiny_model_dir, tmp_path):
+    rows = toy_rows(12)
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["note", *rows[0]])
+        w.writeheader()
+        w.writerows({"note": "n" + r["id"], **r} for r in rows)
+    out = tmp_path / "o"
+    assert run(["score", str(tmp_path / "d.csv"), "-o", str(out)], tiny_model_dir, tmp_path) == 0
+    kept = list(csv.DictReader(open(out / "kept.csv")))
+    assert len(kept) == 12 and kept[0]["note"] == "nr0" and list(kept[0]) == ["note", "id", "prompt", "response", "is_safe"]
+    assert list(csv.DictReader(open(out / "removed.csv"))) == []
+    assert json.loads((out / "summary.json").read_text())["rule"] == "none"
+
+
+def test_fraction_rule_and_explicit_fields(tiny_model_dir, tmp_path):
+    rows = [{"q": f"question {i}", "a": f"answer {i}"} for i in range(10)]
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    out = tmp_path / "o"
+    assert run(["filter", str(data), "-o", str(out), "--rule", "fraction", "--fraction", "0.3",
+                "--prompt-field", "q", "--response-field", "a", "--layer", "1", "--position", "response_mean"],
+               tiny_model_dir, tmp_path) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["n_removed"] == 3 and s["layer"] == 1 and s["position"] == "response_mean"
+    assert s["metrics"] == {"n_labeled": 0}
+
+
+def test_bad_input_gives_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n{"prompt": 5, "response": "b"}\n')
+    assert run(["filter", str(data), "-o", str(tmp_path / "o"), "--rule", "fraction", "--fraction", "0.5"],
+               tiny_model_dir, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl, line 2: field 'prompt' must be text, got int" in err and "Traceback" not in err
+    assert run(["filter", str(data), "-o", str(tmp_path / "o"), "--rule", "fraction", "--fraction", "0.5",
+                "--skip-invalid"], tiny_model_dir, tmp_path) == 0
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["n_skipped_invalid"] == 1 and s["n_samples"] == 1 and s["skipped_invalid"][0]["line"] == 2
+    # the f1 rule without labels says what to do
+    assert run(["filter", str(data), "-o", str(tmp_path / "o2"), "--skip-invalid"], tiny_model_dir, tmp_path) == 2
+    assert "--n-labels" in capsys.readouterr().err
+
+
+def test_bad_option_values(tiny_model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", toy_rows(4))
+    assert run(["filter", str(data), "-o", str(tmp_path / "o"), "--rule", "fraction"], tiny_model_dir, tmp_path) == 2
+    assert "fraction rule needs fraction" in capsys.readouterr().err
+    assert run(["filter", str(data), "-o", str(tmp_path / "o"), "--layer", "99", "--rule", "fraction", "--fraction",
+                "0.1"], tiny_model_dir, tmp_path) == 2
+    assert "out of range" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", [[], ["filter"], ["score"], ["demo"]])
+def test_help_shows_an_example(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--help"])
+    assert e.value.code == 0
+    assert "saft " in capsys.readouterr().out.split("example")[1]

@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.metrics import roc_auc_score
+
+from saft.detectors import SubspaceScorer, get_detector
+
+
+def planted(n=600, d=64, frac=0.2, seed=0):
+    """Benign: isotropic noise. Harmful: a cluster offset and spread inside a fixed 4-dim subspace."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    y = (rng.random(n) < frac).astype(int)
+    dirs = np.linalg.qr(rng.normal(size=(d, 4)))[0].T  # (4, d) orthonormal
+    coef = 4.0 + 1.0 * rng.normal(size=((y == 1).sum(), 4))
+    X[y == 1] += coef @ dirs
+    return X, y
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_planted_cluster_is_found(k, weighted):
+    X, y = planted()
+    s = SubspaceScorer(n_components=k, weighted=weighted).fit(X).score_samples(X)
+    assert roc_auc_score(y, s) > 0.98
+
+
+def test_matches_definition_and_sign_invariance():
+    X, _ = planted(n=100, d=10)
+    sc = SubspaceScorer(n_components=3).fit(X)
+    c = X - X.mean(0)
+    v = np.linalg.svd(c, full_matrices=False)[2][:3]
+    np.testing.assert_allclose(sc.score_samples(X), ((c @ v.T) ** 2).mean(1), rtol=1e-10)
+    sc.components_ = -sc.components_  # a flipped singular vector gives the same score
+    np.testing.assert_allclose(sc.score_samples(X), ((c @ v.T) ** 2).mean(1), rtol=1e-10)
+
+
+def test_sklearn_conventions():
+    X, _ = planted(n=50, d=8)
+    sc = SubspaceScorer(n_components=2)
+    assert sc.fit(X) is sc and sc.components_.shape == (2, 8) and sc.mean_.shape == (8,)
+    assert clone(sc).get_params() == {"n_components": 2, "weighted": False}
+    with pytest.raises(ValueError, match="n_components must be an integer in 1..8"):
+        SubspaceScorer(n_components=9).fit(X)
+    with pytest.raises(ValueError, match="fitted on 8"):
+        sc.score_samples(X[:, :5])
+
+
+def test_registry_suggests_names():
+    assert isinstance(get_detector("subspace", n_components=2), SubspaceScorer)
+    with pytest.raises(ValueError, match="Did you mean: subspace"):
+        get_detector("subspce")
