@@ -27,14 +27,14 @@ def make_tokenizer(chat_template: str | None = CHATML):
     return tok
 
 
-def make_model(vocab_size: int, *, n_layers: int = 4, seed: int = 0):
+def make_model(vocab_size: int, *, n_layers: int = 4, seed: int = 0, tie: bool = True):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=True)
+                         tie_word_embeddings=tie)
     return LlamaForCausalLM(config).eval()
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from importlib import resources
@@ -20,27 +19,47 @@ EXAMPLES = {
                "  saft filter data.csv -o out/ --rule fraction --fraction 0.1\n"
                "  saft filter chats.parquet -o out/ --layer 20 --labels-file labelled.jsonl"),
     "demo": "example:\n  saft demo -o saft-demo-out      # filters the packaged demo set with the embedded model",
+    "finetune": "example:\n  saft finetune out/kept.jsonl -o ft/ --epochs 1 --max-length 128   # writes ft/adapter/",
+    "evaluate": ("example:\n  saft evaluate -o ev/ --adapter ft/adapter --harmful-prompts advbench.txt "
+                 "--benign-file benign.jsonl"),
+    "experiment": "example:\n  saft experiment -o exp/ --pool-size 500 --rates 0.3 --seeds 0   # results.md, results.png",
 }
-# Options of FilterConfig whose type the default does not tell.
+# Options whose type the default does not tell.
 TYPES = {"layer": str, "n_components": int, "labels_file": str, "fraction": float, "threshold": float,
-         "cache_dir": str, "device": str, "dtype": str}
+         "cache_dir": str, "device": str, "dtype": str, "raw_dir": str, "target_modules": str, "arms": str,
+         "judges": str, "rates": float, "seeds": int, "k_candidates": int}
 
 
-def _add_config_options(parser: argparse.ArgumentParser, *, rule_default: str | None = None) -> None:
-    group = parser.add_argument_group("scoring and selection")
-    for f in dataclasses.fields(FilterConfig):
+def _add_config_options(parser: argparse.ArgumentParser, cls, title: str, *, skip: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field, with the field's help string; tuples take several values."""
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "")
-        if f.name == "rule" and rule_default == "none":
-            continue  # `saft score` never removes
         default = f.default
         if isinstance(default, bool):
             group.add_argument(flag, action="store_true", help=help_)
         elif isinstance(default, tuple):
-            group.add_argument(flag, type=int, nargs="+", default=list(default), help=f"{help_} (default: {' '.join(map(str, default))})")
+            shown = " ".join(map(str, default)) or "all"
+            group.add_argument(flag, type=TYPES.get(f.name, str), nargs="+", default=list(default),
+                               help=f"{help_} (default: {shown})")
         else:
-            typ = TYPES.get(f.name, type(default))
-            group.add_argument(flag, type=typ, default=default, help=f"{help_} (default: {default})")
+            group.add_argument(flag, type=TYPES.get(f.name, type(default)), default=default,
+                               help=f"{help_} (default: {default})")
+
+
+def _from_args(cls, args, **overrides):
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    for name, value in values.items():
+        if isinstance(value, list):
+            values[name] = tuple(value)
+    layer = values.get("layer")
+    if isinstance(layer, str) and layer.lstrip("-").isdigit():
+        values["layer"] = int(layer)
+    values.update(overrides)
+    return cls(**values)
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -54,40 +73,48 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--skip-invalid", action="store_true", help="skip malformed rows (counted in summary.json) instead of stopping")
 
 
+COMMANDS = {
+    "score": "score every sample (nothing removed)",
+    "filter": "score and select samples to remove; write kept/removed rows",
+    "demo": "filter the packaged demo dataset with the embedded model",
+    "finetune": "LoRA fine-tuning on a dataset (loss on responses only)",
+    "evaluate": "harmfulness and helpfulness of a model or model + adapter",
+    "experiment": "the paper's comparison: filter several ways, fine-tune each, evaluate",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluate import EvaluateConfig
+    from .experiment import ExperimentConfig
+    from .finetune import FinetuneConfig
+
     parser = argparse.ArgumentParser(
         prog="saft", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Find and remove harmful samples from an LLM fine-tuning dataset (SAFT).",
-        epilog="examples:\n  saft demo -o saft-demo-out\n  saft filter data.jsonl -o out/\n  saft score data.jsonl -o out/")
+        description="Find and remove harmful samples from an LLM fine-tuning dataset (SAFT), then fine-tune and evaluate.",
+        epilog="examples:\n  saft demo -o saft-demo-out\n  saft filter data.jsonl -o out/\n  saft finetune out/kept.jsonl -o ft/\n"
+               "  saft experiment -o exp/")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log messages")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, help_ in (("score", "score every sample (nothing removed)"),
-                        ("filter", "score and select samples to remove; write kept/removed rows"),
-                        ("demo", "filter the packaged demo dataset with the embedded model")):
+    for name, help_ in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        if name != "demo":
-            p.add_argument("data", help="JSONL, JSON, CSV or Parquet file, or a saved datasets folder")
-            p.add_argument("-o", "--output-dir", required=True, help="folder for the outputs (created if missing)")
-            _add_data_options(p)
-        else:
-            p.add_argument("-o", "--output-dir", default="saft-demo-out", help="folder for the outputs (default: saft-demo-out)")
-        _add_config_options(p, rule_default="none" if name == "score" else None)
         p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or log messages")
+        if name in ("score", "filter", "finetune"):
+            p.add_argument("data", help="JSONL, JSON, CSV or Parquet file, or a saved datasets folder")
+            _add_data_options(p)
+        default_out = {"demo": "saft-demo-out"}.get(name)
+        p.add_argument("-o", "--output-dir", required=default_out is None, default=default_out,
+                       help="folder for the outputs (created if missing)")
+        if name in ("score", "filter", "demo"):
+            _add_config_options(p, FilterConfig, "scoring and selection", skip=("rule",) if name == "score" else ())
+        elif name == "finetune":
+            _add_config_options(p, FinetuneConfig, "fine-tuning")
+        elif name == "evaluate":
+            _add_config_options(p, EvaluateConfig, "evaluation")
+        else:
+            _add_config_options(p, ExperimentConfig, "experiment")
     return parser
-
-
-def _config(args) -> FilterConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FilterConfig) if hasattr(args, f.name)}
-    if args.command == "score":
-        values["rule"] = "none"
-    if "k_candidates" in values:
-        values["k_candidates"] = tuple(values["k_candidates"])
-    layer = values.get("layer")
-    if isinstance(layer, str) and layer.lstrip("-").isdigit():
-        values["layer"] = int(layer)
-    return FilterConfig(**values)
 
 
 def _print_summary(summary: dict) -> None:
@@ -112,6 +139,42 @@ def _print_summary(summary: dict) -> None:
         print(f"  {name:8s} {path}")
 
 
+def _fields(args) -> FieldOptions:
+    return FieldOptions(messages_field=args.messages_field, prompt_field=args.prompt_field,
+                        response_field=args.response_field, label_field=args.label_field,
+                        label_meaning=args.label_means, id_field=args.id_field)
+
+
+def _run_training_commands(args) -> int:
+    progress = not args.quiet
+    if args.command == "finetune":
+        from .data import load_samples
+        from .finetune import FinetuneConfig, finetune
+
+        ds = load_samples(args.data, fields=_fields(args), skip_invalid=args.skip_invalid)
+        res = finetune(ds.samples, output_dir=args.output_dir, config=_from_args(FinetuneConfig, args), progress=progress)
+        print(f"fine-tuned on {res['n_samples']} samples, {res['steps']} steps, train loss {res['train_loss']:.4f}")
+        print(f"adapter: {res['adapter']}")
+    elif args.command == "evaluate":
+        from .evaluate import EvaluateConfig, run_evaluation
+
+        res = run_evaluation(_from_args(EvaluateConfig, args), output_dir=args.output_dir, progress=progress)
+        for name, j in res["harmful"]["judges"].items():
+            acc = f" (judge accuracy {j['judge_test_accuracy']})" if j.get("judge_test_accuracy") else ""
+            print(f"harmful rate [{name}]: {j['harmful_rate']:.3f}{acc}")
+        print(f"refusal rate on harmful prompts: {res['harmful']['refusal_rate']:.3f}")
+        if res["helpful"].get("rouge_l") is not None:
+            print(f"ROUGE-L {res['helpful']['rouge_l']:.3f}, reference loss {res['helpful']['reference_loss']:.3f}")
+        print(f"outputs: {args.output_dir}/metrics.json, generations.jsonl")
+    else:
+        from .experiment import ExperimentConfig, run_experiment
+
+        res = run_experiment(_from_args(ExperimentConfig, args), output_dir=args.output_dir, progress=progress)
+        print((Path(args.output_dir) / "results.md").read_text())
+        print(f"outputs: {args.output_dir}/results.json, results.md, results.png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO,
@@ -123,24 +186,21 @@ def main(argv: list[str] | None = None) -> int:
         for noisy in ("transformers", "datasets", "huggingface_hub"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        config = _config(args)
+        if args.command in ("finetune", "evaluate", "experiment"):
+            return _run_training_commands(args)
+        config = _from_args(FilterConfig, args, **({"rule": "none"} if args.command == "score" else {}))
         if args.command == "demo":
             data = resources.files("saft") / "demo" / "demo.jsonl"
-            fields = FieldOptions()
-            skip = False
+            fields, skip = FieldOptions(), False
         else:
-            data = args.data
-            fields = FieldOptions(messages_field=args.messages_field, prompt_field=args.prompt_field,
-                                  response_field=args.response_field, label_field=args.label_field,
-                                  label_meaning=args.label_means, id_field=args.id_field)
-            skip = args.skip_invalid
+            data, fields, skip = args.data, _fields(args), args.skip_invalid
         result = filter_dataset(Path(str(data)), output_dir=args.output_dir, config=config, fields=fields,
                                 skip_invalid=skip, progress=not args.quiet)
     except (DataError, ModelError, ValueError) as e:
         print(f"saft: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("saft: interrupted; finished feature batches are cached, rerun to resume", file=sys.stderr)
+        print("saft: interrupted; finished work is cached, rerun the same command to resume", file=sys.stderr)
         return 130
     _print_summary(result.summary)
     if args.command == "demo":

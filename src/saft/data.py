@@ -360,6 +360,35 @@ def load_samples(path: str | os.PathLike, *, format: str | None = None, fields: 
                    schema="+".join(sorted(schemas)), table=table, columns=columns, skipped=skipped)
 
 
+PROMPT_FIELDS = ("prompt", "instruction", "question", "goal")
+
+
+def load_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts only (no responses needed): a .txt file with one prompt a line, a JSON/JSONL list of objects with
+    a prompt/instruction/question field, or a JSON object holding an "instructions" list."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file.")
+    if path.suffix.lower() == ".txt":
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        fmt = detect_format(path)
+        data = json.loads(path.read_text(encoding="utf-8")) if fmt == "json" else None
+        if isinstance(data, dict) and isinstance(data.get("instructions"), list):
+            rows = [{"prompt": p} for p in data["instructions"]]
+        else:
+            rows, _, _, _ = _read_rows(path, fmt)
+        prompts = []
+        for i, row in enumerate(rows, 1):
+            name = next((f for f in PROMPT_FIELDS if isinstance(row, dict) and isinstance(row.get(f), str)), None)
+            if name is None:
+                raise DataError(f"{path}, row {i}: no text field named {', '.join(PROMPT_FIELDS)}.")
+            prompts.append(row[name])
+    if not prompts:
+        raise DataError(f"{path}: no prompts found.")
+    return prompts
+
+
 def output_name(dataset: Dataset, stem: str) -> str:
     """File name for a subset of `dataset` written in its own format: kept.jsonl, removed.csv, kept/ ..."""
     return stem if dataset.format == "datasets" else f"{stem}.{dataset.format}"

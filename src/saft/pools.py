@@ -9,6 +9,7 @@ Draws are reproducible by seed. Pairs are deduplicated by (prompt, response). Th
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -77,6 +78,15 @@ def load_source(name: str, raw_dir: str | Path | None = None) -> list[dict]:
             seen.add(key)
             unique.append(r)
     return unique
+
+
+def prompt_split(prompt: str) -> str:
+    """'judge' or 'experiment': a fixed split of prompts by hash (version 1).
+
+    The offline judge trains only on 'judge' prompts; experiment pools and evaluation prompts come only from
+    'experiment' prompts, so judge numbers are always on prompts the judge never saw.
+    """
+    return "judge" if hashlib.sha1(prompt.encode("utf-8")).digest()[0] % 2 == 0 else "experiment"
 
 
 def _draw(rows: list[dict], n: int, rng: np.random.Generator) -> list[dict]:

@@ -1,0 +1,47 @@
+"""Batched greedy generation of answers to prompts, under the model's chat template."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from .render import prompt_text
+
+logger = logging.getLogger(__name__)
+
+
+def generate(model, tokenizer, prompts: Sequence[str | list[dict]], *, max_new_tokens: int = 64,
+             batch_size: int = 16, progress: bool = True) -> list[str]:
+    """Greedy answers to `prompts` (plain user texts or message lists), in input order.
+
+    Prompts are sorted by length and left-padded in batches, so each batch wastes little compute.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError("max_new_tokens and batch_size must be at least 1")
+    convs = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    encoded = [tokenizer(prompt_text(c, tokenizer), add_special_tokens=not has_template)["input_ids"] for c in convs]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    outputs: list[str] = [""] * len(prompts)
+    bar = tqdm(total=len(prompts), disable=not progress, desc="generate", unit="prompt")
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):  # left padding: every prompt ends where generation starts
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            attn[row, width - len(encoded[i]):] = 1
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad)
+        for row, i in enumerate(idx):
+            outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+        bar.update(len(idx))
+    bar.close()
+    return outputs
