@@ -144,3 +144,17 @@ def test_not_utf8(tmp_path):
     (tmp_path / "l1.jsonl").write_bytes(b'{"prompt": "caf\xe9", "response": "x"}\n')
     with pytest.raises(DataError, match="not UTF-8"):
         load_samples(tmp_path / "l1.jsonl")
+
+
+def test_load_prompts_formats(tmp_path):
+    from saft.data import load_prompts
+
+    (tmp_path / "a.txt").write_text("first\n\nsecond\n")
+    assert load_prompts(tmp_path / "a.txt") == ["first", "second"]
+    (tmp_path / "b.json").write_text(json.dumps({"instructions": ["x", "y"], "inputs": ["", ""]}))
+    assert load_prompts(tmp_path / "b.json") == ["x", "y"]
+    write_jsonl(tmp_path / "c.jsonl", [{"instruction": "i1", "output": "o"}, {"prompt": "p2"}])
+    assert load_prompts(tmp_path / "c.jsonl") == ["i1", "p2"]
+    write_jsonl(tmp_path / "d.jsonl", [{"text": "no prompt field"}])
+    with pytest.raises(DataError, match=r"d\.jsonl, row 1: no text field named prompt"):
+        load_prompts(tmp_path / "d.jsonl")

@@ -27,7 +27,8 @@ EXAMPLES = {
 # Options whose type the default does not tell.
 TYPES = {"layer": str, "n_components": int, "labels_file": str, "fraction": float, "threshold": float,
          "cache_dir": str, "device": str, "dtype": str, "raw_dir": str, "target_modules": str, "arms": str,
-         "judges": str, "rates": float, "seeds": int, "k_candidates": int}
+         "judges": str, "rates": float, "seeds": int, "k_candidates": int, "limit": int, "adapter": str,
+         "harmful_prompts": str, "benign_file": str}
 
 
 def _add_config_options(parser: argparse.ArgumentParser, cls, title: str, *, skip: tuple[str, ...] = ()) -> None:
@@ -46,6 +47,8 @@ def _add_config_options(parser: argparse.ArgumentParser, cls, title: str, *, ski
             group.add_argument(flag, type=TYPES.get(f.name, str), nargs="+", default=list(default),
                                help=f"{help_} (default: {shown})")
         else:
+            if default is None and f.name not in TYPES:  # a programming error: say so instead of a parse failure
+                raise TypeError(f"add {f.name!r} to saft.cli.TYPES: its default None does not tell its type")
             group.add_argument(flag, type=TYPES.get(f.name, type(default)), default=default,
                                help=f"{help_} (default: {default})")
 
@@ -183,8 +186,14 @@ def main(argv: list[str] | None = None) -> int:
         import warnings
 
         warnings.filterwarnings("ignore")
-        for noisy in ("transformers", "datasets", "huggingface_hub"):
+        for noisy in ("transformers", "datasets", "huggingface_hub", "sentence_transformers"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
+    if args.quiet:
+        import datasets
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
     try:
         if args.command in ("finetune", "evaluate", "experiment"):
             return _run_training_commands(args)

@@ -92,7 +92,7 @@ def finetune(samples: Sequence[Sample], *, output_dir, config: FinetuneConfig | 
     import torch
     from datasets import Dataset as HFDataset
     from peft import get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments, set_seed
 
     config = config or FinetuneConfig()
     if not samples:
@@ -117,6 +117,8 @@ def finetune(samples: Sequence[Sample], *, output_dir, config: FinetuneConfig | 
     )
     trainer = Trainer(model=model, args=args, train_dataset=HFDataset.from_list(rows),
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE))
+    if not progress:  # without a progress bar Trainer prints every log line; the log history keeps them anyway
+        trainer.remove_callback(PrinterCallback)
     checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     if checkpoints:
         logger.info("resuming from %s", checkpoints[-1])
