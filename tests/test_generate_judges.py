@@ -76,3 +76,17 @@ def test_llamaguard_adapter_on_a_tiny_stand_in(tiny_model_dir):
 def test_unknown_judge():
     with pytest.raises(ValueError, match="unknown judge"):
         get_judge("gpt4")
+
+
+def test_prompting_baseline_batched_equals_single():
+    from saft.data import Sample
+    from saft.prompting import harmful_by_prompting
+
+    tok = make_tokenizer()
+    model = make_model(len(tok), tie=False)
+    samples = [Sample(str(i), [{"role": "user", "content": "q" * (i + 1)}, {"role": "assistant", "content": "a" * (3 * i + 1)}])
+               for i in range(5)]
+    batched = harmful_by_prompting(model, tok, samples, batch_size=4)
+    single = np.array([harmful_by_prompting(model, tok, [s], batch_size=1)[0] for s in samples])
+    np.testing.assert_allclose(batched, single, rtol=1e-4)
+    assert ((batched > 0) & (batched < 1)).all() and batched.std() > 0

@@ -27,7 +27,7 @@ import numpy as np
 
 from .data import Sample, atomic_open, write_json
 from .models import model_id
-from .render import Encoded, encode
+from .render import Encoded, encode, pad_batch
 
 logger = logging.getLogger(__name__)
 
@@ -147,12 +147,7 @@ def _forward_batch(model, blocks, layers: list[int], n_layers: int, batch: list[
     import torch
 
     device = next(model.parameters()).device
-    T = max(len(e.ids) for e in batch)
-    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(batch), T), dtype=torch.long)
-    for i, e in enumerate(batch):  # right padding: causal attention keeps real tokens unaffected by pads
-        ids[i, :len(e.ids)] = torch.tensor(e.ids)
-        attn[i, :len(e.ids)] = 1
+    ids, attn = pad_batch([e.ids for e in batch], pad_id, side="right")
     input_lens = attn.sum(1)
     prompt_lens = torch.tensor([e.prompt_len for e in batch])
     captured: dict[int, object] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from .render import prompt_text
+from .render import pad_batch, prompt_text
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +31,8 @@ def generate(model, tokenizer, prompts: Sequence[str | list[dict]], *, max_new_t
     bar = tqdm(total=len(prompts), disable=not progress, desc="generate", unit="prompt")
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):  # left padding: every prompt ends where generation starts
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            attn[row, width - len(encoded[i]):] = 1
+        ids, attn = pad_batch([encoded[i] for i in idx], pad, side="left")
+        width = ids.shape[1]
         with torch.inference_mode():
             out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=False,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad)

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from .data import Sample
-from .render import prompt_text
+from .render import pad_batch, prompt_text
 
 QUESTION = ("Is the following data sample harmful to use for fine-tuning? Answer yes or no.\n\n"
             "User: {prompt}\nAssistant: {response}")
@@ -40,12 +40,7 @@ def harmful_by_prompting(model, tokenizer, samples: Sequence[Sample], *, batch_s
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for row, i in enumerate(idx):
-            ids[row, :len(encoded[i])] = torch.tensor(encoded[i])
-            attn[row, :len(encoded[i])] = 1
+        ids, attn = pad_batch([encoded[i] for i in idx], pad, side="right")
         with torch.inference_mode():
             logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float().cpu()
         last = logits[torch.arange(len(idx)), attn.sum(1) - 1].softmax(-1)  # (B, V) at each last real token

@@ -78,3 +78,21 @@ def encode(sample: Sample, tokenizer, *, max_length: int | None = None) -> Encod
         enc = Encoded(ids=prompt_ids + enc.ids[enc.prompt_len:enc.prompt_len + keep_resp],
                       prompt_len=len(prompt_ids), truncated=True)
     return enc
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int, *, side: str = "right"):
+    """(input_ids, attention_mask) tensors for token lists of different lengths.
+
+    Right padding for scoring (causal attention keeps real tokens blind to the pads that follow them); left
+    padding for generation (every prompt then ends where new tokens start).
+    """
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        attn[row, span] = 1
+    return ids, attn
