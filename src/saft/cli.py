@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-o", "--output-dir", required=default_out is None, default=default_out,
                        help="folder for the outputs (created if missing)")
         if name in ("score", "filter", "demo"):
+            p.add_argument("--report", action="store_true", help="also write report.html, an audit report for a browser")
             _add_config_options(p, FilterConfig, "scoring and selection", skip=("rule",) if name == "score" else ())
         elif name == "finetune":
             _add_config_options(p, FinetuneConfig, "fine-tuning")
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             data, fields, skip = args.data, _fields(args), args.skip_invalid
         result = filter_dataset(Path(str(data)), output_dir=args.output_dir, config=config, fields=fields,
-                                skip_invalid=skip, progress=not args.quiet)
+                                skip_invalid=skip, progress=not args.quiet, report=args.report)
     except (DataError, ModelError, ValueError) as e:
         print(f"saft: error: {e}", file=sys.stderr)
         return 2

@@ -98,10 +98,11 @@ def _versions() -> dict:
 
 def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
                    fields: FieldOptions | None = None, skip_invalid: bool = False, progress: bool = True,
-                   model=None, tokenizer=None) -> FilterResult:
+                   report: bool = False, model=None, tokenizer=None) -> FilterResult:
     """Score every sample of the dataset at `path` and select the ones to remove; write outputs if asked.
 
     `model`/`tokenizer` may be passed to reuse a loaded model; otherwise `config.model` is loaded.
+    `report` also writes `report.html` (see `saft.report`) into `output_dir`.
     """
     config = config or FilterConfig()
     t0 = time.time()
@@ -163,14 +164,20 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
         "feature_cache": str(feats.cache_path) if feats.cache_path else None,
         "versions": _versions(), "seconds": round(time.time() - t0, 2),
     }
-    if output_dir is not None:
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        _write_outputs(dataset, scores, selection, summary, output_dir)
-    return FilterResult(dataset, scores, selection, summary, output_dir)
+    result = FilterResult(dataset, scores, selection, summary, Path(output_dir) if output_dir is not None else None)
+    if result.output_dir is not None:
+        result.output_dir.mkdir(parents=True, exist_ok=True)
+        extra = {}
+        if report:
+            from .report import write_report
+
+            extra["report"] = str(write_report(result, result.output_dir / "report.html"))
+        _write_outputs(dataset, scores, selection, summary, result.output_dir, extra)
+    return result
 
 
-def _write_outputs(dataset: Dataset, scores: np.ndarray, selection: Selection, summary: dict, out: Path) -> None:
+def _write_outputs(dataset: Dataset, scores: np.ndarray, selection: Selection, summary: dict, out: Path,
+                   extra: dict) -> None:
     targets = [out / "scores.jsonl", out / "summary.json"] + [out / output_name(dataset, s) for s in ("kept", "removed")]
     if any(t.resolve() == dataset.path.resolve() for t in targets):
         raise ValueError(f"{dataset.path}: writing to {out} would overwrite the input; choose another -o folder")
@@ -191,5 +198,6 @@ def _write_outputs(dataset: Dataset, scores: np.ndarray, selection: Selection, s
         "kept": str(write_subset(dataset, kept, out / output_name(dataset, "kept"))),
         "removed": str(write_subset(dataset, removed, out / output_name(dataset, "removed"))),
         "summary": str(out / "summary.json"),
+        **extra,
     }
     write_json(summary, out / "summary.json")
