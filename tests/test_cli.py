@@ -122,3 +122,15 @@ def test_finetune_then_evaluate_commands(tiny_model_dir, tmp_path, capsys):
 def test_evaluate_needs_harmful_prompts(capsys):
     assert main(["-q", "evaluate", "-o", "x"]) == 2
     assert "--harmful-prompts" in capsys.readouterr().err
+
+
+def test_labels_file_for_the_f1_rule(tiny_model_dir, tmp_path, capsys):
+    pool = write_jsonl(tmp_path / "pool.jsonl", [{k: v for k, v in r.items() if k != "is_safe"} for r in toy_rows(20)])
+    labelled = write_jsonl(tmp_path / "lab.jsonl", toy_rows(12))
+    out = tmp_path / "o"
+    assert run(["filter", str(pool), "-o", str(out), "--labels-file", str(labelled)], tiny_model_dir, tmp_path) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["rule_params"]["n_labels"] == 12 and s["labeled_rows_used"] is None and s["metrics"] == {"n_labeled": 0}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [toy_rows(1)[0], {"prompt": "p", "response": "r"}])
+    assert run(["filter", str(pool), "-o", str(out), "--labels-file", str(bad)], tiny_model_dir, tmp_path) == 2
+    assert "bad.jsonl, row 2: no label" in capsys.readouterr().err

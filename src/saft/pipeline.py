@@ -111,7 +111,9 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
     if config.rule == "f1" and config.labels_file:
         labels_ds = load_samples(config.labels_file, fields=fields, skip_invalid=skip_invalid)
         if any(lab is None for lab in labels_ds.labels):
-            raise ValueError(f"{config.labels_file}: every row of a labels file needs a label")
+            missing = next(s.meta["line"] for s in labels_ds.samples if s.label is None)
+            raise ValueError(f"{config.labels_file}, row {missing}: no label. Every row of a labels file needs one "
+                             "(is_safe, harmful, label; or name the field with --label-field)")
     if model is None:
         model, tokenizer = load_model(config.model, cache_dir=config.cache_dir, device=config.device,
                                       dtype=config.dtype, trust_remote_code=config.trust_remote_code)
