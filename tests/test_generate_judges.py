@@ -90,3 +90,14 @@ def test_prompting_baseline_batched_equals_single():
     single = np.array([harmful_by_prompting(model, tok, [s], batch_size=1)[0] for s in samples])
     np.testing.assert_allclose(batched, single, rtol=1e-4)
     assert ((batched > 0) & (batched < 1)).all() and batched.std() > 0
+    # the same number from a plain full forward pass with the LM head at every position
+    from saft.prompting import QUESTION
+    from saft.render import prompt_text
+
+    s = samples[2]
+    text = prompt_text([{"role": "user", "content": QUESTION.format(prompt=s.prompt, response=s.response)}], tok)
+    with torch.no_grad():
+        probs = model(tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]).logits[0, -1].softmax(-1)
+    first = lambda words: sorted({tok(w, add_special_tokens=False)["input_ids"][0] for w in words})  # noqa: E731
+    p_yes, p_no = probs[first(["Yes", "yes", " Yes", " yes"])].sum(), probs[first(["No", "no", " No", " no"])].sum()
+    assert batched[2] == pytest.approx(float(p_yes / (p_yes + p_no)), rel=1e-4)

@@ -36,14 +36,17 @@ def harmful_by_prompting(model, tokenizer, samples: Sequence[Sample], *, batch_s
     encoded = [tokenizer(t, add_special_tokens=not has_template)["input_ids"][-max_length:] for t in texts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
+    base, head = getattr(model, model.base_model_prefix, model), model.get_output_embeddings()
     out = np.empty(len(samples))
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         ids, attn = pad_batch([encoded[i] for i in idx], pad, side="right")
         with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float().cpu()
-        last = logits[torch.arange(len(idx)), attn.sum(1) - 1].softmax(-1)  # (B, V) at each last real token
+            # The LM head only at each row's last real token: full (B, T, V) logits would cost far more.
+            hidden = base(input_ids=ids.to(device), attention_mask=attn.to(device)).last_hidden_state
+            h_last = hidden[torch.arange(len(idx), device=hidden.device), (attn.sum(1) - 1).to(hidden.device)]
+            last = head(h_last).float().cpu().softmax(-1)  # (B, V)
         p_yes, p_no = last[:, yes].sum(1), last[:, no].sum(1)
         out[idx] = (p_yes / (p_yes + p_no)).numpy()
     return out
