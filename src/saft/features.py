@@ -187,6 +187,8 @@ def extract_features(model, tokenizer, samples: Sequence[Sample], *, layers=None
     """
     from tqdm.auto import tqdm
 
+    if not samples:
+        raise ValueError("no samples to extract features from")
     positions = [positions] if isinstance(positions, str) else list(positions)
     for p in positions:
         if p not in POSITIONS:

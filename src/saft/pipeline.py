@@ -125,6 +125,9 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
     X = feats.get(layer, config.position)
     if config.rule == "f1" and config.n_components is None:
         ks = [k for k in config.k_candidates if k <= min(X.shape)]
+        if not ks:
+            raise ValueError(f"every k in {config.k_candidates} exceeds what {X.shape[0]} samples of dimension "
+                             f"{X.shape[1]} allow; pass smaller --k-candidates")
     else:
         ks = [config.n_components or 1]
     scorers = {k: get_detector(config.detector, n_components=k, weighted=config.weighted).fit(X) for k in ks}
