@@ -30,6 +30,7 @@ from saft import SubspaceScorer, draw_labeled, extract_features, load_model, sel
 from saft.data import write_json
 from saft.features import POSITIONS, num_layers
 from saft.metrics import detection_metrics
+from saft.pipeline import versions
 from saft.pools import beavertails_pool, task_pool
 
 HERE = Path(__file__).resolve().parent
@@ -82,17 +83,6 @@ def time_extraction(model, tok, samples, *, max_length: int, layer: int) -> dict
     return {"rows": len(samples), "tokens": n_tokens, "ours_s": round(t_ours, 2), "naive_s": round(t_naive, 2),
             "speedup": round(t_naive / t_ours, 2), "ours_tokens_per_s": round(n_tokens / t_ours, 1),
             "naive_tokens_per_s": round(n_tokens / t_naive, 1), "max_abs_diff": max_diff}
-
-
-def versions() -> dict:
-    import sklearn
-    import torch
-    import transformers
-
-    import saft
-
-    return {"saft": saft.__version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__}
 
 
 def fmt(values: list[float]) -> str:

@@ -39,8 +39,8 @@ def test_report_contents(result):
 def test_report_without_labels(tiny, tmp_path):
     rows = [{k: v for k, v in r.items() if k != "is_safe"} for r in toy_rows(10)]
     model, tok = tiny
-    res = filter_dataset(write_jsonl(tmp_path / "u.jsonl", rows), output_dir=tmp_path / "o", model=model,
-                         tokenizer=tok, config=FilterConfig(rule="fraction", fraction=0.2), progress=False, report=True)
+    filter_dataset(write_jsonl(tmp_path / "u.jsonl", rows), output_dir=tmp_path / "o", model=model,
+                   tokenizer=tok, config=FilterConfig(rule="fraction", fraction=0.2), progress=False, report=True)
     text = (tmp_path / "o" / "report.html").read_text()
     assert "No labels in the input" in text and "all samples" in text and "Recall per harm category" not in text
 

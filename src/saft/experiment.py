@@ -35,6 +35,7 @@ from .judges import get_judge
 from .metrics import detection_metrics
 from .models import EMBEDDED, default_cache_dir, load_model
 from .pools import load_source, prompt_split
+from .pipeline import versions
 from .prompting import harmful_by_prompting
 from .select import draw_labeled, select_by_f1
 
@@ -192,17 +193,11 @@ def run_experiment(config: ExperimentConfig | None = None, *, output_dir, progre
                 write_json(row, done)
                 rows.append(row)
     results = {"config": dataclasses.asdict(config), "rows": rows, "seconds": round(time.time() - t0, 1),
-               "judges": {j.name: getattr(j, "meta", {}) for j in judges}, "versions": _versions()}
+               "judges": {j.name: getattr(j, "meta", {}) for j in judges}, "versions": versions()}
     write_json(results, out / "results.json")
     (out / "results.md").write_text(results_table(results))
     plot_results(results, out / "results.png")
     return results
-
-
-def _versions() -> dict:
-    from .pipeline import _versions as v
-
-    return v()
 
 
 def results_table(results: dict) -> str:

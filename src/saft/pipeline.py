@@ -85,7 +85,8 @@ class FilterResult:
     output_dir: Path | None
 
 
-def _versions() -> dict:
+def versions() -> dict:
+    """Versions of the packages behind a result, for summaries and results tables."""
     import sklearn
     import torch
     import transformers
@@ -167,7 +168,7 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
         "metrics": detection_metrics(scores, dataset.labels, selection.removed),
         "config": dataclasses.asdict(config), "model": feats.manifest["model"],
         "feature_cache": str(feats.cache_path) if feats.cache_path else None,
-        "versions": _versions(), "seconds": round(time.time() - t0, 2),
+        "versions": versions(), "seconds": round(time.time() - t0, 2),
     }
     result = FilterResult(dataset, scores, selection, summary, Path(output_dir) if output_dir is not None else None)
     if result.output_dir is not None:
