@@ -39,7 +39,7 @@ def test_sklearn_conventions():
     X, _ = planted(n=50, d=8)
     sc = SubspaceScorer(n_components=2)
     assert sc.fit(X) is sc and sc.components_.shape == (2, 8) and sc.mean_.shape == (8,)
-    assert clone(sc).get_params() == {"n_components": 2, "weighted": False}
+    assert clone(sc).get_params() == {"n_components": 2, "weighted": False, "standardize": False}
     with pytest.raises(ValueError, match="n_components must be an integer in 1..8"):
         SubspaceScorer(n_components=9).fit(X)
     with pytest.raises(ValueError, match="fitted on 8"):
@@ -50,3 +50,34 @@ def test_registry_suggests_names():
     assert isinstance(get_detector("subspace", n_components=2), SubspaceScorer)
     with pytest.raises(ValueError, match="Did you mean: subspace"):
         get_detector("subspce")
+
+
+def test_standardize_finds_a_signal_hidden_by_a_huge_dimension():
+    X, y = planted(n=600, d=64)
+    rng = np.random.default_rng(1)
+    X[:, 5] += 200.0 * rng.normal(size=len(X))  # a "massive activation" dimension with no information
+    plain = SubspaceScorer(n_components=1).fit(X).score_samples(X)
+    scaled = SubspaceScorer(n_components=1, standardize=True).fit(X).score_samples(X)
+    assert roc_auc_score(y, plain) < 0.6 < 0.95 < roc_auc_score(y, scaled)
+
+
+def test_probe_uses_few_labels_where_the_top_directions_mislead():
+    from saft.detectors import ProbeScorer
+
+    rng = np.random.default_rng(0)
+    n, d = 1000, 64
+    y = (rng.random(n) < 0.3).astype(int)
+    X = rng.normal(size=(n, d))
+    X[:, :3] *= 6.0  # high-variance nuisance directions: the subspace score follows them
+    X[:, 10] += 3.0 * y  # the harmful signal lives in a direction of modest variance
+    semi = np.full(n, -1)
+    labelled = rng.choice(n, 100, replace=False)
+    semi[labelled] = y[labelled]
+    # the pool's principal directions (unscaled) hold the signal; the top one does not
+    probe = ProbeScorer(standardize=False).fit(X, semi).score_samples(X)
+    assert roc_auc_score(y, probe) > 0.95
+    assert roc_auc_score(y, SubspaceScorer(n_components=1).fit(X).score_samples(X)) < 0.6
+    with pytest.raises(ValueError, match="needs labels"):
+        ProbeScorer().fit(X)
+    with pytest.raises(ValueError, match="at least one harmful"):
+        ProbeScorer().fit(X, np.zeros(n))

@@ -122,9 +122,11 @@ def _select_arms(config: ExperimentConfig, pool: list[Sample], model, tok, seed:
     scores = {k: get_detector("subspace", n_components=k).fit(X).score_samples(X) for k in (1, 2, 3, 4)}
     sel = select_by_f1(scores, {k: v[idx] for k, v in scores.items()}, [labels[i] for i in idx])
     out["saft"] = (sel.removed, scores[sel.params["candidate"]], {"k": sel.params["candidate"], "threshold": sel.threshold})
+    y_semi = np.full(len(pool), -1)
+    y_semi[idx] = [labels[i] for i in idx]
     for name in config.all_arms():
         if name in DETECTORS:
-            det = get_detector(name).fit(X)
+            det = get_detector(name).fit(X, y_semi)  # label-free detectors ignore y
             s = det.score_samples(X)
             sel = select_by_f1({name: s}, {name: s[idx]}, [labels[i] for i in idx])
             out[name] = (sel.removed, s, {"threshold": sel.threshold})

@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from .data import Dataset, FieldOptions, load_samples, output_name, write_json, write_jsonl, write_subset
-from .detectors import get_detector
+from .detectors import DETECTORS, NEEDS_LABELS, get_detector
 from .features import POSITIONS, extract_features
 from .metrics import detection_metrics
 from .models import EMBEDDED, default_cache_dir, load_model
-from .select import Selection, draw_labeled, select_by_f1, select_fraction, select_threshold
+from .select import Selection, draw_labeled, select_by_f1, select_fraction, select_mixture, select_threshold
 
 logger = logging.getLogger(__name__)
 
-RULES = ("f1", "fraction", "threshold", "none")
+RULES = ("f1", "fraction", "threshold", "mixture", "none")
 
 
 @dataclass
@@ -40,10 +40,11 @@ class FilterConfig:
     position: str = field(default="prompt_last", metadata={"help": f"token position: {', '.join(POSITIONS)} (prompt_last is the paper's)"})
     max_length: int = field(default=512, metadata={"help": "tokens per sample; longer samples are truncated and counted"})
     batch_size: int = field(default=8, metadata={"help": "samples per forward pass"})
-    detector: str = field(default="subspace", metadata={"help": "registered detector name"})
+    detector: str = field(default="subspace", metadata={"help": "registered detector: subspace (the paper's), probe (semi-supervised, uses the labels)"})
     n_components: int | None = field(default=None, metadata={"help": "fix k; default: searched over k_candidates by the f1 rule, else 1"})
     k_candidates: tuple[int, ...] = field(default=(1, 2, 3, 4), metadata={"help": "k values the f1 rule searches"})
     weighted: bool = field(default=False, metadata={"help": "weight squared projections by singular values (HaloScope option)"})
+    standardize: bool = field(default=False, metadata={"help": "scale features to unit variance before the SVD (not in the paper)"})
     rule: str = field(default="f1", metadata={"help": f"selection rule: {', '.join(RULES)}"})
     n_labels: int = field(default=100, metadata={"help": "labelled samples drawn from the pool for the f1 rule"})
     labels_file: str | None = field(default=None, metadata={"help": "separate labelled file for the f1 rule (instead of drawing from the pool)"})
@@ -59,6 +60,8 @@ class FilterConfig:
     def __post_init__(self):
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
+        if self.detector not in DETECTORS:
+            get_detector(self.detector)  # raises with the list of names and a suggestion
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
         if self.rule == "fraction" and (self.fraction is None or not 0 <= self.fraction < 1):
@@ -124,35 +127,31 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
     feats = extract_features(model, tokenizer, dataset.samples, **kw)
     layer = feats.layers[0]
     X = feats.get(layer, config.position)
-    if config.rule == "f1" and config.n_components is None:
-        ks = [k for k in config.k_candidates if k <= min(X.shape)]
-        if not ks:
-            raise ValueError(f"every k in {config.k_candidates} exceeds what {X.shape[0]} samples of dimension "
-                             f"{X.shape[1]} allow; pass smaller --k-candidates")
-    else:
-        ks = [config.n_components or 1]
-    scorers = {k: get_detector(config.detector, n_components=k, weighted=config.weighted).fit(X) for k in ks}
-    pool_scores = {k: s.score_samples(X) for k, s in scorers.items()}
-
-    labeled_idx = None
-    if config.rule == "f1":
+    # Labels: a separate labelled file, or n_labels drawn from the pool's labelled rows. The f1 rule and
+    # label-using detectors need them; other rules never look at them.
+    labeled_idx, Xv, val_labels = None, None, None
+    if config.rule == "f1" or config.detector in NEEDS_LABELS:
         if labels_ds is not None:
             Xv = extract_features(model, tokenizer, labels_ds.samples, **kw).get(layer, config.position)
-            val_scores = {k: s.score_samples(Xv) for k, s in scorers.items()}
             val_labels = labels_ds.labels
         else:
             labeled_idx = draw_labeled(dataset.labels, config.n_labels, seed=config.seed)
-            val_scores = {k: v[labeled_idx] for k, v in pool_scores.items()}
-            val_labels = [dataset.labels[i] for i in labeled_idx]
+            Xv, val_labels = X[labeled_idx], [dataset.labels[i] for i in labeled_idx]
+    scorers = _fit_scorers(config, X, Xv, val_labels, labeled_idx)
+    pool_scores = {c: s.score_samples(X) for c, s in scorers.items()}
+    if config.rule == "f1":
+        val_scores = {c: s.score_samples(Xv) for c, s in scorers.items()}
         selection = select_by_f1(pool_scores, val_scores, val_labels, n_thresholds=config.n_thresholds)
         k = selection.params["candidate"]
     else:
-        k = ks[0]
+        k = next(iter(pool_scores))
         scores = pool_scores[k]
         if config.rule == "fraction":
             selection = select_fraction(scores, fraction=config.fraction)
         elif config.rule == "threshold":
             selection = select_threshold(scores, threshold=config.threshold)
+        elif config.rule == "mixture":
+            selection = select_mixture(scores, seed=config.seed)
         else:
             selection = Selection(np.zeros(len(scores), dtype=bool), float("inf"), "none", {})
     scores = pool_scores[k]
@@ -162,7 +161,8 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
         "n_input_rows": n + len(dataset.skipped), "n_samples": n, "n_skipped_invalid": len(dataset.skipped),
         "skipped_invalid": [{"line": ln, "reason": r} for ln, r in dataset.skipped[:100]],
         "n_removed": selection.n_removed, "n_kept": n - selection.n_removed,
-        "rule": selection.rule, "threshold": selection.threshold, "k": k, "layer": layer,
+        "rule": selection.rule, "threshold": selection.threshold, "k": k if config.detector == "subspace" else None,
+        "detector": config.detector, "layer": layer,
         "position": config.position, "rule_params": {kk: v for kk, v in selection.params.items() if kk != "candidate"},
         "n_truncated": feats.n_truncated, "labeled_rows_used": None if labeled_idx is None else [dataset.samples[i].id for i in labeled_idx],
         "metrics": detection_metrics(scores, dataset.labels, selection.removed),
@@ -180,6 +180,29 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
             extra["report"] = str(write_report(result, result.output_dir / "report.html"))
         _write_outputs(dataset, scores, selection, summary, result.output_dir, extra)
     return result
+
+
+def _fit_scorers(config: FilterConfig, X, Xv, val_labels, labeled_idx) -> dict:
+    """Fitted detectors by candidate: k -> SubspaceScorer (k searched by the f1 rule), or one other detector."""
+    if config.detector == "subspace":
+        if config.rule == "f1" and config.n_components is None:
+            ks = [k for k in config.k_candidates if k <= min(X.shape)]
+            if not ks:
+                raise ValueError(f"every k in {config.k_candidates} exceeds what {X.shape[0]} samples of dimension "
+                                 f"{X.shape[1]} allow; pass smaller --k-candidates")
+        else:
+            ks = [config.n_components or 1]
+        return {k: get_detector("subspace", n_components=k, weighted=config.weighted,
+                                standardize=config.standardize).fit(X) for k in ks}
+    detector = get_detector(config.detector)
+    if config.detector not in NEEDS_LABELS:
+        return {config.detector: detector.fit(X)}
+    # Semi-supervised: the pool shapes the detector, the labelled rows (pool rows or a labels file) train it.
+    if labeled_idx is not None:
+        y = np.full(len(X), -1)
+        y[labeled_idx] = val_labels
+        return {config.detector: detector.fit(X, y)}
+    return {config.detector: detector.fit(np.vstack([X, Xv]), np.concatenate([np.full(len(X), -1), val_labels]))}
 
 
 def _write_outputs(dataset: Dataset, scores: np.ndarray, selection: Selection, summary: dict, out: Path,

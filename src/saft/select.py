@@ -6,6 +6,8 @@ Rules:
   the labelled samples; ties go to the earlier candidate and the lower threshold.
 - `select_fraction`: remove a given fraction of the pool, highest scores first.
 - `select_threshold`: remove every sample whose score exceeds a fixed threshold.
+- `select_mixture` (label-free, not in the paper): fit a two-component Gaussian mixture to the scores and
+  remove the samples the high component claims; its weight is the estimated contamination rate.
 A sample is removed when its score is strictly greater than the threshold.
 """
 
@@ -89,3 +91,25 @@ def select_fraction(scores: np.ndarray, *, fraction: float) -> Selection:
 def select_threshold(scores: np.ndarray, *, threshold: float) -> Selection:
     scores = np.asarray(scores)
     return Selection(scores > threshold, float(threshold), "threshold", {})
+
+
+def select_mixture(scores: np.ndarray, *, log: bool | None = None, seed: int = 0) -> Selection:
+    """Label-free: a 2-component Gaussian mixture on the scores; remove where the high component is likelier.
+
+    `log`: fit on log scores (default: when every score is positive, as the subspace score's squared
+    projections are; their right-skewed distribution is closer to Gaussian after the log).
+    """
+    from sklearn.mixture import GaussianMixture
+
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) < 4:
+        raise ValueError(f"the mixture rule needs at least 4 samples, got {len(scores)}")
+    use_log = bool((scores > 0).all()) if log is None else log
+    z = (np.log(scores) if use_log else scores).reshape(-1, 1)
+    gm = GaussianMixture(n_components=2, random_state=seed, n_init=3).fit(z)
+    high = int(np.argmax(gm.means_[:, 0]))
+    removed = gm.predict_proba(z)[:, high] > 0.5
+    # Report the threshold as the largest kept score (the mixture's boundary can be non-monotone in the tails).
+    threshold = float(scores[~removed].max()) if (~removed).any() else float(scores.min())
+    return Selection(removed, threshold, "mixture", {"contamination_estimate": float(gm.weights_[high]),
+                                                     "log_scores": use_log})

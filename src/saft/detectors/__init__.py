@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import difflib
 
+from .probe import ProbeScorer
 from .subspace import SubspaceScorer
 
 DETECTORS = {
     "subspace": SubspaceScorer,
+    "probe": ProbeScorer,
 }
+# Detectors whose fit needs labels (y with -1 for unlabelled rows).
+NEEDS_LABELS = {"probe"}
 
 
 def get_detector(name: str, **params):
@@ -24,4 +28,4 @@ def get_detector(name: str, **params):
     return DETECTORS[name](**params)
 
 
-__all__ = ["DETECTORS", "SubspaceScorer", "get_detector"]
+__all__ = ["DETECTORS", "NEEDS_LABELS", "ProbeScorer", "SubspaceScorer", "get_detector"]

@@ -5,6 +5,9 @@
 with v_j the top-k right singular vectors of the centred pool matrix and w_j = 1 (the paper's reading) or
 w_j = sigma_j (HaloScope's weighted variant, `weighted=True`). Squaring makes the score independent of the
 arbitrary sign of each singular vector. Higher = more suspicious. numpy only.
+
+`standardize=True` (not in the paper) divides each feature by its pool standard deviation first: LLM residual
+streams carry a few dimensions with huge activations that otherwise dominate the top singular vectors.
 """
 
 from __future__ import annotations
@@ -23,17 +26,21 @@ class SubspaceScorer(BaseEstimator):
         k, the number of singular vectors (the paper searches 1..4).
     weighted : bool, default=False
         Weight each squared projection by its singular value.
+    standardize : bool, default=False
+        Scale every feature to unit variance over the pool before the SVD.
 
     Attributes
     ----------
     mean_ : (d,) pool mean.
+    scale_ : (d,) pool standard deviation used for scaling (ones without `standardize`).
     components_ : (k, d) top right singular vectors.
     singular_values_ : (k,) their singular values.
     """
 
-    def __init__(self, n_components: int = 1, weighted: bool = False):
+    def __init__(self, n_components: int = 1, weighted: bool = False, standardize: bool = False):
         self.n_components = n_components
         self.weighted = weighted
+        self.standardize = standardize
 
     def fit(self, X, y=None):
         X = check_array(X, dtype=np.float64)
@@ -41,8 +48,10 @@ class SubspaceScorer(BaseEstimator):
             raise ValueError(f"n_components must be an integer in 1..{min(X.shape)} for X of shape {X.shape}, "
                              f"got {self.n_components!r}")
         self.mean_ = X.mean(axis=0)
+        # A constant feature would divide by zero; it carries no information, so leave it unscaled.
+        self.scale_ = np.where(X.std(axis=0) > 0, X.std(axis=0), 1.0) if self.standardize else np.ones(X.shape[1])
         # full_matrices=False: only the top directions are needed; d can be thousands.
-        _, s, vt = np.linalg.svd(X - self.mean_, full_matrices=False)
+        _, s, vt = np.linalg.svd((X - self.mean_) / self.scale_, full_matrices=False)
         self.components_ = vt[: self.n_components]
         self.singular_values_ = s[: self.n_components]
         self.n_features_in_ = X.shape[1]
@@ -54,7 +63,7 @@ class SubspaceScorer(BaseEstimator):
         X = check_array(X, dtype=np.float64)
         if X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[1]} features, but the scorer was fitted on {self.n_features_in_}")
-        proj = (X - self.mean_) @ self.components_.T  # (n, k)
+        proj = ((X - self.mean_) / self.scale_) @ self.components_.T  # (n, k)
         weights = self.singular_values_ if self.weighted else np.ones(self.n_components)
         return (proj**2 * weights).mean(axis=1)
 
