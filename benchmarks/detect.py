@@ -123,15 +123,17 @@ def render_markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def write_results_md(section: str) -> None:
+def write_results_md(section: str, *, key: str = "detect",
+                     title: str = "Detection: the paper's configuration (benchmarks/detect.py)") -> None:
+    """Replace the block between this key's markers in RESULTS.md, or append it under `title`."""
     path = HERE / "RESULTS.md"
-    begin, end = "<!-- detect:begin -->", "<!-- detect:end -->"
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
     block = f"{begin}\n{section}\n{end}"
     if begin in text:
         text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
-        text = text.rstrip() + "\n\n## Detection: the paper's configuration (benchmarks/detect.py)\n\n" + block + "\n"
+        text = text.rstrip() + f"\n\n## {title}\n\n" + block + "\n"
     path.write_text(text)
 
 
