@@ -235,7 +235,7 @@ def plot_results(results: dict, path: Path) -> None:
     axes[1].bar(labels, [r["helpful"].get("rouge_l") or 0 for r in rows], color="tab:blue")
     axes[1].set_title("helpfulness (ROUGE-L)")
     for ax in axes:
-        ax.tick_params(axis="x", labelsize=7)
+        ax.tick_params(axis="x", labelsize=7, labelrotation=45)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
