@@ -136,15 +136,17 @@ def test_labels_file_for_the_f1_rule(tiny_model_dir, tmp_path, capsys):
     assert "bad.jsonl, row 2: no label" in capsys.readouterr().err
 
 
-def test_probe_detector_and_mixture_rule(tiny_model_dir, tmp_path):
+def test_probe_detector_and_mixture_rule(tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", toy_rows(30))
     out = tmp_path / "probe"
     assert run(["filter", str(data), "-o", str(out), "--detector", "probe", "--n-labels", "15"], tiny_model_dir, tmp_path) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["detector"] == "probe" and s["k"] is None and len(s["labeled_rows_used"]) == 15
+    assert "detector probe" in capsys.readouterr().out
     assert s["metrics"]["auroc"] > 0.9  # the toy harmful rows are easy once a few labels are seen
     out = tmp_path / "mix"
     assert run(["filter", str(data), "-o", str(out), "--rule", "mixture", "--standardize"], tiny_model_dir, tmp_path) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["rule"] == "mixture" and 0 < s["rule_params"]["contamination_estimate"] < 1
     assert s["labeled_rows_used"] is None and s["config"]["standardize"] is True
+    assert "estimated contamination (label-free)" in capsys.readouterr().out

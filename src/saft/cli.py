@@ -127,7 +127,10 @@ def _print_summary(summary: dict) -> None:
         print(f"  skipped {summary['n_skipped_invalid']} invalid rows (listed in summary.json)")
     if summary["n_truncated"]:
         print(f"  truncated {summary['n_truncated']} samples to {summary['config']['max_length']} tokens")
-    print(f"model {summary['model']}, layer {summary['layer']}, position {summary['position']}, k={summary['k']}")
+    detector = f"k={summary['k']}" if summary["k"] is not None else f"detector {summary['detector']}"
+    print(f"model {summary['model']}, layer {summary['layer']}, position {summary['position']}, {detector}")
+    if "contamination_estimate" in summary["rule_params"]:
+        print(f"estimated contamination (label-free): {summary['rule_params']['contamination_estimate']:.3f}")
     if summary["rule"] != "none":
         print(f"rule {summary['rule']}: threshold {summary['threshold']:.6g}; removed {summary['n_removed']}, "
               f"kept {summary['n_kept']}")
