@@ -56,6 +56,7 @@ def test_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypatch)
     assert len(gens) == 8
     # a rerun reuses every finished arm instead of training again
     monkeypatch.setattr(E, "finetune", lambda *a, **k: pytest.fail("retrained a finished arm"))
+    monkeypatch.setattr(E, "harmful_by_prompting", lambda *a, **k: pytest.fail("reran the prompting pass"))
     again = run_experiment(cfg, output_dir=out, progress=False)
     assert [r["arm"] for r in again["rows"]] == [r["arm"] for r in res["rows"]]
 

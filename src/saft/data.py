@@ -13,7 +13,6 @@ with every input field preserved. Nothing here knows about models or tokenizers.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -110,12 +109,6 @@ class Dataset:
     @property
     def labels(self) -> list[int | None]:
         return [s.label for s in self.samples]
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for s in self.samples:
-            h.update(json.dumps([s.id, s.messages], ensure_ascii=False).encode())
-        return h.hexdigest()[:16]
 
 
 def detect_format(path: Path) -> str:

@@ -111,8 +111,9 @@ def build_split(config: ExperimentConfig, rate: float, seed: int):
     return pool, eval_harm, [to_sample(r, i, "eval") for i, r in enumerate(eval_safe)]
 
 
-def _select_arms(config: ExperimentConfig, pool: list[Sample], model, tok, seed: int, cache: Path) -> dict:
-    """Removal mask and detector scores of every filtering arm."""
+def _select_arms(config: ExperimentConfig, pool: list[Sample], model, tok, seed: int, cache: Path,
+                 pending: set[str]) -> dict:
+    """Removal mask and detector scores of every filtering arm (the Prompting pass only if that arm is pending)."""
     labels = [s.label for s in pool]
     feats = extract_features(model, tok, pool, layers=[config.layer], positions=[config.position],
                              max_length=config.feature_max_length, cache_dir=cache / "features", progress=False)
@@ -133,7 +134,7 @@ def _select_arms(config: ExperimentConfig, pool: list[Sample], model, tok, seed:
     y = np.array(labels, dtype=bool)
     out["oracle"] = (y, y.astype(float), {})
     out["sft"] = (np.zeros(len(pool), dtype=bool), None, {})
-    if "prompting" in config.all_arms():
+    if "prompting" in pending:
         p = harmful_by_prompting(model, tok, pool, max_length=config.feature_max_length)
         out["prompting"] = (p > 0.5, p, {})
     rng = np.random.default_rng(seed)
@@ -155,11 +156,14 @@ def run_experiment(config: ExperimentConfig | None = None, *, output_dir, progre
     for rate in config.rates:
         for seed in config.seeds:
             pool, eval_harm, eval_safe = build_split(config, rate, seed)
-            model, tok = load_model(config.model, cache_dir=config.cache_dir, device=config.device)
-            arms = _select_arms(config, pool, model, tok, seed, cache)
+            seed_dir = out / f"rate{rate:g}" / f"seed{seed}"
+            pending = {a for a in config.all_arms() if not (seed_dir / a / "metrics.json").exists()}
+            if pending - {"base"}:  # a resumed run with every filtering arm finished needs no selection pass
+                model, tok = load_model(config.model, cache_dir=config.cache_dir, device=config.device)
+                arms = _select_arms(config, pool, model, tok, seed, cache, pending)
             labels = np.array([s.label for s in pool])
             for arm in config.all_arms():
-                run_dir = out / f"rate{rate:g}" / f"seed{seed}" / arm
+                run_dir = seed_dir / arm
                 done = run_dir / "metrics.json"
                 if done.exists():
                     rows.append(json.loads(done.read_text()))

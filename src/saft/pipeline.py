@@ -145,7 +145,7 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
         k = selection.params["candidate"]
     else:
         k = next(iter(pool_scores))
-        scores = pool_scores[k]
+        scores = pool_scores[k]  # one candidate only: the f1 rule alone searches k
         if config.rule == "fraction":
             selection = select_fraction(scores, fraction=config.fraction)
         elif config.rule == "threshold":
