@@ -2,7 +2,9 @@
 
 Pools (1000 rows each, seed 0; see saft.pools):
   T10, T30: benign Alpaca + Dolly with BeaverTails unsafe pairs at 10% / 30%, plus 10% safe refusals;
-  B10, B30: BeaverTails safe and unsafe pairs, 10% / 30% unsafe.
+  B10, B30: BeaverTails safe and unsafe pairs, 10% / 30% unsafe;
+  H10, H30: held out (added after every option was chosen on T and B): GSM8K + SST-2 benign rows with
+  BeaverTails unsafe pairs of the experiment prompt half at 10% / 30%, plus 10% safe refusals.
 For each pool: AUROC of the paper's score (k = 1..4, prompt_last) at every layer of the model, and the paper's
 F1 rule (k and tau on 100 labels drawn from the pool) at the default layer over 5 label draws: mean and spread
 of F1 and of the removed count. Also times feature extraction against a naive loop (one sample at a time, the
@@ -31,7 +33,7 @@ from saft.data import write_json
 from saft.features import POSITIONS, num_layers
 from saft.metrics import detection_metrics
 from saft.pipeline import versions
-from saft.pools import beavertails_pool, task_pool
+from saft.pools import beavertails_pool, heldout_pool, task_pool
 
 HERE = Path(__file__).resolve().parent
 POOLS = {
@@ -39,6 +41,8 @@ POOLS = {
     "T30": lambda n, raw: task_pool(n, harmful_rate=0.3, refusal_rate=0.1, seed=0, raw_dir=raw),
     "B10": lambda n, raw: beavertails_pool(n, harmful_rate=0.1, seed=0, raw_dir=raw),
     "B30": lambda n, raw: beavertails_pool(n, harmful_rate=0.3, seed=0, raw_dir=raw),
+    "H10": lambda n, raw: heldout_pool(n, harmful_rate=0.1, refusal_rate=0.1, seed=0, raw_dir=raw),
+    "H30": lambda n, raw: heldout_pool(n, harmful_rate=0.3, refusal_rate=0.1, seed=0, raw_dir=raw),
 }
 LABEL_SEEDS = (0, 1, 2, 3, 4)
 KS = (1, 2, 3, 4)

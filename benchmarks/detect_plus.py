@@ -29,18 +29,26 @@ from sklearn.preprocessing import StandardScaler
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from detect import HERE, LABEL_SEEDS, POOLS, fmt, pool_features, write_results_md  # noqa: E402
 
-from saft import ProbeScorer, SubspaceScorer, draw_labeled, load_model, select_by_f1  # noqa: E402
+from saft import GuardScorer, ProbeScorer, SubspaceScorer, draw_labeled, load_model, select_by_f1  # noqa: E402
+from saft.encoders import sentence_features  # noqa: E402
 from saft.data import write_json  # noqa: E402
 from saft.features import POSITIONS  # noqa: E402
 from saft.metrics import detection_metrics  # noqa: E402
 from saft.pipeline import versions  # noqa: E402
-from saft.select import select_mixture  # noqa: E402
+from saft.pools import load_source, prompt_split  # noqa: E402
+from saft.select import select_estimate, select_mixture, select_threshold  # noqa: E402
 
 
 def f1_rule(scores_by_cand: dict, labels: list, seed: int) -> dict:
     idx = draw_labeled(labels, 100, seed=seed)
     sel = select_by_f1(scores_by_cand, {c: v[idx] for c, v in scores_by_cand.items()}, [labels[i] for i in idx])
     return sel
+
+
+def ceiling_scores(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Out-of-fold scores of a standardised logistic probe trained on every label (5-fold CV)."""
+    return cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000)), X, y,
+                             cv=5, method="decision_function")
 
 
 def evaluate_pool(X: np.ndarray, labels: list, refusal: np.ndarray) -> dict:
@@ -79,9 +87,35 @@ def evaluate_pool(X: np.ndarray, labels: list, refusal: np.ndarray) -> dict:
     record("standardised subspace k=1 + mixture rule (label-free)", 0, std, lambda s, seed: select_mixture(s))
     record("probe (PCA 32 of the pool + 100 labels) + F1 rule", 100, probe,
            lambda s, seed: f1_rule({"probe": s}, labels, seed))
-    ceiling = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000)), X, y,
-                                cv=5, method="decision_function")
-    rows["ceiling: probe on all labels (5-fold CV)"] = {"labels": len(y), "auroc": [float(roc_auc_score(y, ceiling))]}
+    rows["ceiling: probe on all labels (5-fold CV)"] = {"labels": len(y), "auroc": [float(roc_auc_score(y, ceiling_scores(X, y)))]}
+    return rows
+
+
+def guard_training_prompts(raw_dir) -> set[str]:
+    """Prompts the packaged guard was trained on (see scripts/train_guard.py): excluded from its evaluation."""
+    bt = load_source("bt_safe", raw_dir) + load_source("bt_unsafe", raw_dir)
+    return {r["prompt"] for r in bt if prompt_split(r["prompt"]) == "judge"} | {
+        r["prompt"] for r in load_source("refusal_llama2", raw_dir)}
+
+
+def evaluate_guard(S: np.ndarray, labels: list, refusal: np.ndarray) -> dict:
+    """The guard on the sentence-encoder view: label-free rules, and the F1 rule on 100 labels for comparison."""
+    y = np.array(labels)
+    guard = GuardScorer().fit(S)
+    z = guard.score_samples(S)
+    rows = {}
+    for name, n_labels, rule in [
+        ("guard + estimate rule (label-free, default)", 0, lambda seed: select_estimate(z, estimate=guard.contamination_estimate(S))),
+        ("guard + flag rule (log-odds > 0, label-free)", 0, lambda seed: select_threshold(z, threshold=0.0)),
+        ("guard + F1 rule on 100 labels", 100, lambda seed: f1_rule({"guard": z}, labels, seed)),
+    ]:
+        sels = [rule(seed) for seed in (LABEL_SEEDS if n_labels else (0,))]
+        ms = [detection_metrics(z, labels, sel.removed) for sel in sels]
+        rows[name] = {"labels": n_labels, "auroc": [m["auroc"] for m in ms], "f1": [m["f1"] for m in ms],
+                      "removed": [sel.n_removed for sel in sels], "n": len(y), "truth": float(y.mean()),
+                      "refusals_kept": [float((~sel.removed[refusal]).mean()) for sel in sels] if refusal.any() else None,
+                      "contamination_estimate": [sel.params["contamination_estimate"] for sel in sels]
+                      if "contamination_estimate" in sels[0].params else None}
     return rows
 
 
@@ -92,11 +126,12 @@ def render(res: dict) -> str:
              "| pool | position | detector | labels | AUROC | F1 | removed (mean ± sd) | refusals kept | contamination est. (truth) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for pool, by_pos in res["pools"].items():
-        truth = res["truth"][pool]
         for pos, rows in by_pos.items():
             for name, r in rows.items():
+                truth = r.get("truth", res["truth"][pool])
+                pool_name = f"{pool} ({r['n']} rows)" if "n" in r else pool
                 rem = r.get("removed")
-                cells = [pool, pos, name, str(r["labels"]), fmt(r["auroc"]),
+                cells = [pool_name, pos, name, str(r["labels"]), fmt(r["auroc"]),
                          fmt(r["f1"]) if r.get("f1") else "—",
                          f"{np.mean(rem):.0f} ± {np.std(rem):.0f}" if rem else "—",
                          fmt(r["refusals_kept"]) if r.get("refusals_kept") else "—",
@@ -115,6 +150,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t0 = time.time()
     model, tok = load_model(None, device="cpu")
+    seen = guard_training_prompts(args.raw_dir)
     res = {"command": "python benchmarks/detect_plus.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "layer": args.layer, "versions": versions(), "date": time.strftime("%Y-%m-%d"), "pools": {}, "truth": {}}
     for name, build in POOLS.items():
@@ -124,6 +160,17 @@ def main(argv=None) -> int:
         feats = pool_features(model, tok, samples, max_length=512, cache=Path(args.cache), progress=False)
         res["truth"][name] = float(np.mean(labels))
         res["pools"][name] = {pos: evaluate_pool(feats.get(args.layer, pos), labels, refusal) for pos in POSITIONS}
+        # The guard is scored only on rows whose prompt it never saw in training (its pool is a subset).
+        unseen = np.array([s.prompt not in seen for s in samples])
+        S = sentence_features(samples, cache_dir=Path(args.cache) / "sentence")
+        y_unseen = np.array(labels)[unseen]
+        rows = evaluate_guard(S[unseen], list(y_unseen), refusal[unseen])
+        both = np.hstack([S, feats.get(args.layer, "response_mean")])[unseen]
+        for view, F in [("sentence view", S[unseen]), (f"sentence view + layer {args.layer} response_mean", both)]:
+            rows[f"ceiling: LR on all labels, {view} (5-fold CV)"] = {
+                "labels": len(y_unseen), "n": len(y_unseen), "truth": float(y_unseen.mean()),
+                "auroc": [float(roc_auc_score(y_unseen, ceiling_scores(F, y_unseen)))]}
+        res["pools"][name]["sentence view, unseen rows"] = rows
         for pos, rows in res["pools"][name].items():
             for det, r in rows.items():
                 print(f"{name} {pos:13s} {det}: AUROC {fmt(r['auroc'])}", flush=True)

@@ -7,8 +7,10 @@ from conftest import toy_rows, write_jsonl
 from saft.cli import main
 
 
-def run(args, tiny_model_dir, tmp_path):
-    return main(["-q", *args, "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache")])
+def run(args, tiny_model_dir, tmp_path, detector="subspace"):
+    """The CLI on the tiny model; the paper's detector unless told (the default guard ignores the model)."""
+    extra = ["--detector", detector] if detector and "--detector" not in args and args[0] != "demo" else []
+    return main(["-q", *args, *extra, "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache")])
 
 
 def read_jsonl(p):
@@ -150,3 +152,24 @@ def test_probe_detector_and_mixture_rule(tiny_model_dir, tmp_path, capsys):
     assert s["rule"] == "mixture" and 0 < s["rule_params"]["contamination_estimate"] < 1
     assert s["labeled_rows_used"] is None and s["config"]["standardize"] is True
     assert "estimated contamination (label-free)" in capsys.readouterr().out
+
+
+def test_default_filter_is_the_label_free_guard(tiny_model_dir, tmp_path, capsys):
+    rows = [{k: v for k, v in r.items() if k != "is_safe"} for r in toy_rows(30)]  # no labels at all
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "out"
+    assert run(["filter", str(data), "-o", str(out)], tiny_model_dir, tmp_path, detector=None) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["detector"] == "guard" and summary["rule"] == "estimate" and summary["layer"] is None
+    est = summary["rule_params"]["contamination_estimate"]
+    assert 0 <= est <= 1 and summary["n_removed"] == round(est * 30)
+    removed = {r["id"] for r in read_jsonl(out / "removed.jsonl")}
+    assert removed and all(int(i[1:]) % 3 == 0 for i in removed)  # only the harmful-looking rows go
+    text = capsys.readouterr().out
+    assert "detector guard" in text and "estimated contamination (label-free)" in text
+
+
+def test_estimate_rule_needs_an_estimating_detector(tiny_model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", toy_rows(10))
+    assert run(["filter", str(data), "-o", str(tmp_path / "o"), "--rule", "estimate"], tiny_model_dir, tmp_path) == 2
+    assert "the estimate rule needs a detector that estimates contamination" in capsys.readouterr().err

@@ -47,7 +47,7 @@ def test_filter_twenty_demo_rows(embedded, tmp_path):
     rows = DEMO.read_text().splitlines()[:20]
     data = tmp_path / "twenty.jsonl"
     data.write_text("\n".join(rows) + "\n")
-    cfg = FilterConfig(n_labels=10, cache_dir=str(cache))
+    cfg = FilterConfig(detector="subspace", n_labels=10, cache_dir=str(cache))
     res = filter_dataset(data, output_dir=tmp_path / "out", config=cfg, model=model, tokenizer=tok, progress=False)
     assert res.summary["layer"] == 15 and res.summary["n_samples"] == 20
     assert np.isfinite(res.scores).all() and res.scores.std() > 0

@@ -6,19 +6,19 @@ import argparse
 import dataclasses
 import logging
 import sys
-from importlib import resources
 from pathlib import Path
 
 from .data import DataError, FieldOptions
 from .models import ModelError
-from .pipeline import FilterConfig, filter_dataset
+from .pipeline import FilterConfig, filter_dataset, run_demo
 
 EXAMPLES = {
     "score": "example:\n  saft score data.jsonl -o out/          # writes out/scores.jsonl and out/summary.json",
     "filter": ("examples:\n  saft filter data.jsonl -o out/                       # the paper's rule: k and tau by F1 on 100 labels\n"
                "  saft filter data.csv -o out/ --rule fraction --fraction 0.1\n"
                "  saft filter chats.parquet -o out/ --layer 20 --labels-file labelled.jsonl"),
-    "demo": "example:\n  saft demo -o saft-demo-out      # filters the packaged demo set with the embedded model",
+    "demo": ("example:\n  saft demo -o saft-demo-out      # filters the packaged demo set with the default detector,\n"
+             "                                  # and with the paper's method on the embedded model (in paper/)"),
     "finetune": "example:\n  saft finetune out/kept.jsonl -o ft/ --epochs 1 --max-length 128   # writes ft/adapter/",
     "evaluate": ("example:\n  saft evaluate -o ev/ --adapter ft/adapter --harmful-prompts advbench.txt "
                  "--benign-file benign.jsonl"),
@@ -79,7 +79,7 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
 COMMANDS = {
     "score": "score every sample (nothing removed)",
     "filter": "score and select samples to remove; write kept/removed rows",
-    "demo": "filter the packaged demo dataset with the embedded model",
+    "demo": "filter the packaged demo dataset (default detector, and the paper's method on the embedded model)",
     "finetune": "LoRA fine-tuning on a dataset (loss on responses only)",
     "evaluate": "harmfulness and helpfulness of a model or model + adapter",
     "experiment": "the paper's comparison: filter several ways, fine-tune each, evaluate",
@@ -128,7 +128,10 @@ def _print_summary(summary: dict) -> None:
     if summary["n_truncated"]:
         print(f"  truncated {summary['n_truncated']} samples to {summary['config']['max_length']} tokens")
     detector = f"k={summary['k']}" if summary["k"] is not None else f"detector {summary['detector']}"
-    print(f"model {summary['model']}, layer {summary['layer']}, position {summary['position']}, {detector}")
+    if summary["layer"] is None:
+        print(f"features: {summary['model']}; {detector}")
+    else:
+        print(f"model {summary['model']}, layer {summary['layer']}, position {summary['position']}, {detector}")
     if "contamination_estimate" in summary["rule_params"]:
         print(f"estimated contamination (label-free): {summary['rule_params']['contamination_estimate']:.3f}")
     if summary["rule"] != "none":
@@ -203,12 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run_training_commands(args)
         config = _from_args(FilterConfig, args, **({"rule": "none"} if args.command == "score" else {}))
         if args.command == "demo":
-            data = resources.files("saft") / "demo" / "demo.jsonl"
-            fields, skip = FieldOptions(), False
+            result, paper = run_demo(args.output_dir, config=config, progress=not args.quiet, report=args.report)
         else:
-            data, fields, skip = args.data, _fields(args), args.skip_invalid
-        result = filter_dataset(Path(str(data)), output_dir=args.output_dir, config=config, fields=fields,
-                                skip_invalid=skip, progress=not args.quiet, report=args.report)
+            result = filter_dataset(Path(args.data), output_dir=args.output_dir, config=config, fields=_fields(args),
+                                    skip_invalid=args.skip_invalid, progress=not args.quiet, report=args.report)
     except (DataError, ModelError, ValueError) as e:
         print(f"saft: error: {e}", file=sys.stderr)
         return 2
@@ -217,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     _print_summary(result.summary)
     if args.command == "demo":
+        if paper is not None:
+            print("\nthe paper's method (subspace score, k and tau by F1 on 100 labels) on the same rows:")
+            _print_summary(paper.summary)
         print(f"\ndemo outputs are in {Path(args.output_dir).resolve()} (summary: summary.json)")
     return 0
 

@@ -7,7 +7,8 @@ Arms:
 - `saft`: the paper's rule (subspace score at the middle layer, last prompt token, k and tau by F1 on 100
   labels drawn from the pool);
 - `oracle`: the safe rows only;
-- one arm per other registered detector (same features, same F1 rule);
+- one arm per other registered detector: same features and F1 rule, except detectors that estimate the
+  contamination themselves (guard, on the sentence-encoder view), which use that label-free estimate;
 - `base`: the model before any fine-tuning, for reference.
 Pools are BeaverTails pairs whose prompts fall in the 'experiment' half of `saft.pools.prompt_split` (the judge
 never saw them); evaluation prompts are drawn from the same half and never share a prompt with the pool.
@@ -27,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from .data import Sample, write_json, write_jsonl
-from .detectors import DETECTORS, get_detector
+from .detectors import DETECTORS, detector_view, get_detector
+from .encoders import sentence_features
 from .evaluate import evaluate_model
 from .features import extract_features
 from .finetune import FinetuneConfig, finetune
@@ -37,7 +39,7 @@ from .models import EMBEDDED, default_cache_dir, load_model
 from .pools import load_source, prompt_split
 from .pipeline import versions
 from .prompting import harmful_by_prompting
-from .select import draw_labeled, select_by_f1
+from .select import draw_labeled, select_by_f1, select_estimate
 
 logger = logging.getLogger(__name__)
 BASE_ARMS = ("base", "sft", "random", "prompting", "saft", "oracle")
@@ -126,9 +128,19 @@ def _select_arms(config: ExperimentConfig, pool: list[Sample], model, tok, seed:
     y_semi = np.full(len(pool), -1)
     y_semi[idx] = [labels[i] for i in idx]
     for name in config.all_arms():
-        if name in DETECTORS:
+        if name not in DETECTORS:
+            continue
+        if detector_view(name) == "sentence":
+            S = sentence_features(pool, cache_dir=cache / "features", device=config.device or "cpu")
+            det = get_detector(name).fit(S)
+            s = det.score_samples(S)
+        else:
             det = get_detector(name).fit(X, y_semi)  # label-free detectors ignore y
             s = det.score_samples(X)
+        if hasattr(det, "contamination_estimate"):  # the detector's own label-free rule, as `saft filter` uses
+            sel = select_estimate(s, estimate=det.contamination_estimate(S))
+            out[name] = (sel.removed, s, {"threshold": sel.threshold, **sel.params})
+        else:
             sel = select_by_f1({name: s}, {name: s[idx]}, [labels[i] for i in idx])
             out[name] = (sel.removed, s, {"threshold": sel.threshold})
     y = np.array(labels, dtype=bool)

@@ -20,15 +20,18 @@ from pathlib import Path
 import numpy as np
 
 from .data import Dataset, FieldOptions, load_samples, output_name, write_json, write_jsonl, write_subset
-from .detectors import DETECTORS, NEEDS_LABELS, get_detector
+from .detectors import DETECTORS, NEEDS_LABELS, detector_view, get_detector
+from .encoders import ENCODER_VERSION, sentence_features
 from .features import POSITIONS, extract_features
 from .metrics import detection_metrics
 from .models import EMBEDDED, default_cache_dir, load_model
-from .select import Selection, draw_labeled, select_by_f1, select_fraction, select_mixture, select_threshold
+from .select import (
+    Selection, draw_labeled, select_by_f1, select_estimate, select_fraction, select_mixture, select_threshold,
+)
 
 logger = logging.getLogger(__name__)
 
-RULES = ("f1", "fraction", "threshold", "mixture", "none")
+RULES = ("auto", "f1", "estimate", "fraction", "threshold", "mixture", "none")
 
 
 @dataclass
@@ -40,12 +43,12 @@ class FilterConfig:
     position: str = field(default="prompt_last", metadata={"help": f"token position: {', '.join(POSITIONS)} (prompt_last is the paper's)"})
     max_length: int = field(default=512, metadata={"help": "tokens per sample; longer samples are truncated and counted"})
     batch_size: int = field(default=8, metadata={"help": "samples per forward pass"})
-    detector: str = field(default="subspace", metadata={"help": "registered detector: subspace (the paper's), probe (semi-supervised, uses the labels)"})
+    detector: str = field(default="guard", metadata={"help": "registered detector: guard (label-free, packaged classifier on sentence embeddings), subspace (the paper's), probe (semi-supervised, uses the labels)"})
     n_components: int | None = field(default=None, metadata={"help": "fix k; default: searched over k_candidates by the f1 rule, else 1"})
     k_candidates: tuple[int, ...] = field(default=(1, 2, 3, 4), metadata={"help": "k values the f1 rule searches"})
     weighted: bool = field(default=False, metadata={"help": "weight squared projections by singular values (HaloScope option)"})
     standardize: bool = field(default=False, metadata={"help": "scale features to unit variance before the SVD (not in the paper)"})
-    rule: str = field(default="f1", metadata={"help": f"selection rule: {', '.join(RULES)}"})
+    rule: str = field(default="auto", metadata={"help": f"selection rule: {', '.join(RULES)}; auto = estimate for a detector that estimates the contamination itself (guard), else f1"})
     n_labels: int = field(default=100, metadata={"help": "labelled samples drawn from the pool for the f1 rule"})
     labels_file: str | None = field(default=None, metadata={"help": "separate labelled file for the f1 rule (instead of drawing from the pool)"})
     n_thresholds: int = field(default=100, metadata={"help": "evenly spaced threshold candidates for the f1 rule"})
@@ -64,6 +67,11 @@ class FilterConfig:
             get_detector(self.detector)  # raises with the list of names and a suggestion
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        if self.rule == "auto":
+            self.rule = "estimate" if hasattr(DETECTORS[self.detector], "contamination_estimate") else "f1"
+        if self.rule == "estimate" and not hasattr(DETECTORS[self.detector], "contamination_estimate"):
+            raise ValueError(f"the estimate rule needs a detector that estimates contamination (guard); "
+                             f"{self.detector!r} does not: use --rule f1, fraction, threshold or mixture")
         if self.rule == "fraction" and (self.fraction is None or not 0 <= self.fraction < 1):
             raise ValueError(f"the fraction rule needs fraction in [0, 1), got {self.fraction!r}")
         if self.rule == "threshold" and self.threshold is None:
@@ -118,21 +126,29 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
             missing = next(s.meta["line"] for s in labels_ds.samples if s.label is None)
             raise ValueError(f"{config.labels_file}, row {missing}: no label. Every row of a labels file needs one "
                              "(is_safe, harmful, label; or name the field with --label-field)")
-    if model is None:
-        model, tokenizer = load_model(config.model, cache_dir=config.cache_dir, device=config.device,
-                                      dtype=config.dtype, trust_remote_code=config.trust_remote_code)
     feature_cache = Path(config.cache_dir or default_cache_dir()) / "features"
-    kw = dict(layers=[config.layer], positions=[config.position], max_length=config.max_length,
-              batch_size=config.batch_size, cache_dir=feature_cache, progress=progress)
-    feats = extract_features(model, tokenizer, dataset.samples, **kw)
-    layer = feats.layers[0]
-    X = feats.get(layer, config.position)
+    if detector_view(config.detector) == "sentence":
+        # The sentence-encoder view needs no language model: the model being fine-tuned is not loaded.
+        embed = lambda ds: sentence_features(ds.samples, device=config.device or "cpu",  # noqa: E731
+                                             cache_dir=feature_cache, progress=progress)
+        X, layer, position, n_truncated, model_name, cache_path = embed(dataset), None, None, 0, ENCODER_VERSION, None
+    else:
+        if model is None:
+            model, tokenizer = load_model(config.model, cache_dir=config.cache_dir, device=config.device,
+                                          dtype=config.dtype, trust_remote_code=config.trust_remote_code)
+        kw = dict(layers=[config.layer], positions=[config.position], max_length=config.max_length,
+                  batch_size=config.batch_size, cache_dir=feature_cache, progress=progress)
+        feats = extract_features(model, tokenizer, dataset.samples, **kw)
+        layer, position = feats.layers[0], config.position
+        X = feats.get(layer, position)
+        n_truncated, model_name, cache_path = feats.n_truncated, feats.manifest["model"], feats.cache_path
+        embed = lambda ds: extract_features(model, tokenizer, ds.samples, **kw).get(layer, position)  # noqa: E731
     # Labels: a separate labelled file, or n_labels drawn from the pool's labelled rows. The f1 rule and
     # label-using detectors need them; other rules never look at them.
     labeled_idx, Xv, val_labels = None, None, None
     if config.rule == "f1" or config.detector in NEEDS_LABELS:
         if labels_ds is not None:
-            Xv = extract_features(model, tokenizer, labels_ds.samples, **kw).get(layer, config.position)
+            Xv = embed(labels_ds)
             val_labels = labels_ds.labels
         else:
             labeled_idx = draw_labeled(dataset.labels, config.n_labels, seed=config.seed)
@@ -152,6 +168,8 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
             selection = select_threshold(scores, threshold=config.threshold)
         elif config.rule == "mixture":
             selection = select_mixture(scores, seed=config.seed)
+        elif config.rule == "estimate":
+            selection = select_estimate(scores, estimate=scorers[k].contamination_estimate(X))
         else:
             selection = Selection(np.zeros(len(scores), dtype=bool), float("inf"), "none", {})
     scores = pool_scores[k]
@@ -163,11 +181,11 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
         "n_removed": selection.n_removed, "n_kept": n - selection.n_removed,
         "rule": selection.rule, "threshold": selection.threshold, "k": k if config.detector == "subspace" else None,
         "detector": config.detector, "layer": layer,
-        "position": config.position, "rule_params": {kk: v for kk, v in selection.params.items() if kk != "candidate"},
-        "n_truncated": feats.n_truncated, "labeled_rows_used": None if labeled_idx is None else [dataset.samples[i].id for i in labeled_idx],
+        "position": position, "rule_params": {kk: v for kk, v in selection.params.items() if kk != "candidate"},
+        "n_truncated": n_truncated, "labeled_rows_used": None if labeled_idx is None else [dataset.samples[i].id for i in labeled_idx],
         "metrics": detection_metrics(scores, dataset.labels, selection.removed),
-        "config": dataclasses.asdict(config), "model": feats.manifest["model"],
-        "feature_cache": str(feats.cache_path) if feats.cache_path else None,
+        "config": dataclasses.asdict(config), "model": model_name,
+        "feature_cache": str(cache_path) if cache_path else None,
         "versions": versions(), "seconds": round(time.time() - t0, 2),
     }
     result = FilterResult(dataset, scores, selection, summary, Path(output_dir) if output_dir is not None else None)
@@ -180,6 +198,26 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
             extra["report"] = str(write_report(result, result.output_dir / "report.html"))
         _write_outputs(dataset, scores, selection, summary, result.output_dir, extra)
     return result
+
+
+PAPER = dict(detector="subspace", rule="f1")  # the paper's configuration on top of FilterConfig's defaults
+
+
+def run_demo(output_dir, *, config: FilterConfig | None = None, progress: bool = True, report: bool = False,
+             model=None, tokenizer=None) -> tuple[FilterResult, FilterResult | None]:
+    """Filter the packaged demo set with `config` into `output_dir`, and, when `config` is not already the
+    paper's method, also with the paper's configuration on the embedded model into `output_dir/paper`, so the
+    two can be compared on the demo's labels."""
+    from importlib import resources
+
+    data = Path(str(resources.files("saft") / "demo" / "demo.jsonl"))
+    config = config or FilterConfig()
+    kw = dict(progress=progress, report=report, model=model, tokenizer=tokenizer)
+    main = filter_dataset(data, output_dir=output_dir, config=config, **kw)
+    if config.detector == "subspace":
+        return main, None
+    paper = filter_dataset(data, output_dir=Path(output_dir) / "paper", config=dataclasses.replace(config, **PAPER), **kw)
+    return main, paper
 
 
 def _fit_scorers(config: FilterConfig, X, Xv, val_labels, labeled_idx) -> dict:

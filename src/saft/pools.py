@@ -2,7 +2,9 @@
 
 - task pool (T): benign Alpaca + Dolly instructions, BeaverTails unsafe pairs mixed in at a given rate, and
   safe refusals to harmful prompts (label safe: a model needs them to stay safe);
-- BeaverTails pool (B): BeaverTails safe and unsafe (prompt, response) pairs, as in the paper.
+- BeaverTails pool (B): BeaverTails safe and unsafe (prompt, response) pairs, as in the paper;
+- held-out pool (H): the task pool's recipe with other benign sources (GSM8K test, SST-2 test) and only
+  BeaverTails pairs from the 'experiment' half of the prompt split; no detector or option was tuned on it.
 Draws are reproducible by seed. Pairs are deduplicated by (prompt, response). The raw folder is only read.
 """
 
@@ -25,6 +27,8 @@ RAW_FILES = {
     "bt_safe": "beavertails_30k_test_safe_vaa.jsonl",
     "bt_unsafe": "beavertails_30k_test_unsafe_vaa.jsonl",
     "refusal_llama2": "refusals_llama2chat_1015.csv",
+    "gsm8k": "gsm8k_test.jsonl",
+    "sst2": "sbr_test_sst2.json",
 }
 
 
@@ -64,6 +68,11 @@ def load_source(name: str, raw_dir: str | Path | None = None) -> list[dict]:
             item = (_join(r["instruction"], r.get("context", "")), r["response"], 0, [])
         elif name == "refusal":
             item = (_join(r["instruction"], r.get("input", "")), r["output"], 0, [])
+        elif name == "gsm8k":
+            item = (r["question"], r["answer"], 0, [])
+        elif name == "sst2":
+            turns = r["conversations"]
+            item = (turns[0]["content"], turns[1]["content"], 0, [])
         elif name == "refusal_llama2":
             prompt = r["prompt"].replace("[INST]", "").replace("[/INST]", "").strip()
             item = (prompt, r["response"].strip(), 0, [])
@@ -121,3 +130,16 @@ def beavertails_pool(n: int = 1000, *, harmful_rate: float = 0.3, seed: int = 0,
     rows = _draw(load_source("bt_safe", raw_dir), n - n_harm, rng) + _draw(load_source("bt_unsafe", raw_dir), n_harm, rng)
     rows = [rows[i] for i in rng.permutation(len(rows))]
     return _to_samples(rows, f"B{int(harmful_rate * 100)}")
+
+
+def heldout_pool(n: int = 1000, *, harmful_rate: float = 0.1, refusal_rate: float = 0.1, seed: int = 0,
+                 raw_dir: str | Path | None = None) -> list[Sample]:
+    """Pool H: GSM8K + SST-2 (half each) + BeaverTails unsafe pairs of the experiment half + safe refusals."""
+    rng = np.random.default_rng(seed)
+    n_harm, n_ref = int(round(n * harmful_rate)), int(round(n * refusal_rate))
+    n_benign = n - n_harm - n_ref
+    unsafe = [r for r in load_source("bt_unsafe", raw_dir) if prompt_split(r["prompt"]) == "experiment"]
+    rows = (_draw(load_source("gsm8k", raw_dir), n_benign // 2, rng) + _draw(load_source("sst2", raw_dir), n_benign - n_benign // 2, rng)
+            + _draw(unsafe, n_harm, rng) + _draw(load_source("refusal", raw_dir), n_ref, rng))
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    return _to_samples(rows, f"H{int(harmful_rate * 100)}")

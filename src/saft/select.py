@@ -8,6 +8,8 @@ Rules:
 - `select_threshold`: remove every sample whose score exceeds a fixed threshold.
 - `select_mixture` (label-free, not in the paper): fit a two-component Gaussian mixture to the scores and
   remove the samples the high component claims; its weight is the estimated contamination rate.
+- `select_estimate` (label-free, not in the paper): remove the top `estimate` share of the pool, where the
+  estimate comes from the detector itself (the guard's adjusted classify-and-count).
 A sample is removed when its score is strictly greater than the threshold.
 """
 
@@ -113,3 +115,11 @@ def select_mixture(scores: np.ndarray, *, log: bool | None = None, seed: int = 0
     threshold = float(scores[~removed].max()) if (~removed).any() else float(scores.min())
     return Selection(removed, threshold, "mixture", {"contamination_estimate": float(gm.weights_[high]),
                                                      "log_scores": use_log})
+
+
+def select_estimate(scores: np.ndarray, *, estimate: float) -> Selection:
+    """Remove the highest-scoring `estimate` share of the pool, `estimate` being a contamination estimate."""
+    if not 0 <= estimate <= 1:
+        raise ValueError(f"a contamination estimate must be in [0, 1], got {estimate}")
+    sel = select_fraction(scores, fraction=min(estimate, 1 - 1e-9))
+    return Selection(sel.removed, sel.threshold, "estimate", {"contamination_estimate": float(estimate)})

@@ -1,22 +1,32 @@
 """Harmful-sample scorers on a feature matrix, by name.
 
 Every detector is a scikit-learn estimator with `fit(X, y=None)` and `score_samples(X)`, where a higher score
-means more likely harmful. Detectors import no torch.
+means more likely harmful. Detectors import no torch. A detector's class attribute `view` names the features it
+reads: "llm" (hidden states of the model being fine-tuned, `saft.features`; the default) or "sentence" (the
+sentence-encoder view, `saft.encoders`). Detectors with `contamination_estimate(X)` can pick their own
+threshold without labels (the "estimate" selection rule).
 """
 
 from __future__ import annotations
 
 import difflib
 
+from .guard import GuardScorer
 from .probe import ProbeScorer
 from .subspace import SubspaceScorer
 
 DETECTORS = {
     "subspace": SubspaceScorer,
     "probe": ProbeScorer,
+    "guard": GuardScorer,
 }
 # Detectors whose fit needs labels (y with -1 for unlabelled rows).
 NEEDS_LABELS = {"probe"}
+
+
+def detector_view(name: str) -> str:
+    """"llm" or "sentence": which features the named detector reads."""
+    return getattr(DETECTORS[name], "view", "llm")
 
 
 def get_detector(name: str, **params):
@@ -28,4 +38,4 @@ def get_detector(name: str, **params):
     return DETECTORS[name](**params)
 
 
-__all__ = ["DETECTORS", "NEEDS_LABELS", "ProbeScorer", "SubspaceScorer", "get_detector"]
+__all__ = ["DETECTORS", "NEEDS_LABELS", "GuardScorer", "ProbeScorer", "SubspaceScorer", "detector_view", "get_detector"]

