@@ -29,7 +29,7 @@ from sklearn.preprocessing import StandardScaler
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from detect import HERE, LABEL_SEEDS, POOLS, fmt, pool_features, write_results_md  # noqa: E402
 
-from saft import GuardScorer, ProbeScorer, SubspaceScorer, draw_labeled, load_model, select_by_f1  # noqa: E402
+from saft import GuardScorer, ProbeScorer, SubspaceScorer, draw_labeled, get_detector, load_model, select_by_f1  # noqa: E402
 from saft.encoders import sentence_features  # noqa: E402
 from saft.data import write_json  # noqa: E402
 from saft.features import POSITIONS  # noqa: E402
@@ -98,18 +98,26 @@ def guard_training_prompts(raw_dir) -> set[str]:
         r["prompt"] for r in load_source("refusal_llama2", raw_dir)}
 
 
-def evaluate_guard(S: np.ndarray, labels: list, refusal: np.ndarray) -> dict:
-    """The guard on the sentence-encoder view: label-free rules, and the F1 rule on 100 labels for comparison."""
+def evaluate_guard(S: np.ndarray, labels: list, refusal: np.ndarray, hidden: dict, layer: int) -> dict:
+    """The guard on the sentence-encoder view: label-free rules, and the F1 rule on 100 labels for comparison;
+    guard-knn with the model's hidden states at `layer` (`hidden`: position -> matrix) as its second view."""
     y = np.array(labels)
     guard = GuardScorer().fit(S)
     z = guard.score_samples(S)
+    est = guard.contamination_estimate(S)
+    variants = [
+        ("guard + estimate rule (label-free, default)", z, 0, lambda z, seed: select_estimate(z, estimate=est)),
+        ("guard + flag rule (log-odds > 0, label-free)", z, 0, lambda z, seed: select_threshold(z, threshold=0.0)),
+        ("guard + F1 rule on 100 labels", z, 100, lambda z, seed: f1_rule({"guard": z}, labels, seed)),
+    ]
+    for pos, H in hidden.items():
+        both = np.hstack([S, H])
+        zk = get_detector("guard-knn").fit(both).score_samples(both)
+        variants.append((f"guard-knn (layer {layer} {pos}) + estimate rule (label-free)", zk, 0,
+                         lambda z, seed: select_estimate(z, estimate=est)))
     rows = {}
-    for name, n_labels, rule in [
-        ("guard + estimate rule (label-free, default)", 0, lambda seed: select_estimate(z, estimate=guard.contamination_estimate(S))),
-        ("guard + flag rule (log-odds > 0, label-free)", 0, lambda seed: select_threshold(z, threshold=0.0)),
-        ("guard + F1 rule on 100 labels", 100, lambda seed: f1_rule({"guard": z}, labels, seed)),
-    ]:
-        sels = [rule(seed) for seed in (LABEL_SEEDS if n_labels else (0,))]
+    for name, z, n_labels, rule in variants:
+        sels = [rule(z, seed) for seed in (LABEL_SEEDS if n_labels else (0,))]
         ms = [detection_metrics(z, labels, sel.removed) for sel in sels]
         rows[name] = {"labels": n_labels, "auroc": [m["auroc"] for m in ms], "f1": [m["f1"] for m in ms],
                       "removed": [sel.n_removed for sel in sels], "n": len(y), "truth": float(y.mean()),
@@ -164,7 +172,8 @@ def main(argv=None) -> int:
         unseen = np.array([s.prompt not in seen for s in samples])
         S = sentence_features(samples, cache_dir=Path(args.cache) / "sentence")
         y_unseen = np.array(labels)[unseen]
-        rows = evaluate_guard(S[unseen], list(y_unseen), refusal[unseen])
+        rows = evaluate_guard(S[unseen], list(y_unseen), refusal[unseen],
+                              {pos: feats.get(args.layer, pos)[unseen] for pos in POSITIONS}, args.layer)
         both = np.hstack([S, feats.get(args.layer, "response_mean")])[unseen]
         for view, F in [("sentence view", S[unseen]), (f"sentence view + layer {args.layer} response_mean", both)]:
             rows[f"ceiling: LR on all labels, {view} (5-fold CV)"] = {

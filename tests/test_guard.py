@@ -104,3 +104,33 @@ def test_default_filter_needs_no_language_model(tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "d.jsonl", toy_rows(12))
     res = filter_dataset(data, output_dir=tmp_path / "o", config=FilterConfig(cache_dir=str(tmp_path / "c")), progress=False)
     assert res.summary["model"].startswith("all-MiniLM-L6-v2") and res.summary["metrics"]["auroc"] > 0.9
+
+
+def test_guard_knn_smooths_the_guard_over_the_model_view(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 60
+    cluster = np.repeat([0, 1], n // 2)  # two groups in the model's view; the guard is noisy within each
+    H = rng.normal(size=(n, 8)) * 0.1 + cluster[:, None] * 5.0
+    truth = cluster.astype(float)
+    noisy = truth + rng.normal(scale=1.5, size=n)
+    S = noisy[:, None] * np.array([[1.0, 0, 0]])
+    w = weights_file(tmp_path, [1, 0, 0], 0.0, 0.8, 0.2)
+    X = np.hstack([S, H])
+    knn = get_detector("guard-knn", n_neighbors=5, n_components=4, weights=w).fit(X)
+    from sklearn.metrics import roc_auc_score
+
+    plain = GuardScorer(weights=w).fit(S).score_samples(S)
+    assert roc_auc_score(truth, knn.score_samples(X)) > roc_auc_score(truth, plain)
+    assert knn.contamination_estimate(X) == GuardScorer(weights=w).fit(S).contamination_estimate(S)
+    with pytest.raises(ValueError, match="followed by the model's hidden states"):
+        knn.fit(S)
+
+
+def test_filter_with_guard_knn_uses_both_views(tiny, tmp_path):
+    model, tok = tiny
+    data = write_jsonl(tmp_path / "d.jsonl", toy_rows(24))
+    res = filter_dataset(data, output_dir=tmp_path / "o", model=model, tokenizer=tok, progress=False,
+                         config=FilterConfig(detector="guard-knn", n_components=None, cache_dir=str(tmp_path / "c")))
+    s = res.summary
+    assert s["rule"] == "estimate" and s["layer"] is not None and "all-MiniLM-L6-v2" in s["model"]
+    assert res.selection.n_removed == round(s["rule_params"]["contamination_estimate"] * 24)

@@ -8,7 +8,7 @@ Arms:
   labels drawn from the pool);
 - `oracle`: the safe rows only;
 - one arm per other registered detector: same features and F1 rule, except detectors that estimate the
-  contamination themselves (guard, on the sentence-encoder view), which use that label-free estimate;
+  contamination themselves (guard, guard-knn), which use that label-free estimate;
 - `base`: the model before any fine-tuning, for reference.
 Pools are BeaverTails pairs whose prompts fall in the 'experiment' half of `saft.pools.prompt_split` (the judge
 never saw them); evaluation prompts are drawn from the same half and never share a prompt with the pool.
@@ -130,15 +130,15 @@ def _select_arms(config: ExperimentConfig, pool: list[Sample], model, tok, seed:
     for name in config.all_arms():
         if name not in DETECTORS:
             continue
-        if detector_view(name) == "sentence":
+        view = detector_view(name)
+        V = X
+        if view != "llm":
             S = sentence_features(pool, cache_dir=cache / "features", device=config.device or "cpu")
-            det = get_detector(name).fit(S)
-            s = det.score_samples(S)
-        else:
-            det = get_detector(name).fit(X, y_semi)  # label-free detectors ignore y
-            s = det.score_samples(X)
+            V = S if view == "sentence" else np.hstack([S, X])
+        det = get_detector(name).fit(V, y_semi)  # label-free detectors ignore y
+        s = det.score_samples(V)
         if hasattr(det, "contamination_estimate"):  # the detector's own label-free rule, as `saft filter` uses
-            sel = select_estimate(s, estimate=det.contamination_estimate(S))
+            sel = select_estimate(s, estimate=det.contamination_estimate(V))
             out[name] = (sel.removed, s, {"threshold": sel.threshold, **sel.params})
         else:
             sel = select_by_f1({name: s}, {name: s[idx]}, [labels[i] for i in idx])

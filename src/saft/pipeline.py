@@ -127,11 +127,12 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
             raise ValueError(f"{config.labels_file}, row {missing}: no label. Every row of a labels file needs one "
                              "(is_safe, harmful, label; or name the field with --label-field)")
     feature_cache = Path(config.cache_dir or default_cache_dir()) / "features"
-    if detector_view(config.detector) == "sentence":
-        # The sentence-encoder view needs no language model: the model being fine-tuned is not loaded.
-        embed = lambda ds: sentence_features(ds.samples, device=config.device or "cpu",  # noqa: E731
-                                             cache_dir=feature_cache, progress=progress)
-        X, layer, position, n_truncated, model_name, cache_path = embed(dataset), None, None, 0, ENCODER_VERSION, None
+    view = detector_view(config.detector)
+    sentence = lambda ds: sentence_features(ds.samples, device=config.device or "cpu",  # noqa: E731
+                                            cache_dir=feature_cache, progress=progress)
+    layer, position, n_truncated, model_name, cache_path = None, None, 0, ENCODER_VERSION, None
+    if view == "sentence":  # no language model needed: the model being fine-tuned is not even loaded
+        embed = sentence
     else:
         if model is None:
             model, tokenizer = load_model(config.model, cache_dir=config.cache_dir, device=config.device,
@@ -140,9 +141,15 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
                   batch_size=config.batch_size, cache_dir=feature_cache, progress=progress)
         feats = extract_features(model, tokenizer, dataset.samples, **kw)
         layer, position = feats.layers[0], config.position
-        X = feats.get(layer, position)
         n_truncated, model_name, cache_path = feats.n_truncated, feats.manifest["model"], feats.cache_path
-        embed = lambda ds: extract_features(model, tokenizer, ds.samples, **kw).get(layer, position)  # noqa: E731
+        if view == "both":
+            model_name = f"{model_name} + {ENCODER_VERSION}"
+
+        def embed(ds):
+            H = feats if ds is dataset else extract_features(model, tokenizer, ds.samples, **kw)
+            H = H.get(layer, position)
+            return np.hstack([sentence(ds), H]) if view == "both" else H
+    X = embed(dataset)
     # Labels: a separate labelled file, or n_labels drawn from the pool's labelled rows. The f1 rule and
     # label-using detectors need them; other rules never look at them.
     labeled_idx, Xv, val_labels = None, None, None

@@ -2,8 +2,8 @@
 
 Every detector is a scikit-learn estimator with `fit(X, y=None)` and `score_samples(X)`, where a higher score
 means more likely harmful. Detectors import no torch. A detector's class attribute `view` names the features it
-reads: "llm" (hidden states of the model being fine-tuned, `saft.features`; the default) or "sentence" (the
-sentence-encoder view, `saft.encoders`). Detectors with `contamination_estimate(X)` can pick their own
+reads: "llm" (hidden states of the model being fine-tuned, `saft.features`; the default), "sentence" (the
+sentence-encoder view, `saft.encoders`) or "both" (the sentence view's columns, then the hidden states). Detectors with `contamination_estimate(X)` can pick their own
 threshold without labels (the "estimate" selection rule).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 
-from .guard import GuardScorer
+from .guard import GuardKNNScorer, GuardScorer
 from .probe import ProbeScorer
 from .subspace import SubspaceScorer
 
@@ -19,13 +19,14 @@ DETECTORS = {
     "subspace": SubspaceScorer,
     "probe": ProbeScorer,
     "guard": GuardScorer,
+    "guard-knn": GuardKNNScorer,
 }
 # Detectors whose fit needs labels (y with -1 for unlabelled rows).
 NEEDS_LABELS = {"probe"}
 
 
 def detector_view(name: str) -> str:
-    """"llm" or "sentence": which features the named detector reads."""
+    """"llm", "sentence" or "both": which features the named detector reads."""
     return getattr(DETECTORS[name], "view", "llm")
 
 
@@ -38,4 +39,4 @@ def get_detector(name: str, **params):
     return DETECTORS[name](**params)
 
 
-__all__ = ["DETECTORS", "NEEDS_LABELS", "GuardScorer", "ProbeScorer", "SubspaceScorer", "detector_view", "get_detector"]
+__all__ = ["DETECTORS", "NEEDS_LABELS", "GuardKNNScorer", "GuardScorer", "ProbeScorer", "SubspaceScorer", "detector_view", "get_detector"]

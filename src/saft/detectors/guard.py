@@ -43,14 +43,19 @@ class GuardScorer(BaseEstimator):
     def __init__(self, weights: str | None = None):
         self.weights = weights
 
-    def fit(self, X, y=None):
-        X = check_array(X, dtype=np.float64)
+    def load_weights(self) -> "GuardScorer":
+        """Read the weights file; `fit` calls this, and so does `GuardKNNScorer` for its guard."""
         path = Path(self.weights) if self.weights else GUARD_FILE
         data = json.loads(path.read_text())
         self.coef_ = np.asarray(data["coef"], dtype=np.float64)
         self.intercept_ = float(data["intercept"])
         self.meta_ = data.get("meta", {})
         self.tpr_, self.fpr_ = float(self.meta_.get("cv_tpr", 1.0)), float(self.meta_.get("cv_fpr", 0.0))
+        return self
+
+    def fit(self, X, y=None):
+        X = check_array(X, dtype=np.float64)
+        self.load_weights()
         if X.shape[1] != len(self.coef_):
             raise ValueError(f"the guard reads the sentence-encoder view ({len(self.coef_)} columns) but got "
                              f"{X.shape[1]} columns; compute X with saft.encoders.sentence_features")
@@ -69,3 +74,81 @@ class GuardScorer(BaseEstimator):
         if self.tpr_ - self.fpr_ <= 0:
             return flagged
         return float(np.clip((flagged - self.fpr_) / (self.tpr_ - self.fpr_), 0.0, 1.0))
+
+
+class GuardKNNScorer(BaseEstimator):
+    """The guard's votes, smoothed over the fine-tuned model's own representation of the pool (label-free).
+
+    The guard judges each sample alone and errs on benign text that merely sounds like its harmful training
+    rows. The model about to be fine-tuned places samples that do the same thing near each other, so the
+    guard's average vote over a sample's nearest neighbours in that space corrects a part of those errors. The
+    score is the sum of the standardised guard log-odds and the standardised neighbour average.
+
+    X is the "both" view: the sentence-encoder view (first `GuardScorer` width columns, 768) followed by the
+    model's hidden state at the configured layer and position. Neighbours are found by cosine similarity after
+    standardising the hidden states and keeping `n_components` principal components; they are always pool rows
+    from `fit` (a pool row counts itself among its `n_neighbors` + 1).
+
+    Parameters
+    ----------
+    n_neighbors : int, default=10
+    n_components : int, default=64
+    weights : str or None, default=None
+        The guard's weights (see `GuardScorer`).
+    """
+
+    view = "both"
+
+    def __init__(self, n_neighbors: int = 10, n_components: int = 64, weights: str | None = None):
+        self.n_neighbors = n_neighbors
+        self.n_components = n_components
+        self.weights = weights
+
+    def _split(self, X):
+        width = len(self.guard_.coef_)
+        if X.shape[1] <= width:
+            raise ValueError(f"guard-knn reads the sentence-encoder view ({width} columns) followed by the model's "
+                             f"hidden states; got {X.shape[1]} columns")
+        return X[:, :width], X[:, width:]
+
+    def _embed(self, H):
+        from sklearn.preprocessing import normalize
+
+        return normalize(self.pca_.transform(self.scaler_.transform(H)))
+
+    def fit(self, X, y=None):
+        from sklearn.decomposition import PCA
+        from sklearn.neighbors import NearestNeighbors
+        from sklearn.preprocessing import StandardScaler
+
+        X = check_array(X, dtype=np.float64)
+        if self.n_neighbors < 1:
+            raise ValueError(f"n_neighbors must be at least 1, got {self.n_neighbors}")
+        self.guard_ = GuardScorer(weights=self.weights).load_weights()
+        S, H = self._split(X)
+        self.scaler_ = StandardScaler().fit(H)
+        k = min(self.n_components, X.shape[0] - 1, H.shape[1])
+        self.pca_ = PCA(n_components=max(k, 1), random_state=0).fit(self.scaler_.transform(H))
+        self.pool_z_ = self.guard_.score_samples(S)
+        self.nn_ = NearestNeighbors(n_neighbors=min(self.n_neighbors + 1, X.shape[0])).fit(self._embed(H))
+        smoothed = self._smoothed(H)
+        self.stats_ = (self.pool_z_.mean(), self.pool_z_.std() or 1.0, smoothed.mean(), smoothed.std() or 1.0)
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def _smoothed(self, H):
+        _, idx = self.nn_.kneighbors(self._embed(H))
+        return self.pool_z_[idx].mean(axis=1)
+
+    def score_samples(self, X) -> np.ndarray:
+        check_is_fitted(self, "nn_")
+        X = check_array(X, dtype=np.float64)
+        S, H = self._split(X)
+        zm, zs, sm, ss = self.stats_
+        return (self.guard_.score_samples(S) - zm) / zs + (self._smoothed(H) - sm) / ss
+
+    def contamination_estimate(self, X) -> float:
+        """The guard's label-free estimate (from the sentence-encoder columns of X)."""
+        check_is_fitted(self, "nn_")
+        return self.guard_.contamination_estimate(self._split(check_array(X, dtype=np.float64))[0])
+
