@@ -1,10 +1,13 @@
 """Detectors beyond the paper, on the same pools and cached features as benchmarks/detect.py.
 
-Run detect.py first (it caches every layer and position of the four pools); this script then only reads the
-cache. For each pool, position and detector it reports AUROC, and for the selection rules F1 and the removed
-count over 5 label draws (mean, spread), the share of safe refusals kept (T pools), and the label-free
-mixture rule's contamination estimate against the truth. A ceiling row trains a probe with every label
-(5-fold cross-validation) to show what the model's features hold at all.
+Run detect.py first (it caches every layer and position of the pools); this script reads that cache and
+computes the sentence-encoder view once (cached in the same folder). For each pool, position and detector it
+reports AUROC, and for the selection rules F1 and the removed count over 5 label draws (mean, spread), the share
+of safe refusals kept (T and H pools), and the label-free contamination estimate against the truth. Ceiling rows
+train a logistic probe with every label (5-fold cross-validation) to show what the features hold at all.
+The guard detectors are scored only on the rows whose prompt the guard never saw in training ("unseen rows":
+its BeaverTails prompts come from the judge half of the prompt split), so their pools are subsets, with their
+own size and true contamination rate.
 
     python benchmarks/detect_plus.py [--layer 15]
 
@@ -115,10 +118,21 @@ def evaluate_guard(S: np.ndarray, labels: list, refusal: np.ndarray, hidden: dic
         zk = get_detector("guard-knn").fit(both).score_samples(both)
         variants.append((f"guard-knn (layer {layer} {pos}) + estimate rule (label-free)", zk, 0,
                          lambda z, seed: select_estimate(z, estimate=est)))
+
+        def guided(seed, both=both):
+            semi = np.full(len(y), -1)
+            idx = draw_labeled(labels, 100, seed=seed)
+            semi[idx] = y[idx]
+            return get_detector("guard-probe").fit(both, semi).score_samples(both)
+
+        variants.append((f"guard-probe (layer {layer} {pos}, 100 labels) + F1 rule", guided, 100,
+                         lambda z, seed: f1_rule({"guard-probe": z}, labels, seed)))
     rows = {}
     for name, z, n_labels, rule in variants:
-        sels = [rule(z, seed) for seed in (LABEL_SEEDS if n_labels else (0,))]
-        ms = [detection_metrics(z, labels, sel.removed) for sel in sels]
+        seeds = LABEL_SEEDS if n_labels else (0,)
+        zs = [z(seed) if callable(z) else z for seed in seeds]  # scores that depend on the label draw
+        sels = [rule(zz, seed) for zz, seed in zip(zs, seeds)]
+        ms = [detection_metrics(zz, labels, sel.removed) for zz, sel in zip(zs, sels)]
         rows[name] = {"labels": n_labels, "auroc": [m["auroc"] for m in ms], "f1": [m["f1"] for m in ms],
                       "removed": [sel.n_removed for sel in sels], "n": len(y), "truth": float(y.mean()),
                       "refusals_kept": [float((~sel.removed[refusal]).mean()) for sel in sels] if refusal.any() else None,

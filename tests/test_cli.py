@@ -154,19 +154,19 @@ def test_probe_detector_and_mixture_rule(tiny_model_dir, tmp_path, capsys):
     assert "estimated contamination (label-free)" in capsys.readouterr().out
 
 
-def test_default_filter_is_the_label_free_guard(tiny_model_dir, tmp_path, capsys):
+def test_default_filter_is_the_label_free_guard_knn(tiny_model_dir, tmp_path, capsys):
     rows = [{k: v for k, v in r.items() if k != "is_safe"} for r in toy_rows(30)]  # no labels at all
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     out = tmp_path / "out"
     assert run(["filter", str(data), "-o", str(out)], tiny_model_dir, tmp_path, detector=None) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["detector"] == "guard" and summary["rule"] == "estimate" and summary["layer"] is None
+    assert summary["detector"] == "guard-knn" and summary["rule"] == "estimate" and summary["layer"] == 2
     est = summary["rule_params"]["contamination_estimate"]
     assert 0 <= est <= 1 and summary["n_removed"] == round(est * 30)
     removed = {r["id"] for r in read_jsonl(out / "removed.jsonl")}
     assert removed and all(int(i[1:]) % 3 == 0 for i in removed)  # only the harmful-looking rows go
     text = capsys.readouterr().out
-    assert "detector guard" in text and "estimated contamination (label-free)" in text
+    assert "detector guard-knn" in text and "estimated contamination (label-free)" in text
 
 
 def test_estimate_rule_needs_an_estimating_detector(tiny_model_dir, tmp_path, capsys):

@@ -38,7 +38,7 @@ def test_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypatch)
     out = tmp_path / "exp"
     res = run_experiment(cfg, output_dir=out, progress=False)
     rows = {r["arm"]: r for r in res["rows"]}
-    assert set(rows) == set(E.BASE_ARMS) | {"probe", "guard", "guard-knn"} == set(cfg.all_arms())
+    assert set(rows) == set(E.BASE_ARMS) | {"probe", "guard", "guard-knn", "guard-probe"} == set(cfg.all_arms())
     assert rows["probe"]["detection_auroc"] is not None
     # the guard picks its own threshold without labels and removes that share of the pool
     g = rows["guard"]

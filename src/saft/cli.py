@@ -14,7 +14,8 @@ from .pipeline import FilterConfig, filter_dataset, run_demo
 
 EXAMPLES = {
     "score": "example:\n  saft score data.jsonl -o out/          # writes out/scores.jsonl and out/summary.json",
-    "filter": ("examples:\n  saft filter data.jsonl -o out/                       # the paper's rule: k and tau by F1 on 100 labels\n"
+    "filter": ("examples:\n  saft filter data.jsonl -o out/                       # label-free guard; removes its own contamination estimate\n"
+               "  saft filter data.jsonl -o out/ --detector subspace   # the paper's method: k and tau by F1 on 100 labels\n"
                "  saft filter data.csv -o out/ --rule fraction --fraction 0.1\n"
                "  saft filter chats.parquet -o out/ --layer 20 --labels-file labelled.jsonl"),
     "demo": ("example:\n  saft demo -o saft-demo-out      # filters the packaged demo set with the default detector,\n"

@@ -43,7 +43,7 @@ class FilterConfig:
     position: str = field(default="prompt_last", metadata={"help": f"token position: {', '.join(POSITIONS)} (prompt_last is the paper's)"})
     max_length: int = field(default=512, metadata={"help": "tokens per sample; longer samples are truncated and counted"})
     batch_size: int = field(default=8, metadata={"help": "samples per forward pass"})
-    detector: str = field(default="guard", metadata={"help": "registered detector: guard (label-free, packaged classifier on sentence embeddings), subspace (the paper's), probe (semi-supervised, uses the labels)"})
+    detector: str = field(default="guard-knn", metadata={"help": "registered detector: guard-knn (label-free: a packaged classifier on sentence embeddings, smoothed over the model's features), guard (the same classifier alone; the model is not loaded), subspace (the paper's), probe and guard-probe (semi-supervised: use the labels)"})
     n_components: int | None = field(default=None, metadata={"help": "fix k; default: searched over k_candidates by the f1 rule, else 1"})
     k_candidates: tuple[int, ...] = field(default=(1, 2, 3, 4), metadata={"help": "k values the f1 rule searches"})
     weighted: bool = field(default=False, metadata={"help": "weight squared projections by singular values (HaloScope option)"})

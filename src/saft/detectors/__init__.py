@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 
 from .guard import GuardKNNScorer, GuardScorer
+from .guided import GuidedProbeScorer
 from .probe import ProbeScorer
 from .subspace import SubspaceScorer
 
@@ -20,9 +21,10 @@ DETECTORS = {
     "probe": ProbeScorer,
     "guard": GuardScorer,
     "guard-knn": GuardKNNScorer,
+    "guard-probe": GuidedProbeScorer,
 }
 # Detectors whose fit needs labels (y with -1 for unlabelled rows).
-NEEDS_LABELS = {"probe"}
+NEEDS_LABELS = {"probe", "guard-probe"}
 
 
 def detector_view(name: str) -> str:
@@ -39,4 +41,4 @@ def get_detector(name: str, **params):
     return DETECTORS[name](**params)
 
 
-__all__ = ["DETECTORS", "NEEDS_LABELS", "GuardKNNScorer", "GuardScorer", "ProbeScorer", "SubspaceScorer", "detector_view", "get_detector"]
+__all__ = ["DETECTORS", "NEEDS_LABELS", "GuardKNNScorer", "GuardScorer", "GuidedProbeScorer", "ProbeScorer", "SubspaceScorer", "detector_view", "get_detector"]

@@ -104,7 +104,8 @@ class GuardKNNScorer(BaseEstimator):
         self.n_components = n_components
         self.weights = weights
 
-    def _split(self, X):
+    def split_views(self, X):
+        """(sentence-encoder columns, hidden-state columns) of X."""
         width = len(self.guard_.coef_)
         if X.shape[1] <= width:
             raise ValueError(f"guard-knn reads the sentence-encoder view ({width} columns) followed by the model's "
@@ -125,7 +126,7 @@ class GuardKNNScorer(BaseEstimator):
         if self.n_neighbors < 1:
             raise ValueError(f"n_neighbors must be at least 1, got {self.n_neighbors}")
         self.guard_ = GuardScorer(weights=self.weights).load_weights()
-        S, H = self._split(X)
+        S, H = self.split_views(X)
         self.scaler_ = StandardScaler().fit(H)
         k = min(self.n_components, X.shape[0] - 1, H.shape[1])
         self.pca_ = PCA(n_components=max(k, 1), random_state=0).fit(self.scaler_.transform(H))
@@ -143,12 +144,12 @@ class GuardKNNScorer(BaseEstimator):
     def score_samples(self, X) -> np.ndarray:
         check_is_fitted(self, "nn_")
         X = check_array(X, dtype=np.float64)
-        S, H = self._split(X)
+        S, H = self.split_views(X)
         zm, zs, sm, ss = self.stats_
         return (self.guard_.score_samples(S) - zm) / zs + (self._smoothed(H) - sm) / ss
 
     def contamination_estimate(self, X) -> float:
         """The guard's label-free estimate (from the sentence-encoder columns of X)."""
         check_is_fitted(self, "nn_")
-        return self.guard_.contamination_estimate(self._split(check_array(X, dtype=np.float64))[0])
+        return self.guard_.contamination_estimate(self.split_views(check_array(X, dtype=np.float64))[0])
 

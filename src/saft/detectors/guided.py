@@ -1,0 +1,73 @@
+"""A probe guided by the guard: a few labels on top of the label-free guard-knn score (not in the paper).
+
+The probe (`ProbeScorer`) learns a direction from ~100 labels in the pool's top principal components of the
+model's features: excellent where harmful rows differ in kind from the rest of the pool (task data), weak where
+they do not (BeaverTails: safe and unsafe answers to the same kind of question). The guard brings outside
+knowledge of harm and is best exactly there. This detector gives the probe the guard-knn score as one more
+input, so the labels decide how much to trust each.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_array, check_is_fitted
+
+from .guard import GuardKNNScorer
+
+
+class GuidedProbeScorer(BaseEstimator):
+    """Logistic regression on [top principal components of the model's features, guard-knn score].
+
+    X is the "both" view (sentence-encoder columns, then hidden states), as for `GuardKNNScorer`.
+    `fit(X, y)`: y holds 1, 0 or -1 (unlabelled); every row shapes the principal components and the guard-knn
+    neighbourhoods, only labelled rows train the regression.
+
+    Parameters
+    ----------
+    n_components : int, default=32
+    C : float, default=0.1
+    n_neighbors : int, default=10
+        Passed to the guard-knn score.
+    """
+
+    view = "both"
+
+    def __init__(self, n_components: int = 32, C: float = 0.1, n_neighbors: int = 10):
+        self.n_components = n_components
+        self.C = C
+        self.n_neighbors = n_neighbors
+
+    def _inputs(self, X):
+        _, H = self.guard_.split_views(X)
+        Z = self.pca_.transform(self.scaler_.transform(H))
+        return np.column_stack([Z, self.guard_.score_samples(X)])
+
+    def fit(self, X, y=None):
+        X = check_array(X, dtype=np.float64)
+        if y is None:
+            raise ValueError("guard-probe needs labels: fit(X, y) with y in {1, 0, -1 for unlabelled}")
+        y = np.asarray(y)
+        labelled = y >= 0
+        if len(set(y[labelled].tolist())) < 2:
+            raise ValueError("guard-probe needs at least one harmful (1) and one safe (0) labelled row")
+        self.guard_ = GuardKNNScorer(n_neighbors=self.n_neighbors).fit(X)
+        _, H = self.guard_.split_views(X)
+        self.scaler_ = StandardScaler().fit(H)
+        k = min(self.n_components, X.shape[0] - 1, H.shape[1])
+        self.pca_ = PCA(n_components=k, random_state=0).fit(self.scaler_.transform(H))
+        F = self._inputs(X)
+        self.input_scaler_ = StandardScaler().fit(F)
+        self.probe_ = LogisticRegression(C=self.C, class_weight="balanced", max_iter=5000).fit(
+            self.input_scaler_.transform(F[labelled]), y[labelled])
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def score_samples(self, X) -> np.ndarray:
+        """Log-odds of harmful: higher = more suspicious."""
+        check_is_fitted(self, "probe_")
+        X = check_array(X, dtype=np.float64)
+        return self.probe_.decision_function(self.input_scaler_.transform(self._inputs(X)))
