@@ -85,7 +85,8 @@ def test_run_demo_writes_default_and_paper_runs(tiny, tmp_path):
     model, tok = tiny
     cfg = FilterConfig(cache_dir=str(tmp_path / "cache"))
     main, paper = run_demo(tmp_path / "demo", config=cfg, progress=False, model=model, tokenizer=tok)
-    assert main.summary["detector"] == "guard-knn" and paper.summary["detector"] == "subspace"
+    assert main.summary["detector"] == "guard-probe" and paper.summary["detector"] == "subspace"  # labelled demo
+    assert main.summary["requested"] == {"detector": "auto", "rule": "auto"} and main.summary["rule"] == "f1"
     assert paper.summary["rule"] == "f1" and paper.summary["layer"] is not None
     assert (tmp_path / "demo" / "summary.json").exists() and (tmp_path / "demo" / "paper" / "kept.jsonl").exists()
     assert main.summary["metrics"]["auroc"] > 0.75  # the guard on the demo's labels (its BeaverTails rows included)
@@ -154,3 +155,19 @@ def test_guard_probe_learns_from_labels_on_top_of_the_guard(tmp_path):
         get_detector("guard-probe").fit(X)
     with pytest.raises(ValueError, match="at least one harmful"):
         get_detector("guard-probe").fit(X, np.where(np.arange(n) < 10, 0, -1))
+
+
+def test_auto_uses_the_labels_when_there_are_enough():
+    from saft.pipeline import resolve_auto
+
+    cfg = FilterConfig()
+    assert (cfg.detector, cfg.rule) == ("auto", "auto")
+    r = resolve_auto(cfg, n_labelled=100, labels_file=False)
+    assert (r.detector, r.rule) == ("guard-probe", "f1")
+    r = resolve_auto(cfg, n_labelled=99, labels_file=False)
+    assert (r.detector, r.rule) == ("guard-knn", "estimate")
+    assert resolve_auto(cfg, n_labelled=0, labels_file=True).detector == "guard-probe"
+    r = resolve_auto(FilterConfig(rule="estimate"), n_labelled=500, labels_file=False)
+    assert (r.detector, r.rule) == ("guard-knn", "estimate")
+    r = resolve_auto(FilterConfig(detector="subspace"), n_labelled=0, labels_file=False)
+    assert (r.detector, r.rule) == ("subspace", "f1")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .data import DataError, FieldOptions
+from .detectors import NEEDS_LABELS
 from .models import ModelError
 from .pipeline import FilterConfig, filter_dataset, run_demo
 
@@ -129,6 +130,9 @@ def _print_summary(summary: dict) -> None:
     if summary["n_truncated"]:
         print(f"  truncated {summary['n_truncated']} samples to {summary['config']['max_length']} tokens")
     detector = f"k={summary['k']}" if summary["k"] is not None else f"detector {summary['detector']}"
+    if summary.get("requested", {}).get("detector") == "auto":
+        labelled = "labels present" if summary["detector"] in NEEDS_LABELS else "too few labels"
+        detector += f" (auto: {labelled})"
     if summary["layer"] is None:
         print(f"features: {summary['model']}; {detector}")
     else:

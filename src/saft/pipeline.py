@@ -43,12 +43,12 @@ class FilterConfig:
     position: str = field(default="prompt_last", metadata={"help": f"token position: {', '.join(POSITIONS)} (prompt_last is the paper's)"})
     max_length: int = field(default=512, metadata={"help": "tokens per sample; longer samples are truncated and counted"})
     batch_size: int = field(default=8, metadata={"help": "samples per forward pass"})
-    detector: str = field(default="guard-knn", metadata={"help": "registered detector: guard-knn (label-free: a packaged classifier on sentence embeddings, smoothed over the model's features), guard (the same classifier alone; the model is not loaded), subspace (the paper's), probe and guard-probe (semi-supervised: use the labels)"})
+    detector: str = field(default="auto", metadata={"help": "auto (guard-probe when the data has n_labels labelled rows or a labels file is given, else guard-knn), or a registered detector: guard-knn (label-free: a packaged classifier on sentence embeddings, smoothed over the model's features), guard (the same classifier alone; the model is not loaded), subspace (the paper's), probe and guard-probe (semi-supervised: use the labels)"})
     n_components: int | None = field(default=None, metadata={"help": "fix k; default: searched over k_candidates by the f1 rule, else 1"})
     k_candidates: tuple[int, ...] = field(default=(1, 2, 3, 4), metadata={"help": "k values the f1 rule searches"})
     weighted: bool = field(default=False, metadata={"help": "weight squared projections by singular values (HaloScope option)"})
     standardize: bool = field(default=False, metadata={"help": "scale features to unit variance before the SVD (not in the paper)"})
-    rule: str = field(default="auto", metadata={"help": f"selection rule: {', '.join(RULES)}; auto = estimate for a detector that estimates the contamination itself (guard), else f1"})
+    rule: str = field(default="auto", metadata={"help": f"selection rule: {', '.join(RULES)}; auto = estimate for a detector that estimates the contamination itself (guard, guard-knn), else f1"})
     n_labels: int = field(default=100, metadata={"help": "labelled samples drawn from the pool for the f1 rule"})
     labels_file: str | None = field(default=None, metadata={"help": "separate labelled file for the f1 rule (instead of drawing from the pool)"})
     n_thresholds: int = field(default=100, metadata={"help": "evenly spaced threshold candidates for the f1 rule"})
@@ -63,13 +63,13 @@ class FilterConfig:
     def __post_init__(self):
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
-        if self.detector not in DETECTORS:
+        if self.detector not in DETECTORS and self.detector != "auto":
             get_detector(self.detector)  # raises with the list of names and a suggestion
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
-        if self.rule == "auto":
+        if self.rule == "auto" and self.detector != "auto":
             self.rule = "estimate" if hasattr(DETECTORS[self.detector], "contamination_estimate") else "f1"
-        if self.rule == "estimate" and not hasattr(DETECTORS[self.detector], "contamination_estimate"):
+        if self.rule == "estimate" and self.detector != "auto" and not hasattr(DETECTORS[self.detector], "contamination_estimate"):
             raise ValueError(f"the estimate rule needs a detector that estimates contamination (guard); "
                              f"{self.detector!r} does not: use --rule f1, fraction, threshold or mixture")
         if self.rule == "fraction" and (self.fraction is None or not 0 <= self.fraction < 1):
@@ -85,6 +85,21 @@ class FilterConfig:
         if self.n_thresholds < 2:
             raise ValueError(f"n_thresholds must be at least 2, got {self.n_thresholds}")
         self.k_candidates = tuple(int(k) for k in self.k_candidates)
+
+
+def resolve_auto(config: FilterConfig, *, n_labelled: int, labels_file: bool) -> FilterConfig:
+    """The concrete detector and rule for `auto`, given how many labelled rows the data has.
+
+    With labels (n_labels labelled rows in the pool, or a labels file) the benchmark's best use of them is
+    guard-probe with the F1 rule; without, the label-free guard-knn with its own contamination estimate.
+    """
+    detector = config.detector
+    if detector == "auto":
+        detector = "guard-probe" if labels_file or n_labelled >= config.n_labels else "guard-knn"
+    rule = config.rule
+    if config.detector == "auto" and rule == "estimate" and detector == "guard-probe":
+        detector = "guard-knn"  # an explicit label-free rule keeps the detector label-free
+    return dataclasses.replace(config, detector=detector, rule=rule)
 
 
 @dataclass
@@ -120,12 +135,15 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
     t0 = time.time()
     dataset = load_samples(path, fields=fields, skip_invalid=skip_invalid)
     labels_ds = None
-    if config.rule == "f1" and config.labels_file:
+    if config.labels_file:
         labels_ds = load_samples(config.labels_file, fields=fields, skip_invalid=skip_invalid)
         if any(lab is None for lab in labels_ds.labels):
             missing = next(s.meta["line"] for s in labels_ds.samples if s.label is None)
             raise ValueError(f"{config.labels_file}, row {missing}: no label. Every row of a labels file needs one "
                              "(is_safe, harmful, label; or name the field with --label-field)")
+    requested = config
+    config = resolve_auto(config, n_labelled=sum(lab is not None for lab in dataset.labels),
+                          labels_file=labels_ds is not None)
     feature_cache = Path(config.cache_dir or default_cache_dir()) / "features"
     view = detector_view(config.detector)
     sentence = lambda ds: sentence_features(ds.samples, device=config.device or "cpu",  # noqa: E731
@@ -191,7 +209,8 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
         "position": position, "rule_params": {kk: v for kk, v in selection.params.items() if kk != "candidate"},
         "n_truncated": n_truncated, "labeled_rows_used": None if labeled_idx is None else [dataset.samples[i].id for i in labeled_idx],
         "metrics": detection_metrics(scores, dataset.labels, selection.removed),
-        "config": dataclasses.asdict(config), "model": model_name,
+        "config": dataclasses.asdict(config), "requested": {"detector": requested.detector, "rule": requested.rule},
+        "model": model_name,
         "feature_cache": str(cache_path) if cache_path else None,
         "versions": versions(), "seconds": round(time.time() - t0, 2),
     }

@@ -1,0 +1,101 @@
+"""The detection targets of issue 4, checked against benchmarks/results/detect_plus.json.
+
+    python benchmarks/targets.py
+
+Reads the results of `benchmarks/detect_plus.py` (run it first), prints each target with the value reached by
+the default detectors and the best row of the benchmark, and rewrites the targets section of RESULTS.md.
+Nothing here is typed in by hand: every number is looked up in the results file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from detect import HERE, write_results_md  # noqa: E402
+
+LABEL_FREE_DEFAULT = "guard-knn (layer {layer} prompt_last) + estimate rule (label-free)"
+LABELLED_DEFAULT = "guard-probe (layer {layer} prompt_last, 100 labels) + F1 rule"
+GUARD_VIEW = "sentence view, unseen rows"
+
+
+def rows(res: dict, pool: str):
+    """(position, name, row) for every detector row of a pool."""
+    for pos, by_name in res["pools"][pool].items():
+        for name, r in by_name.items():
+            yield pos, name, r
+
+
+def best(res: dict, pool: str, ok) -> tuple[float, str]:
+    cands = [(float(np.mean(r["auroc"])), f"{name} [{pos}]") for pos, name, r in rows(res, pool) if ok(name, r)]
+    return max(cands) if cands else (float("nan"), "—")
+
+
+def check(res: dict) -> list[dict]:
+    layer = res["layer"]
+    free, lab = LABEL_FREE_DEFAULT.format(layer=layer), LABELLED_DEFAULT.format(layer=layer)
+    pools = list(res["pools"])
+    T, B = [p for p in pools if p.startswith("T")], [p for p in pools if p.startswith("B")]
+    get = lambda p, name: res["pools"][p][GUARD_VIEW][name]  # noqa: E731
+    auc = lambda p, name: float(np.mean(get(p, name)["auroc"]))  # noqa: E731
+    out = []
+    label_free = lambda name, r: r["labels"] == 0  # noqa: E731
+    for group, bar in ((T, 0.95), (B, 0.80)):
+        vals = {p: auc(p, free) for p in group}
+        bests = {p: best(res, p, label_free) for p in group}
+        out.append({"target": f"label-free AUROC >= {bar} on {'/'.join(group)}", "met": all(v >= bar for v in vals.values()),
+                    "default": ", ".join(f"{p} {v:.3f}" for p, v in vals.items()),
+                    "best": ", ".join(f"{p} {b[0]:.3f} ({b[1]})" for p, b in bests.items())})
+    few = lambda name, r: 0 < r["labels"] <= 100  # noqa: E731
+    ceiling = lambda name, r: name.startswith("ceiling")  # noqa: E731
+    vals = {p: auc(p, lab) for p in B}
+    out.append({"target": "AUROC >= 0.90 on B with at most 100 labels", "met": all(v >= 0.9 for v in vals.values()),
+                "default": ", ".join(f"{p} {v:.3f}" for p, v in vals.items()),
+                "best": ", ".join(f"{p} {best(res, p, few)[0]:.3f} ({best(res, p, few)[1]})" for p in B)
+                + "; ceiling with every label: " + ", ".join(f"{p} {best(res, p, ceiling)[0]:.3f} ({best(res, p, ceiling)[1]})" for p in B)})
+    spread = {}
+    for p in pools:
+        for name in (free, lab):
+            r = get(p, name)
+            spread[(p, name)] = (max(r["removed"]) - min(r["removed"])) / r["n"]
+    out.append({"target": "removed count varies < 10% of the pool over 5 label draws", "met": all(v < 0.1 for v in spread.values()),
+                "default": "label-free default: " + ", ".join(f"{p} {spread[(p, free)]:.1%}" for p in pools)
+                + "; with 100 labels: " + ", ".join(f"{p} {spread[(p, lab)]:.1%}" for p in pools), "best": "—"})
+    kept = {p: float(np.mean(get(p, free)["refusals_kept"])) for p in T}
+    kept_lab = {p: float(np.mean(get(p, lab)["refusals_kept"])) for p in T}
+    out.append({"target": "at least 90% of safe refusals kept on T", "met": all(v >= 0.9 for v in kept.values()),
+                "default": "label-free: " + ", ".join(f"{p} {v:.1%}" for p, v in kept.items())
+                + "; with 100 labels: " + ", ".join(f"{p} {v:.1%}" for p, v in kept_lab.items()), "best": "—"})
+    err = {p: abs(np.mean(get(p, free)["contamination_estimate"]) - get(p, free)["truth"]) for p in T + B}
+    out.append({"target": "label-free contamination estimate within 0.05 of the truth on T and B",
+                "met": all(v <= 0.05 for v in err.values()),
+                "default": ", ".join(f"{p} {np.mean(get(p, free)['contamination_estimate']):.3f} vs {get(p, free)['truth']:.3f}"
+                                     for p in T + B), "best": "—"})
+    return out
+
+
+def render(res: dict, checks: list[dict]) -> str:
+    lines = [f"From `benchmarks/results/detect_plus.json` ({res['command']}, {res['date']}) by `python benchmarks/targets.py`. "
+             f"Defaults: label-free `{LABEL_FREE_DEFAULT.format(layer=res['layer'])}`; with labels "
+             f"`{LABELLED_DEFAULT.format(layer=res['layer'])}`. Guard-based rows count only rows whose prompt the guard "
+             "never saw in training.", "", "| target | met | default detectors | best row of the benchmark |", "|---|---|---|---|"]
+    for c in checks:
+        lines.append(f"| {c['target']} | {'yes' if c['met'] else '**no**'} | {c['default']} | {c['best']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    res = json.loads((HERE / "results" / "detect_plus.json").read_text())
+    checks = check(res)
+    for c in checks:
+        print(f"[{'met' if c['met'] else 'NOT met'}] {c['target']}: {c['default']}")
+    write_results_md(render(res, checks), key="targets", title="Issue 4 targets (benchmarks/targets.py)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
