@@ -149,6 +149,7 @@ def test_probe_detector_and_mixture_rule(tiny_model_dir, tmp_path, capsys):
     assert run(["filter", str(data), "-o", str(out), "--detector", "probe", "--n-labels", "15"], tiny_model_dir, tmp_path) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["detector"] == "probe" and s["k"] is None and len(s["labeled_rows_used"]) == 15
+    assert s["metrics_unused_labels"]["n_labeled"] == s["metrics"]["n_labeled"] - 15  # labelled rows not drawn
     assert "detector probe" in capsys.readouterr().out
     assert s["metrics"]["auroc"] > 0.9  # the toy harmful rows are easy once a few labels are seen
     out = tmp_path / "mix"

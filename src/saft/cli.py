@@ -150,6 +150,10 @@ def _print_summary(summary: dict) -> None:
             line += (f", F1 {m['f1']:.3f} (precision {m['precision']:.3f}, recall {m['recall']:.3f}); harmful "
                      f"fraction {m['harmful_fraction_before']:.3f} -> {'n/a' if after is None else f'{after:.3f}'}")
         print(line)
+    held = summary.get("metrics_unused_labels")
+    if held and held.get("auroc") is not None:
+        print(f"  of which the {held['n_labeled']} labelled rows not used to fit or select: AUROC {held['auroc']:.3f}"
+              + (f", F1 {held['f1']:.3f}" if summary["rule"] != "none" else ""))
     for name, path in summary.get("outputs", {}).items():
         print(f"  {name:8s} {path}")
 

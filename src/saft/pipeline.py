@@ -209,6 +209,11 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
         "position": position, "rule_params": {kk: v for kk, v in selection.params.items() if kk != "candidate"},
         "n_truncated": n_truncated, "labeled_rows_used": None if labeled_idx is None else [dataset.samples[i].id for i in labeled_idx],
         "metrics": detection_metrics(scores, dataset.labels, selection.removed),
+        # The same on the labelled rows that neither trained the detector nor chose the threshold: the honest
+        # number when labels were drawn from the pool (None otherwise).
+        "metrics_unused_labels": None if labeled_idx is None else detection_metrics(
+            scores, [None if i in set(labeled_idx.tolist()) else lab for i, lab in enumerate(dataset.labels)],
+            selection.removed),
         "config": dataclasses.asdict(config), "requested": {"detector": requested.detector, "rule": requested.rule},
         "model": model_name,
         "feature_cache": str(cache_path) if cache_path else None,
