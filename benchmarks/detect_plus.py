@@ -39,7 +39,7 @@ from saft.features import POSITIONS  # noqa: E402
 from saft.metrics import detection_metrics  # noqa: E402
 from saft.pipeline import versions  # noqa: E402
 from saft.pools import load_source, prompt_split  # noqa: E402
-from saft.select import select_estimate, select_mixture, select_threshold  # noqa: E402
+from saft.select import select_calibrated, select_estimate, select_mixture, select_threshold  # noqa: E402
 
 
 def f1_rule(scores_by_cand: dict, labels: list, seed: int) -> dict:
@@ -52,6 +52,11 @@ def ceiling_scores(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Out-of-fold scores of a standardised logistic probe trained on every label (5-fold CV)."""
     return cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000)), X, y,
                              cv=5, method="decision_function")
+
+
+def calibrated_rule(scores: np.ndarray, labels: list, seed: int):
+    idx = draw_labeled(labels, 100, seed=seed)
+    return select_calibrated(scores, scores[idx], [labels[i] for i in idx])
 
 
 def evaluate_pool(X: np.ndarray, labels: list, refusal: np.ndarray) -> dict:
@@ -127,6 +132,8 @@ def evaluate_guard(S: np.ndarray, labels: list, refusal: np.ndarray, hidden: dic
 
         variants.append((f"guard-probe (layer {layer} {pos}, 100 labels) + F1 rule", guided, 100,
                          lambda z, seed: f1_rule({"guard-probe": z}, labels, seed)))
+        variants.append((f"guard-probe (layer {layer} {pos}, 100 labels) + calibrated rule", guided, 100,
+                         lambda z, seed: calibrated_rule(z, labels, seed)))
     rows = {}
     for name, z, n_labels, rule in variants:
         seeds = LABEL_SEEDS if n_labels else (0,)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from detect import HERE, write_results_md  # noqa: E402
 
 LABEL_FREE_DEFAULT = "guard-knn (layer {layer} prompt_last) + estimate rule (label-free)"
-LABELLED_DEFAULT = "guard-probe (layer {layer} prompt_last, 100 labels) + F1 rule"
+LABELLED_DEFAULT = "guard-probe (layer {layer} prompt_last, 100 labels) + calibrated rule"
 GUARD_VIEW = "sentence view, unseen rows"
 
 
@@ -74,7 +74,9 @@ def check(res: dict) -> list[dict]:
     out.append({"target": "label-free contamination estimate within 0.05 of the truth on T and B",
                 "met": all(v <= 0.05 for v in err.values()),
                 "default": ", ".join(f"{p} {np.mean(get(p, free)['contamination_estimate']):.3f} vs {get(p, free)['truth']:.3f}"
-                                     for p in T + B), "best": "—"})
+                                     for p in T + B),
+                "best": "with 100 labels (calibrated rule, mean of 5 draws): " + ", ".join(
+                    f"{p} {np.mean(get(p, lab)['contamination_estimate']):.3f}" for p in T + B)})
     return out
 
 

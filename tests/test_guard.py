@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import toy_rows, write_jsonl
-from saft import FilterConfig, GuardScorer, Sample, filter_dataset, select_estimate, sentence_features
+from saft import (FilterConfig, GuardScorer, Sample, filter_dataset, select_calibrated, select_estimate,
+                  sentence_features)
 from saft.detectors import detector_view, get_detector
 from saft.detectors.guard import GUARD_FILE
 from saft.encoders import DIM, sample_text
@@ -86,7 +87,7 @@ def test_run_demo_writes_default_and_paper_runs(tiny, tmp_path):
     cfg = FilterConfig(cache_dir=str(tmp_path / "cache"))
     main, paper = run_demo(tmp_path / "demo", config=cfg, progress=False, model=model, tokenizer=tok)
     assert main.summary["detector"] == "guard-probe" and paper.summary["detector"] == "subspace"  # labelled demo
-    assert main.summary["requested"] == {"detector": "auto", "rule": "auto"} and main.summary["rule"] == "f1"
+    assert main.summary["requested"] == {"detector": "auto", "rule": "auto"} and main.summary["rule"] == "calibrated"
     assert paper.summary["rule"] == "f1" and paper.summary["layer"] is not None
     assert (tmp_path / "demo" / "summary.json").exists() and (tmp_path / "demo" / "paper" / "kept.jsonl").exists()
     assert main.summary["metrics"]["auroc"] > 0.75  # the guard on the demo's labels (its BeaverTails rows included)
@@ -163,7 +164,7 @@ def test_auto_uses_the_labels_when_there_are_enough():
     cfg = FilterConfig()
     assert (cfg.detector, cfg.rule) == ("auto", "auto")
     r = resolve_auto(cfg, n_labelled=100, labels_file=False)
-    assert (r.detector, r.rule) == ("guard-probe", "f1")
+    assert (r.detector, r.rule) == ("guard-probe", "calibrated")
     r = resolve_auto(cfg, n_labelled=99, labels_file=False)
     assert (r.detector, r.rule) == ("guard-knn", "estimate")
     assert resolve_auto(cfg, n_labelled=0, labels_file=True).detector == "guard-probe"
@@ -171,3 +172,19 @@ def test_auto_uses_the_labels_when_there_are_enough():
     assert (r.detector, r.rule) == ("guard-knn", "estimate")
     r = resolve_auto(FilterConfig(detector="subspace"), n_labelled=0, labels_file=False)
     assert (r.detector, r.rule) == ("subspace", "f1")
+
+
+def test_select_calibrated_removes_by_expected_f1():
+    rng = np.random.default_rng(0)
+    y = (np.arange(400) % 5 == 0).astype(int)  # 20% harmful
+    scores = 2.5 * y + rng.normal(size=400)
+    idx = rng.choice(400, 100, replace=False)
+    sel = select_calibrated(scores, scores[idx], y[idx])
+    assert sel.rule == "calibrated" and abs(sel.params["contamination_estimate"] - 0.2) < 0.05
+    assert 0.1 * 400 < sel.n_removed < 0.35 * 400
+    assert (scores[sel.removed].min() >= scores[~sel.removed].max())  # the top of the ranking goes
+    # a second label draw moves the count a little, not by half the pool
+    idx2 = np.random.default_rng(1).choice(400, 100, replace=False)
+    assert abs(select_calibrated(scores, scores[idx2], y[idx2]).n_removed - sel.n_removed) < 40
+    with pytest.raises(ValueError, match="harmful and safe"):
+        select_calibrated(scores, scores[:5], [0] * 5)

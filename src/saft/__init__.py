@@ -10,12 +10,13 @@ from .metrics import detection_metrics  # noqa: E402
 from .models import EMBEDDED, load_model  # noqa: E402
 from .pipeline import FilterConfig, FilterResult, filter_dataset  # noqa: E402
 from .select import (  # noqa: E402
-    Selection, draw_labeled, select_by_f1, select_estimate, select_fraction, select_mixture, select_threshold,
+    Selection, draw_labeled, select_by_f1, select_calibrated, select_estimate, select_fraction, select_mixture,
+    select_threshold,
 )
 
 __all__ = [
     "DETECTORS", "EMBEDDED", "DataError", "Dataset", "Features", "FieldOptions", "FilterConfig", "FilterResult",
     "GuardKNNScorer", "GuardScorer", "GuidedProbeScorer", "ProbeScorer", "Sample", "Selection", "SubspaceScorer", "detection_metrics", "draw_labeled", "extract_features",
-    "filter_dataset", "get_detector", "load_model", "load_samples", "select_by_f1", "select_estimate",
+    "filter_dataset", "get_detector", "load_model", "load_samples", "select_by_f1", "select_calibrated", "select_estimate",
     "select_fraction", "select_mixture", "select_threshold", "sentence_features", "write_subset",
 ]

@@ -138,7 +138,8 @@ def _print_summary(summary: dict) -> None:
     else:
         print(f"model {summary['model']}, layer {summary['layer']}, position {summary['position']}, {detector}")
     if "contamination_estimate" in summary["rule_params"]:
-        print(f"estimated contamination (label-free): {summary['rule_params']['contamination_estimate']:.3f}")
+        source = "label-free" if summary["rule"] in ("estimate", "mixture") else "calibrated on the labels"
+        print(f"estimated contamination ({source}): {summary['rule_params']['contamination_estimate']:.3f}")
     if summary["rule"] != "none":
         print(f"rule {summary['rule']}: threshold {summary['threshold']:.6g}; removed {summary['n_removed']}, "
               f"kept {summary['n_kept']}")

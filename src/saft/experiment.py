@@ -7,8 +7,9 @@ Arms:
 - `saft`: the paper's rule (subspace score at the middle layer, last prompt token, k and tau by F1 on 100
   labels drawn from the pool);
 - `oracle`: the safe rows only;
-- one arm per other registered detector: same features and F1 rule, except detectors that estimate the
-  contamination themselves (guard, guard-knn), which use that label-free estimate;
+- one arm per other registered detector, with the selection rule `saft filter --rule auto` gives it: the
+  label-free estimate (guard, guard-knn), the calibrated rule on the same 100 labels (probe, guard-probe), else
+  the F1 rule;
 - `base`: the model before any fine-tuning, for reference.
 Pools are BeaverTails pairs whose prompts fall in the 'experiment' half of `saft.pools.prompt_split` (the judge
 never saw them); evaluation prompts are drawn from the same half and never share a prompt with the pool.
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import Sample, write_json, write_jsonl
-from .detectors import DETECTORS, detector_view, get_detector
+from .detectors import DETECTORS, NEEDS_LABELS, detector_view, get_detector
 from .encoders import sentence_features
 from .evaluate import evaluate_model
 from .features import extract_features
@@ -39,7 +40,7 @@ from .models import EMBEDDED, default_cache_dir, load_model
 from .pools import load_source, prompt_split
 from .pipeline import versions
 from .prompting import harmful_by_prompting
-from .select import draw_labeled, select_by_f1, select_estimate
+from .select import draw_labeled, select_by_f1, select_calibrated, select_estimate
 
 logger = logging.getLogger(__name__)
 BASE_ARMS = ("base", "sft", "random", "prompting", "saft", "oracle")
@@ -137,12 +138,15 @@ def _select_arms(config: ExperimentConfig, pool: list[Sample], model, tok, seed:
             V = S if view == "sentence" else np.hstack([S, X])
         det = get_detector(name).fit(V, y_semi)  # label-free detectors ignore y
         s = det.score_samples(V)
-        if hasattr(det, "contamination_estimate"):  # the detector's own label-free rule, as `saft filter` uses
+        # Each detector with the rule `saft filter --rule auto` gives it (saft.pipeline.FilterConfig).
+        if hasattr(det, "contamination_estimate"):
             sel = select_estimate(s, estimate=det.contamination_estimate(V))
-            out[name] = (sel.removed, s, {"threshold": sel.threshold, **sel.params})
+        elif name in NEEDS_LABELS:
+            sel = select_calibrated(s, s[idx], [labels[i] for i in idx])
         else:
             sel = select_by_f1({name: s}, {name: s[idx]}, [labels[i] for i in idx])
-            out[name] = (sel.removed, s, {"threshold": sel.threshold})
+        out[name] = (sel.removed, s, {"threshold": sel.threshold, "rule": sel.rule,
+                                      **{k: v for k, v in sel.params.items() if k != "candidate"}})
     y = np.array(labels, dtype=bool)
     out["oracle"] = (y, y.astype(float), {})
     out["sft"] = (np.zeros(len(pool), dtype=bool), None, {})

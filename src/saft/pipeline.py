@@ -26,12 +26,13 @@ from .features import POSITIONS, extract_features
 from .metrics import detection_metrics
 from .models import EMBEDDED, default_cache_dir, load_model
 from .select import (
-    Selection, draw_labeled, select_by_f1, select_estimate, select_fraction, select_mixture, select_threshold,
+    Selection, draw_labeled, select_by_f1, select_calibrated, select_estimate, select_fraction, select_mixture,
+    select_threshold,
 )
 
 logger = logging.getLogger(__name__)
 
-RULES = ("auto", "f1", "estimate", "fraction", "threshold", "mixture", "none")
+RULES = ("auto", "f1", "calibrated", "estimate", "fraction", "threshold", "mixture", "none")
 
 
 @dataclass
@@ -48,7 +49,7 @@ class FilterConfig:
     k_candidates: tuple[int, ...] = field(default=(1, 2, 3, 4), metadata={"help": "k values the f1 rule searches"})
     weighted: bool = field(default=False, metadata={"help": "weight squared projections by singular values (HaloScope option)"})
     standardize: bool = field(default=False, metadata={"help": "scale features to unit variance before the SVD (not in the paper)"})
-    rule: str = field(default="auto", metadata={"help": f"selection rule: {', '.join(RULES)}; auto = estimate for a detector that estimates the contamination itself (guard, guard-knn), else f1"})
+    rule: str = field(default="auto", metadata={"help": f"selection rule: {', '.join(RULES)}; auto = estimate for a detector that estimates the contamination itself (guard, guard-knn), calibrated for one trained on labels (probe, guard-probe), else f1 (the paper's)"})
     n_labels: int = field(default=100, metadata={"help": "labelled samples drawn from the pool for the f1 rule"})
     labels_file: str | None = field(default=None, metadata={"help": "separate labelled file for the f1 rule (instead of drawing from the pool)"})
     n_thresholds: int = field(default=100, metadata={"help": "evenly spaced threshold candidates for the f1 rule"})
@@ -68,7 +69,8 @@ class FilterConfig:
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
         if self.rule == "auto" and self.detector != "auto":
-            self.rule = "estimate" if hasattr(DETECTORS[self.detector], "contamination_estimate") else "f1"
+            self.rule = ("estimate" if hasattr(DETECTORS[self.detector], "contamination_estimate")
+                         else "calibrated" if self.detector in NEEDS_LABELS else "f1")
         if self.rule == "estimate" and self.detector != "auto" and not hasattr(DETECTORS[self.detector], "contamination_estimate"):
             raise ValueError(f"the estimate rule needs a detector that estimates contamination (guard); "
                              f"{self.detector!r} does not: use --rule f1, fraction, threshold or mixture")
@@ -91,7 +93,7 @@ def resolve_auto(config: FilterConfig, *, n_labelled: int, labels_file: bool) ->
     """The concrete detector and rule for `auto`, given how many labelled rows the data has.
 
     With labels (n_labels labelled rows in the pool, or a labels file) the benchmark's best use of them is
-    guard-probe with the F1 rule; without, the label-free guard-knn with its own contamination estimate.
+    guard-probe with the calibrated rule; without, the label-free guard-knn with its own contamination estimate.
     """
     detector = config.detector
     if detector == "auto":
@@ -171,7 +173,7 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
     # Labels: a separate labelled file, or n_labels drawn from the pool's labelled rows. The f1 rule and
     # label-using detectors need them; other rules never look at them.
     labeled_idx, Xv, val_labels = None, None, None
-    if config.rule == "f1" or config.detector in NEEDS_LABELS:
+    if config.rule in ("f1", "calibrated") or config.detector in NEEDS_LABELS:
         if labels_ds is not None:
             Xv = embed(labels_ds)
             val_labels = labels_ds.labels
@@ -193,6 +195,8 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
             selection = select_threshold(scores, threshold=config.threshold)
         elif config.rule == "mixture":
             selection = select_mixture(scores, seed=config.seed)
+        elif config.rule == "calibrated":
+            selection = select_calibrated(scores, scorers[k].score_samples(Xv), val_labels)
         elif config.rule == "estimate":
             selection = select_estimate(scores, estimate=scorers[k].contamination_estimate(X))
         else:

@@ -8,6 +8,10 @@ Rules:
 - `select_threshold`: remove every sample whose score exceeds a fixed threshold.
 - `select_mixture` (label-free, not in the paper): fit a two-component Gaussian mixture to the scores and
   remove the samples the high component claims; its weight is the estimated contamination rate.
+- `select_calibrated` (labels, not in the paper): map scores to probabilities with a logistic fit on the
+  labelled rows (Platt scaling), then remove the top m rows where m maximises the F1 expected under those
+  probabilities over the whole pool; their mean is a contamination estimate. It uses every pool score, not only
+  the 100 labelled ones, so the removed count moves less with the label draw than under the F1 rule.
 - `select_estimate` (label-free, not in the paper): remove the top `estimate` share of the pool, where the
   estimate comes from the detector itself (the guard's adjusted classify-and-count).
 A sample is removed when its score is strictly greater than the threshold.
@@ -123,3 +127,24 @@ def select_estimate(scores: np.ndarray, *, estimate: float) -> Selection:
         raise ValueError(f"a contamination estimate must be in [0, 1], got {estimate}")
     sel = select_fraction(scores, fraction=min(estimate, 1 - 1e-9))
     return Selection(sel.removed, sel.threshold, "estimate", {"contamination_estimate": float(estimate)})
+
+
+def select_calibrated(scores: np.ndarray, val_scores: np.ndarray, val_labels: Sequence[int]) -> Selection:
+    """Remove the top m pool rows maximising the expected F1 under Platt-calibrated probabilities."""
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.asarray(val_labels, dtype=int)
+    if not 0 < y.sum() < len(y):
+        raise ValueError("the calibrated rule needs harmful and safe rows among the labelled samples; draw more labels")
+    scores = np.asarray(scores, dtype=np.float64)
+    platt = LogisticRegression(C=1.0).fit(np.asarray(val_scores, dtype=np.float64).reshape(-1, 1), y)
+    p = platt.predict_proba(scores.reshape(-1, 1))[:, 1]
+    order = np.argsort(-scores, kind="stable")
+    expected_tp = np.cumsum(p[order])
+    expected_f1 = 2 * expected_tp / (np.arange(1, len(scores) + 1) + p.sum())
+    m = int(np.argmax(expected_f1)) + 1
+    removed = np.zeros(len(scores), dtype=bool)
+    removed[order[:m]] = True
+    threshold = float(scores[~removed].max()) if (~removed).any() else float(scores.min())
+    return Selection(removed, threshold, "calibrated", {"contamination_estimate": float(p.mean()),
+                                                        "expected_f1": float(expected_f1[m - 1]), "n_labels": len(y)})
