@@ -146,29 +146,7 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
     requested = config
     config = resolve_auto(config, n_labelled=sum(lab is not None for lab in dataset.labels),
                           labels_file=labels_ds is not None)
-    feature_cache = Path(config.cache_dir or default_cache_dir()) / "features"
-    view = detector_view(config.detector)
-    sentence = lambda ds: sentence_features(ds.samples, device=config.device or "cpu",  # noqa: E731
-                                            cache_dir=feature_cache, progress=progress)
-    layer, position, n_truncated, model_name, cache_path = None, None, 0, ENCODER_VERSION, None
-    if view == "sentence":  # no language model needed: the model being fine-tuned is not even loaded
-        embed = sentence
-    else:
-        if model is None:
-            model, tokenizer = load_model(config.model, cache_dir=config.cache_dir, device=config.device,
-                                          dtype=config.dtype, trust_remote_code=config.trust_remote_code)
-        kw = dict(layers=[config.layer], positions=[config.position], max_length=config.max_length,
-                  batch_size=config.batch_size, cache_dir=feature_cache, progress=progress)
-        feats = extract_features(model, tokenizer, dataset.samples, **kw)
-        layer, position = feats.layers[0], config.position
-        n_truncated, model_name, cache_path = feats.n_truncated, feats.manifest["model"], feats.cache_path
-        if view == "both":
-            model_name = f"{model_name} + {ENCODER_VERSION}"
-
-        def embed(ds):
-            H = feats if ds is dataset else extract_features(model, tokenizer, ds.samples, **kw)
-            H = H.get(layer, position)
-            return np.hstack([sentence(ds), H]) if view == "both" else H
+    embed, info = _feature_view(config, dataset, model, tokenizer, progress=progress)
     X = embed(dataset)
     # Labels: a separate labelled file, or n_labels drawn from the pool's labelled rows. The f1 rule and
     # label-using detectors need them; other rules never look at them.
@@ -209,9 +187,9 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
         "skipped_invalid": [{"line": ln, "reason": r} for ln, r in dataset.skipped[:100]],
         "n_removed": selection.n_removed, "n_kept": n - selection.n_removed,
         "rule": selection.rule, "threshold": selection.threshold, "k": k if config.detector == "subspace" else None,
-        "detector": config.detector, "layer": layer,
-        "position": position, "rule_params": {kk: v for kk, v in selection.params.items() if kk != "candidate"},
-        "n_truncated": n_truncated, "labeled_rows_used": None if labeled_idx is None else [dataset.samples[i].id for i in labeled_idx],
+        "detector": config.detector, "layer": info["layer"],
+        "position": info["position"], "rule_params": {kk: v for kk, v in selection.params.items() if kk != "candidate"},
+        "n_truncated": info["n_truncated"], "labeled_rows_used": None if labeled_idx is None else [dataset.samples[i].id for i in labeled_idx],
         "metrics": detection_metrics(scores, dataset.labels, selection.removed),
         # The same on the labelled rows that neither trained the detector nor chose the threshold: the honest
         # number when labels were drawn from the pool (None otherwise).
@@ -219,8 +197,8 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
             scores, [None if i in set(labeled_idx.tolist()) else lab for i, lab in enumerate(dataset.labels)],
             selection.removed),
         "config": dataclasses.asdict(config), "requested": {"detector": requested.detector, "rule": requested.rule},
-        "model": model_name,
-        "feature_cache": str(cache_path) if cache_path else None,
+        "model": info["model"],
+        "feature_cache": str(info["cache_path"]) if info["cache_path"] else None,
         "versions": versions(), "seconds": round(time.time() - t0, 2),
     }
     result = FilterResult(dataset, scores, selection, summary, Path(output_dir) if output_dir is not None else None)
@@ -253,6 +231,35 @@ def run_demo(output_dir, *, config: FilterConfig | None = None, progress: bool =
         return main, None
     paper = filter_dataset(data, output_dir=Path(output_dir) / "paper", config=dataclasses.replace(config, **PAPER), **kw)
     return main, paper
+
+
+def _feature_view(config: FilterConfig, dataset: Dataset, model, tokenizer, *, progress: bool):
+    """(embed, info): `embed(ds)` gives the detector's view of a dataset (the pool's is computed here, once);
+    `info` holds layer, position, truncation count, model name and feature-cache path for the summary."""
+    feature_cache = Path(config.cache_dir or default_cache_dir()) / "features"
+    view = detector_view(config.detector)
+
+    def sentence(ds):
+        return sentence_features(ds.samples, device=config.device or "cpu", cache_dir=feature_cache, progress=progress)
+
+    info = {"layer": None, "position": None, "n_truncated": 0, "model": ENCODER_VERSION, "cache_path": None}
+    if view == "sentence":  # no language model needed: the model being fine-tuned is not even loaded
+        return sentence, info
+    if model is None:
+        model, tokenizer = load_model(config.model, cache_dir=config.cache_dir, device=config.device,
+                                      dtype=config.dtype, trust_remote_code=config.trust_remote_code)
+    kw = dict(layers=[config.layer], positions=[config.position], max_length=config.max_length,
+              batch_size=config.batch_size, cache_dir=feature_cache, progress=progress)
+    feats = extract_features(model, tokenizer, dataset.samples, **kw)
+    layer = feats.layers[0]
+    info.update(layer=layer, position=config.position, n_truncated=feats.n_truncated, cache_path=feats.cache_path,
+                model=feats.manifest["model"] + (f" + {ENCODER_VERSION}" if view == "both" else ""))
+
+    def embed(ds):
+        hidden = (feats if ds is dataset else extract_features(model, tokenizer, ds.samples, **kw)).get(layer, config.position)
+        return np.hstack([sentence(ds), hidden]) if view == "both" else hidden
+
+    return embed, info
 
 
 def _fit_scorers(config: FilterConfig, X, Xv, val_labels, labeled_idx) -> dict:
