@@ -17,6 +17,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_array, check_is_fitted
 
 from .guard import GuardKNNScorer
+from .probe import semi_supervised_labels
 
 
 class GuidedProbeScorer(BaseEstimator):
@@ -48,12 +49,7 @@ class GuidedProbeScorer(BaseEstimator):
 
     def fit(self, X, y=None):
         X = check_array(X, dtype=np.float64)
-        if y is None:
-            raise ValueError("guard-probe needs labels: fit(X, y) with y in {1, 0, -1 for unlabelled}")
-        y = np.asarray(y)
-        labelled = y >= 0
-        if len(set(y[labelled].tolist())) < 2:
-            raise ValueError("guard-probe needs at least one harmful (1) and one safe (0) labelled row")
+        y, labelled = semi_supervised_labels(y, "guard-probe")
         self.guard_ = GuardKNNScorer(n_neighbors=self.n_neighbors).fit(X)
         _, H = self.guard_.split_views(X)
         self.scaler_ = StandardScaler().fit(H)

@@ -16,6 +16,17 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_array, check_is_fitted
 
 
+def semi_supervised_labels(y, who: str) -> tuple[np.ndarray, np.ndarray]:
+    """(y, labelled mask) for a detector trained on the labelled rows of y (1, 0, or -1 for unlabelled)."""
+    if y is None:
+        raise ValueError(f"{who} needs labels: fit(X, y) with y in {{1, 0, -1 for unlabelled}}")
+    y = np.asarray(y)
+    labelled = y >= 0
+    if len(set(y[labelled].tolist())) < 2:
+        raise ValueError(f"{who} needs at least one harmful (1) and one safe (0) labelled row")
+    return y, labelled
+
+
 class ProbeScorer(BaseEstimator):
     """Logistic probe on the pool's top principal components, trained on the labelled rows.
 
@@ -39,12 +50,7 @@ class ProbeScorer(BaseEstimator):
 
     def fit(self, X, y=None):
         X = check_array(X, dtype=np.float64)
-        if y is None:
-            raise ValueError("ProbeScorer needs labels: fit(X, y) with y in {1, 0, -1 for unlabelled}")
-        y = np.asarray(y)
-        labelled = y >= 0
-        if len(set(y[labelled].tolist())) < 2:
-            raise ValueError("ProbeScorer needs at least one harmful (1) and one safe (0) labelled row")
+        y, labelled = semi_supervised_labels(y, "ProbeScorer")
         k = min(self.n_components, X.shape[0] - 1, X.shape[1])
         self.scaler_ = StandardScaler(with_std=self.standardize).fit(X)
         self.pca_ = PCA(n_components=k, random_state=0).fit(self.scaler_.transform(X))
