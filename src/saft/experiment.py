@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import Sample, write_json, write_jsonl
-from .detectors import DETECTORS, NEEDS_LABELS, detector_view, get_detector
+from .detectors import DETECTORS, default_rule, detector_view, get_detector
 from .encoders import sentence_features
 from .evaluate import evaluate_model
 from .features import extract_features
@@ -128,20 +128,18 @@ def _select_arms(config: ExperimentConfig, pool: list[Sample], model, tok, seed:
     out["saft"] = (sel.removed, scores[sel.params["candidate"]], {"k": sel.params["candidate"], "threshold": sel.threshold})
     y_semi = np.full(len(pool), -1)
     y_semi[idx] = [labels[i] for i in idx]
-    for name in config.all_arms():
-        if name not in DETECTORS:
-            continue
+    S = None  # the sentence-encoder view, computed once if any arm reads it
+    for name in (a for a in config.all_arms() if a in DETECTORS):
         view = detector_view(name)
-        V = X
-        if view != "llm":
+        if view != "llm" and S is None:
             S = sentence_features(pool, cache_dir=cache / "features", device=config.device or "cpu")
-            V = S if view == "sentence" else np.hstack([S, X])
+        V = {"llm": X, "sentence": S}.get(view) if view != "both" else np.hstack([S, X])
         det = get_detector(name).fit(V, y_semi)  # label-free detectors ignore y
         s = det.score_samples(V)
-        # Each detector with the rule `saft filter --rule auto` gives it (saft.pipeline.FilterConfig).
-        if hasattr(det, "contamination_estimate"):
+        rule = default_rule(name)  # as `saft filter --rule auto` would choose
+        if rule == "estimate":
             sel = select_estimate(s, estimate=det.contamination_estimate(V))
-        elif name in NEEDS_LABELS:
+        elif rule == "calibrated":
             sel = select_calibrated(s, s[idx], [labels[i] for i in idx])
         else:
             sel = select_by_f1({name: s}, {name: s[idx]}, [labels[i] for i in idx])

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import Dataset, FieldOptions, load_samples, output_name, write_json, write_jsonl, write_subset
-from .detectors import DETECTORS, NEEDS_LABELS, detector_view, get_detector
+from .detectors import DETECTORS, NEEDS_LABELS, default_rule, detector_view, get_detector
 from .encoders import ENCODER_VERSION, sentence_features
 from .features import POSITIONS, extract_features
 from .metrics import detection_metrics
@@ -69,8 +69,7 @@ class FilterConfig:
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
         if self.rule == "auto" and self.detector != "auto":
-            self.rule = ("estimate" if hasattr(DETECTORS[self.detector], "contamination_estimate")
-                         else "calibrated" if self.detector in NEEDS_LABELS else "f1")
+            self.rule = default_rule(self.detector)
         if self.rule == "estimate" and self.detector != "auto" and not hasattr(DETECTORS[self.detector], "contamination_estimate"):
             raise ValueError(f"the estimate rule needs a detector that estimates contamination (guard); "
                              f"{self.detector!r} does not: use --rule f1, fraction, threshold or mixture")

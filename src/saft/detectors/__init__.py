@@ -32,6 +32,14 @@ def detector_view(name: str) -> str:
     return getattr(DETECTORS[name], "view", "llm")
 
 
+def default_rule(name: str) -> str:
+    """The selection rule `--rule auto` gives a detector: its own label-free estimate when it has one, the
+    calibrated rule when it is trained on labels, else the paper's F1 rule."""
+    if hasattr(DETECTORS[name], "contamination_estimate"):
+        return "estimate"
+    return "calibrated" if name in NEEDS_LABELS else "f1"
+
+
 def get_detector(name: str, **params):
     """Build a registered detector: `get_detector("subspace", n_components=2)`."""
     if name not in DETECTORS:
@@ -41,4 +49,5 @@ def get_detector(name: str, **params):
     return DETECTORS[name](**params)
 
 
-__all__ = ["DETECTORS", "NEEDS_LABELS", "GuardKNNScorer", "GuardScorer", "GuidedProbeScorer", "ProbeScorer", "SubspaceScorer", "detector_view", "get_detector"]
+__all__ = ["DETECTORS", "NEEDS_LABELS", "GuardKNNScorer", "GuardScorer", "GuidedProbeScorer", "ProbeScorer", "SubspaceScorer", "default_rule", "detector_view",
+           "get_detector"]
