@@ -145,6 +145,11 @@ def evaluate_guard(S: np.ndarray, labels: list, refusal: np.ndarray, hidden: dic
                       "refusals_kept": [float((~sel.removed[refusal]).mean()) for sel in sels] if refusal.any() else None,
                       "contamination_estimate": [sel.params["contamination_estimate"] for sel in sels]
                       if "contamination_estimate" in sels[0].params else None}
+        if n_labels:
+            # The harmful share among each draw's labelled rows: a removed count that follows the contamination
+            # can move no less than this sampling noise does.
+            rows[name]["labelled_harmful_share"] = [float(y[draw_labeled(labels, n_labels, seed=seed)].mean())
+                                                    for seed in seeds]
     return rows
 
 

@@ -64,7 +64,9 @@ def check(res: dict) -> list[dict]:
             spread[(p, name)] = (max(r["removed"]) - min(r["removed"])) / r["n"]
     out.append({"target": "removed count varies < 10% of the pool over 5 label draws", "met": all(v < 0.1 for v in spread.values()),
                 "default": "label-free default: " + ", ".join(f"{p} {spread[(p, free)]:.1%}" for p in pools)
-                + "; with 100 labels: " + ", ".join(f"{p} {spread[(p, lab)]:.1%}" for p in pools), "best": "—"})
+                + "; with 100 labels: " + ", ".join(f"{p} {spread[(p, lab)]:.1%}" for p in pools),
+                "best": "sampling noise of the labels: the harmful share of the same 5 draws of 100 labels spans "
+                + ", ".join(f"{p} {np.ptp(get(p, lab)['labelled_harmful_share']):.1%}" for p in pools)})
     kept = {p: float(np.mean(get(p, free)["refusals_kept"])) for p in T}
     kept_lab = {p: float(np.mean(get(p, lab)["refusals_kept"])) for p in T}
     out.append({"target": "at least 90% of safe refusals kept on T", "met": all(v >= 0.9 for v in kept.values()),

@@ -14,9 +14,10 @@ from saft.encoders import DIM, sample_text
 from saft.pipeline import run_demo
 
 
-def weights_file(tmp_path, coef, intercept, tpr, fpr):
+def weights_file(tmp_path, coef, intercept, tpr, fpr, **extra):
     path = tmp_path / "w.json"
-    path.write_text(json.dumps({"coef": list(coef), "intercept": intercept, "meta": {"cv_tpr": tpr, "cv_fpr": fpr}}))
+    path.write_text(json.dumps({"coef": list(coef), "intercept": intercept, "meta": {"cv_tpr": tpr, "cv_fpr": fpr},
+                                **extra}))
     return str(path)
 
 
@@ -25,6 +26,11 @@ def test_packaged_guard_weights_and_meta():
     assert len(data["coef"]) == DIM and np.isfinite(data["coef"]).all()
     m = data["meta"]
     assert 0 <= m["cv_fpr"] < m["cv_tpr"] <= 1 and 0.5 < m["test_auroc"] <= 1 and "train_guard.py" in m["built_by"]
+    # the estimate's fold models: a threshold at a high quantile of held-out harmful scores, few safe rows above
+    assert 0.5 <= m["estimate_level"] < 1 and len(data["estimate_folds"]) == 5
+    for f in data["estimate_folds"]:
+        assert len(f["coef"]) == DIM and f["threshold"] > 0
+        assert 0 <= f["fpr"] < 0.05 < f["tpr"] <= 1 - m["estimate_level"] + 0.02
     assert detector_view("guard") == "sentence" and detector_view("subspace") == "llm"
 
 
@@ -37,6 +43,17 @@ def test_guard_scores_are_log_odds_and_estimate_is_adjusted_count(tmp_path):
     assert g.contamination_estimate(X) == pytest.approx(np.clip((flagged - 0.2) / 0.6, 0, 1))
     # clipped at 0 when fewer are flagged than the false-positive rate predicts
     assert GuardScorer(weights=weights_file(tmp_path, [0, 0, 0, 0], -1, 0.8, 0.2)).fit(X).contamination_estimate(X) == 0
+
+
+def test_guard_estimate_averages_its_fold_models_above_their_thresholds(tmp_path):
+    X = np.random.default_rng(1).normal(size=(300, 4))
+    folds = [{"coef": [1, 0, 0, 0], "intercept": 0.0, "threshold": 1.0, "tpr": 0.5, "fpr": 0.05},
+             {"coef": [0, 1, 0, 0], "intercept": 0.0, "threshold": 0.5, "tpr": 0.6, "fpr": 0.1}]
+    g = GuardScorer(weights=weights_file(tmp_path, [1, 0, 0, 0], 0.0, 0.9, 0.4, estimate_folds=folds)).fit(X)
+    expected = np.mean([((X[:, 0] > 1.0).mean() - 0.05) / 0.45, ((X[:, 1] > 0.5).mean() - 0.1) / 0.5])
+    assert g.contamination_estimate(X) == pytest.approx(expected)
+    # the final model's scores are not what the estimate counts
+    np.testing.assert_allclose(g.score_samples(X), X[:, 0])
 
 
 def test_guard_rejects_the_wrong_view():

@@ -6,11 +6,15 @@ The guard brings that notion from outside the user's data: a logistic regression
 embeddings of (response, exchange) (`saft.encoders`), trained by scripts/train_guard.py on public pairs:
 BeaverTails safe/unsafe pairs from the judge half of the prompt split, plus refusals by a safety-tuned model
 to harmful prompts (labelled safe, so that refusals, which a model needs to stay safe, are kept).
-Its weights ship as `guard_minilm_v1.json` with the true- and false-positive rates measured by grouped
-cross-validation, which `contamination_estimate` uses for an adjusted classify-and-count estimate
-(Forman, 2008) of the harmful share of a pool: (flagged share - fpr) / (tpr - fpr), clipped to [0, 1].
-That correction assumes the pool's harmful and safe rows look to the guard like its training rows; on
-BeaverTails-like pools it does not hold well (see benchmarks/RESULTS.md).
+Its weights ship as `guard_minilm_v1.json`. `contamination_estimate` is an adjusted classify-and-count
+(Forman, 2008) of the harmful share of a pool: (share above a threshold - fpr) / (tpr - fpr), clipped to
+[0, 1], averaged over the five cross-validation fold models shipped beside the final one, because their true-
+and false-positive rates were measured on rows they never saw, as a user's pool is. The threshold is not the
+classifier's 0 but a high one (the `estimate_level` quantile of held-out harmful scores): an adjusted count is
+biased by how much more often the pool's safe rows cross the threshold than the training safe rows did, and
+few safe rows of any kind reach a high threshold. scripts/train_guard.py chooses the level on simulated
+shifted pools from the training rows alone. Safe rows that read like harmful ones (BeaverTails' safe answers)
+still inflate the estimate (see benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ class GuardScorer(BaseEstimator):
     Parameters
     ----------
     weights : str or None, default=None
-        JSON file with `coef`, `intercept` and `meta` (`cv_tpr`, `cv_fpr`) as written by scripts/train_guard.py;
-        None = the packaged `guard_minilm_v1.json`.
+        JSON file with `coef`, `intercept`, `meta` and `estimate_folds` (a list of {coef, intercept, threshold,
+        tpr, fpr}) as written by scripts/train_guard.py. Without `estimate_folds`, the estimate uses the final
+        model at log-odds 0 with `meta`'s `cv_tpr` and `cv_fpr`. None = the packaged `guard_minilm_v1.json`.
 
     `fit(X, y=None)` only loads the weights and checks X's width: the guard needs no labels from the pool, and
     ignores them when given.
@@ -50,7 +55,12 @@ class GuardScorer(BaseEstimator):
         self.coef_ = np.asarray(data["coef"], dtype=np.float64)
         self.intercept_ = float(data["intercept"])
         self.meta_ = data.get("meta", {})
-        self.tpr_, self.fpr_ = float(self.meta_.get("cv_tpr", 1.0)), float(self.meta_.get("cv_fpr", 0.0))
+        m = self.meta_
+        folds = data.get("estimate_folds") or [{"coef": data["coef"], "intercept": data["intercept"], "threshold": 0.0,
+                                                 "tpr": m.get("cv_tpr", 1.0), "fpr": m.get("cv_fpr", 0.0)}]
+        # (coef, intercept, threshold, tpr, fpr) of each model the estimate averages over
+        self.estimate_models_ = [(np.asarray(f["coef"], dtype=np.float64), float(f["intercept"]), float(f["threshold"]),
+                                  float(f["tpr"]), float(f["fpr"])) for f in folds]
         return self
 
     def fit(self, X, y=None):
@@ -69,11 +79,14 @@ class GuardScorer(BaseEstimator):
         return X @ self.coef_ + self.intercept_
 
     def contamination_estimate(self, X) -> float:
-        """Label-free estimate of the harmful share of X (adjusted classify-and-count)."""
-        flagged = float((self.score_samples(X) > 0).mean())
-        if self.tpr_ - self.fpr_ <= 0:
-            return flagged
-        return float(np.clip((flagged - self.fpr_) / (self.tpr_ - self.fpr_), 0.0, 1.0))
+        """Label-free estimate of the harmful share of X: the fold models' adjusted counts, averaged."""
+        check_is_fitted(self, "coef_")
+        X = check_array(X, dtype=np.float64)
+        estimates = []
+        for coef, intercept, threshold, tpr, fpr in self.estimate_models_:
+            flagged = float((X @ coef + intercept > threshold).mean())
+            estimates.append(flagged if tpr - fpr <= 0 else float(np.clip((flagged - fpr) / (tpr - fpr), 0.0, 1.0)))
+        return float(np.mean(estimates))
 
 
 class GuardKNNScorer(BaseEstimator):
