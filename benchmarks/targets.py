@@ -1,10 +1,10 @@
-"""The detection targets of issue 4, checked against benchmarks/results/detect_plus.json.
+"""The detection targets of issue 4, checked against benchmarks/results/detect_plus.json and estimate.json.
 
     python benchmarks/targets.py
 
-Reads the results of `benchmarks/detect_plus.py` (run it first), prints each target with the value reached by
-the default detectors and the best row of the benchmark, and rewrites the targets section of RESULTS.md.
-Nothing here is typed in by hand: every number is looked up in the results file.
+Reads the results of `benchmarks/detect_plus.py` and `benchmarks/estimate.py` (run them first), prints each
+target with the value reached by the default detectors and the best row of the benchmark, and rewrites the
+targets section of RESULTS.md. Nothing here is typed in by hand: every number is looked up in the results files.
 """
 
 from __future__ import annotations
@@ -72,18 +72,23 @@ def check(res: dict) -> list[dict]:
     out.append({"target": "at least 90% of safe refusals kept on T", "met": all(v >= 0.9 for v in kept.values()),
                 "default": "label-free: " + ", ".join(f"{p} {v:.1%}" for p, v in kept.items())
                 + "; with 100 labels: " + ", ".join(f"{p} {v:.1%}" for p, v in kept_lab.items()), "best": "—"})
-    err = {p: abs(np.mean(get(p, free)["contamination_estimate"]) - get(p, free)["truth"]) for p in T + B}
+    # The estimate is judged on benchmarks/estimate.py's three pool seeds (seed 0 = the pools above).
+    est = json.loads((HERE / "results" / "estimate.json").read_text())["pools"].values()
+    err = {p: max(abs(r["estimate"] - r["truth"]) for r in est if r["pool"] == p) for p in T + B}
+    n_seeds = len({r["seed"] for r in est})
     out.append({"target": "label-free contamination estimate within 0.05 of the truth on T and B",
                 "met": all(v <= 0.05 for v in err.values()),
-                "default": ", ".join(f"{p} {np.mean(get(p, free)['contamination_estimate']):.3f} vs {get(p, free)['truth']:.3f}"
-                                     for p in T + B),
-                "best": "with 100 labels (calibrated rule, mean of 5 draws): " + ", ".join(
+                "default": f"largest error over {n_seeds} pool seeds (benchmarks/estimate.py): "
+                + ", ".join(f"{p} {v:.3f}" for p, v in err.items()) + "; seed 0: " + ", ".join(
+                    f"{p} {np.mean(get(p, free)['contamination_estimate']):.3f} vs {get(p, free)['truth']:.3f}" for p in T + B),
+                "best": "with 100 labels (calibrated rule, mean of 5 draws, seed 0): " + ", ".join(
                     f"{p} {np.mean(get(p, lab)['contamination_estimate']):.3f}" for p in T + B)})
     return out
 
 
 def render(res: dict, checks: list[dict]) -> str:
-    lines = [f"From `benchmarks/results/detect_plus.json` ({res['command']}, {res['date']}) by `python benchmarks/targets.py`. "
+    lines = [f"From `benchmarks/results/detect_plus.json` ({res['command']}, {res['date']}) and `benchmarks/results/estimate.json` "
+             "by `python benchmarks/targets.py`. "
              f"Defaults: label-free `{LABEL_FREE_DEFAULT.format(layer=res['layer'])}`; with labels "
              f"`{LABELLED_DEFAULT.format(layer=res['layer'])}`. Guard-based rows count only rows whose prompt the guard "
              "never saw in training.", "", "| target | met | default detectors | best row of the benchmark |", "|---|---|---|---|"]

@@ -1,5 +1,7 @@
 import csv
 import json
+from importlib import resources
+from pathlib import Path
 
 import pytest
 
@@ -161,16 +163,19 @@ def test_probe_detector_and_mixture_rule(tiny_model_dir, tmp_path, capsys):
 
 
 def test_default_filter_is_the_label_free_guard_knn(tiny_model_dir, tmp_path, capsys):
-    rows = [{k: v for k, v in r.items() if k != "is_safe"} for r in toy_rows(30)]  # no labels at all
-    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    # Real pairs (the packaged demo set's first 60: 15 harmful), labels hidden from the tool: the guard's
+    # estimate counts rows above a high threshold, which toy sentences do not reach.
+    rows = read_jsonl(Path(str(resources.files("saft") / "demo" / "demo.jsonl")))[:60]
+    harmful = {r["id"] for r in rows if not r["is_safe"]}
+    data = write_jsonl(tmp_path / "data.jsonl", [{k: v for k, v in r.items() if k != "is_safe"} for r in rows])
     out = tmp_path / "out"
     assert run(["filter", str(data), "-o", str(out)], tiny_model_dir, tmp_path, detector=None) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["detector"] == "guard-knn" and summary["rule"] == "estimate" and summary["layer"] == 2
     est = summary["rule_params"]["contamination_estimate"]
-    assert 0 <= est <= 1 and summary["n_removed"] == round(est * 30)
+    assert 0 < est <= 1 and summary["n_removed"] == round(est * 60)
     removed = {r["id"] for r in read_jsonl(out / "removed.jsonl")}
-    assert removed and all(int(i[1:]) % 3 == 0 for i in removed)  # only the harmful-looking rows go
+    assert len(removed & harmful) / len(removed) >= 0.6  # mostly harmful rows go (a quarter of the input is)
     text = capsys.readouterr().out
     assert "detector guard-knn" in text and "estimated contamination (label-free)" in text
 
