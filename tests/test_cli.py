@@ -178,6 +178,8 @@ def test_default_filter_is_the_label_free_guard_knn(tiny_model_dir, tmp_path, ca
     assert len(removed & harmful) / len(removed) >= 0.6  # mostly harmful rows go (a quarter of the input is)
     text = capsys.readouterr().out
     assert "detector guard-knn" in text and "estimated contamination (label-free)" in text
+    se = summary["rule_params"]["contamination_estimate_se"]
+    assert 0 < se < 0.5 and f"(standard error {se:.3f})" in text
 
 
 def test_estimate_rule_needs_an_estimating_detector(tiny_model_dir, tmp_path, capsys):

@@ -52,6 +52,9 @@ def test_guard_estimate_averages_its_fold_models_above_their_thresholds(tmp_path
     g = GuardScorer(weights=weights_file(tmp_path, [1, 0, 0, 0], 0.0, 0.9, 0.4, estimate_folds=folds)).fit(X)
     expected = np.mean([((X[:, 0] > 1.0).mean() - 0.05) / 0.45, ((X[:, 1] > 0.5).mean() - 0.1) / 0.5])
     assert g.contamination_estimate(X) == pytest.approx(expected)
+    f = [(X[:, 0] > 1.0).mean(), (X[:, 1] > 0.5).mean()]
+    se = np.mean([np.sqrt(f[0] * (1 - f[0]) / 300) / 0.45, np.sqrt(f[1] * (1 - f[1]) / 300) / 0.5])
+    assert g.contamination_estimate_se(X) == pytest.approx(se)
     # the final model's scores are not what the estimate counts
     np.testing.assert_allclose(g.score_samples(X), X[:, 0])
 

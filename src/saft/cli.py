@@ -139,7 +139,9 @@ def _print_summary(summary: dict) -> None:
         print(f"model {summary['model']}, layer {summary['layer']}, position {summary['position']}, {detector}")
     if "contamination_estimate" in summary["rule_params"]:
         source = "label-free" if summary["rule"] in ("estimate", "mixture") else "calibrated on the labels"
-        print(f"estimated contamination ({source}): {summary['rule_params']['contamination_estimate']:.3f}")
+        se = summary["rule_params"].get("contamination_estimate_se")
+        print(f"estimated contamination ({source}): {summary['rule_params']['contamination_estimate']:.3f}"
+              + (f" (standard error {se:.3f})" if se is not None else ""))
     if summary["rule"] != "none":
         print(f"rule {summary['rule']}: threshold {summary['threshold']:.6g}; removed {summary['n_removed']}, "
               f"kept {summary['n_kept']}")

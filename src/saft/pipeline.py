@@ -175,7 +175,9 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
         elif config.rule == "calibrated":
             selection = select_calibrated(scores, scorers[k].score_samples(Xv), val_labels)
         elif config.rule == "estimate":
-            selection = select_estimate(scores, estimate=scorers[k].contamination_estimate(X))
+            det = scorers[k]
+            se = det.contamination_estimate_se(X) if hasattr(det, "contamination_estimate_se") else None
+            selection = select_estimate(scores, estimate=det.contamination_estimate(X), se=se)
         else:
             selection = Selection(np.zeros(len(scores), dtype=bool), float("inf"), "none", {})
     scores = pool_scores[k]

@@ -121,12 +121,16 @@ def select_mixture(scores: np.ndarray, *, log: bool | None = None, seed: int = 0
                                                      "log_scores": use_log})
 
 
-def select_estimate(scores: np.ndarray, *, estimate: float) -> Selection:
-    """Remove the highest-scoring `estimate` share of the pool, `estimate` being a contamination estimate."""
+def select_estimate(scores: np.ndarray, *, estimate: float, se: float | None = None) -> Selection:
+    """Remove the highest-scoring `estimate` share of the pool, `estimate` being a contamination estimate
+    (`se`, its standard error if known, is only reported)."""
     if not 0 <= estimate <= 1:
         raise ValueError(f"a contamination estimate must be in [0, 1], got {estimate}")
     sel = select_fraction(scores, fraction=min(estimate, 1 - 1e-9))
-    return Selection(sel.removed, sel.threshold, "estimate", {"contamination_estimate": float(estimate)})
+    params = {"contamination_estimate": float(estimate)}
+    if se is not None:
+        params["contamination_estimate_se"] = float(se)
+    return Selection(sel.removed, sel.threshold, "estimate", params)
 
 
 def select_calibrated(scores: np.ndarray, val_scores: np.ndarray, val_labels: Sequence[int]) -> Selection:

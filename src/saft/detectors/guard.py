@@ -80,13 +80,25 @@ class GuardScorer(BaseEstimator):
 
     def contamination_estimate(self, X) -> float:
         """Label-free estimate of the harmful share of X: the fold models' adjusted counts, averaged."""
+        return self._estimate(X)[0]
+
+    def contamination_estimate_se(self, X) -> float:
+        """Binomial standard error of `contamination_estimate` (sampling noise of the pool only, not the bias a
+        shift in the pool's safe rows brings). The threshold is high, so few rows are counted: it came to 0.07
+        on the 200-row demo set and 0.04 on an 850-row task pool (T30)."""
+        return self._estimate(X)[1]
+
+    def _estimate(self, X) -> tuple[float, float]:
         check_is_fitted(self, "coef_")
         X = check_array(X, dtype=np.float64)
-        estimates = []
+        estimates, errors = [], []
         for coef, intercept, threshold, tpr, fpr in self.estimate_models_:
             flagged = float((X @ coef + intercept > threshold).mean())
-            estimates.append(flagged if tpr - fpr <= 0 else float(np.clip((flagged - fpr) / (tpr - fpr), 0.0, 1.0)))
-        return float(np.mean(estimates))
+            scale = tpr - fpr if tpr - fpr > 0 else 1.0
+            estimates.append(float(np.clip((flagged - fpr) / scale, 0.0, 1.0)) if tpr - fpr > 0 else flagged)
+            errors.append(np.sqrt(flagged * (1 - flagged) / len(X)) / scale)
+        # The fold models count nearly the same rows, so their errors do not average out: report their mean.
+        return float(np.mean(estimates)), float(np.mean(errors))
 
 
 class GuardKNNScorer(BaseEstimator):
@@ -165,4 +177,8 @@ class GuardKNNScorer(BaseEstimator):
         """The guard's label-free estimate (from the sentence-encoder columns of X)."""
         check_is_fitted(self, "nn_")
         return self.guard_.contamination_estimate(self.split_views(check_array(X, dtype=np.float64))[0])
+
+    def contamination_estimate_se(self, X) -> float:
+        check_is_fitted(self, "nn_")
+        return self.guard_.contamination_estimate_se(self.split_views(check_array(X, dtype=np.float64))[0])
 
