@@ -57,6 +57,9 @@ def test_guard_estimate_averages_its_fold_models_above_their_thresholds(tmp_path
     assert g.contamination_estimate_se(X) == pytest.approx(se)
     # the final model's scores are not what the estimate counts
     np.testing.assert_allclose(g.score_samples(X), X[:, 0])
+    bad = weights_file(tmp_path, [1, 0, 0, 0], 0.0, 0.9, 0.4, estimate_folds=[{**folds[0], "coef": [1, 0]}])
+    with pytest.raises(ValueError, match="estimate_folds"):
+        GuardScorer(weights=bad).fit(X)
 
 
 def test_guard_rejects_the_wrong_view():

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import Sample, write_json, write_jsonl
-from .detectors import DETECTORS, default_rule, detector_view, get_detector
+from .detectors import DETECTORS, default_rule, detector_view, get_detector, own_estimate
 from .encoders import sentence_features
 from .evaluate import evaluate_model
 from .features import extract_features
@@ -138,7 +138,7 @@ def _select_arms(config: ExperimentConfig, pool: list[Sample], model, tok, seed:
         s = det.score_samples(V)
         rule = default_rule(name)  # as `saft filter --rule auto` would choose
         if rule == "estimate":
-            sel = select_estimate(s, estimate=det.contamination_estimate(V))
+            sel = select_estimate(s, **own_estimate(det, V))
         elif rule == "calibrated":
             sel = select_calibrated(s, s[idx], [labels[i] for i in idx])
         else:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import Dataset, FieldOptions, load_samples, output_name, write_json, write_jsonl, write_subset
-from .detectors import DETECTORS, NEEDS_LABELS, default_rule, detector_view, get_detector
+from .detectors import DETECTORS, NEEDS_LABELS, default_rule, detector_view, get_detector, own_estimate
 from .encoders import ENCODER_VERSION, sentence_features
 from .features import POSITIONS, extract_features
 from .metrics import detection_metrics
@@ -175,9 +175,7 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
         elif config.rule == "calibrated":
             selection = select_calibrated(scores, scorers[k].score_samples(Xv), val_labels)
         elif config.rule == "estimate":
-            det = scorers[k]
-            se = det.contamination_estimate_se(X) if hasattr(det, "contamination_estimate_se") else None
-            selection = select_estimate(scores, estimate=det.contamination_estimate(X), se=se)
+            selection = select_estimate(scores, **own_estimate(scorers[k], X))
         else:
             selection = Selection(np.zeros(len(scores), dtype=bool), float("inf"), "none", {})
     scores = pool_scores[k]

@@ -40,6 +40,13 @@ def default_rule(name: str) -> str:
     return "calibrated" if name in NEEDS_LABELS else "f1"
 
 
+def own_estimate(detector, X) -> dict:
+    """A fitted detector's label-free contamination estimate of X, with its standard error when the detector
+    gives one, as keyword arguments of `saft.select.select_estimate`."""
+    se = getattr(detector, "contamination_estimate_se", None)
+    return {"estimate": detector.contamination_estimate(X), "se": se(X) if se else None}
+
+
 def get_detector(name: str, **params):
     """Build a registered detector: `get_detector("subspace", n_components=2)`."""
     if name not in DETECTORS:
@@ -50,4 +57,4 @@ def get_detector(name: str, **params):
 
 
 __all__ = ["DETECTORS", "NEEDS_LABELS", "GuardKNNScorer", "GuardScorer", "GuidedProbeScorer", "ProbeScorer", "SubspaceScorer", "default_rule", "detector_view",
-           "get_detector"]
+           "get_detector", "own_estimate"]

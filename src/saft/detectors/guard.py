@@ -61,6 +61,10 @@ class GuardScorer(BaseEstimator):
         # (coef, intercept, threshold, tpr, fpr) of each model the estimate averages over
         self.estimate_models_ = [(np.asarray(f["coef"], dtype=np.float64), float(f["intercept"]), float(f["threshold"]),
                                   float(f["tpr"]), float(f["fpr"])) for f in folds]
+        bad = [i for i, f in enumerate(self.estimate_models_) if f[0].shape != self.coef_.shape]
+        if bad:
+            raise ValueError(f"{path}: estimate_folds {bad} have {len(self.estimate_models_[bad[0]][0])} coefficients "
+                             f"but coef has {len(self.coef_)}; rebuild the file with scripts/train_guard.py")
         return self
 
     def fit(self, X, y=None):
