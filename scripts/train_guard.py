@@ -10,8 +10,9 @@ and every experiment pool hold only sources or prompts the guard never saw.
 True- and false-positive rates come from 5-fold cross-validation grouped by prompt (those at log-odds 0 are
 reported). The five fold models are shipped too, for the contamination estimate: each one's rates at its own
 threshold were measured on rows it did not train on, the situation of a user's pool, while the final model,
-trained on every row, scores new harmful rows higher than cross-validation did (its estimate overshot by a
-quarter). The threshold is a quantile of held-out harmful scores, its level chosen here from the training rows
+trained on every row, scores new harmful rows higher than cross-validation did (in a development run of
+benchmarks/estimate.py, 13-30% of the pools' harmful rows crossed its threshold against 15% in cross-validation,
+so its estimates came out high). The threshold is a quantile of held-out harmful scores, its level chosen here from the training rows
 alone (`choose_estimate_level`). The AUROC on the 'experiment' half of BeaverTails is reported.
 """
 

@@ -98,9 +98,13 @@ class GuardScorer(BaseEstimator):
         estimates, errors = [], []
         for coef, intercept, threshold, tpr, fpr in self.estimate_models_:
             flagged = float((X @ coef + intercept > threshold).mean())
-            scale = tpr - fpr if tpr - fpr > 0 else 1.0
-            estimates.append(float(np.clip((flagged - fpr) / scale, 0.0, 1.0)) if tpr - fpr > 0 else flagged)
-            errors.append(np.sqrt(flagged * (1 - flagged) / len(X)) / scale)
+            se = float(np.sqrt(flagged * (1 - flagged) / len(X)))
+            if tpr - fpr <= 0:  # a model that cannot separate: fall back to the raw flagged share
+                estimates.append(flagged)
+                errors.append(se)
+            else:
+                estimates.append(float(np.clip((flagged - fpr) / (tpr - fpr), 0.0, 1.0)))
+                errors.append(se / (tpr - fpr))
         # The fold models count nearly the same rows, so their errors do not average out: report their mean.
         return float(np.mean(estimates)), float(np.mean(errors))
 
