@@ -74,15 +74,16 @@ def check(res: dict) -> list[dict]:
                 + "; with 100 labels: " + ", ".join(f"{p} {v:.1%}" for p, v in kept_lab.items()), "best": "—"})
     # The estimate is judged on benchmarks/estimate.py's three pool seeds (seed 0 = the pools above).
     est = json.loads((HERE / "results" / "estimate.json").read_text())["pools"].values()
-    err = {p: max(abs(r["estimate"] - r["truth"]) for r in est if r["pool"] == p) for p in T + B}
     n_seeds = len({r["seed"] for r in est})
-    out.append({"target": "label-free contamination estimate within 0.05 of the truth on T and B",
-                "met": all(v <= 0.05 for v in err.values()),
-                "default": f"largest error over {n_seeds} pool seeds (benchmarks/estimate.py): "
-                + ", ".join(f"{p} {v:.3f}" for p, v in err.items()) + "; seed 0: " + ", ".join(
-                    f"{p} {np.mean(get(p, free)['contamination_estimate']):.3f} vs {get(p, free)['truth']:.3f}" for p in T + B),
-                "best": "with 100 labels (calibrated rule, mean of 5 draws, seed 0): " + ", ".join(
-                    f"{p} {np.mean(get(p, lab)['contamination_estimate']):.3f}" for p in T + B)})
+    for group in (T, B):  # one row each: the estimate's behaviour differs between the two kinds of pool
+        err = {p: max(abs(r["estimate"] - r["truth"]) for r in est if r["pool"] == p) for p in group}
+        out.append({"target": f"label-free contamination estimate within 0.05 of the truth on {'/'.join(group)}",
+                    "met": all(v <= 0.05 for v in err.values()),
+                    "default": f"largest error over {n_seeds} pool seeds (benchmarks/estimate.py): "
+                    + ", ".join(f"{p} {v:.3f}" for p, v in err.items()) + "; seed 0: " + ", ".join(
+                        f"{p} {np.mean(get(p, free)['contamination_estimate']):.3f} vs {get(p, free)['truth']:.3f}" for p in group),
+                    "best": "with 100 labels (calibrated rule, mean of 5 draws, seed 0): " + ", ".join(
+                        f"{p} {np.mean(get(p, lab)['contamination_estimate']):.3f}" for p in group)})
     return out
 
 
