@@ -36,14 +36,16 @@ from saft.pipeline import versions
 from saft.pools import beavertails_pool, heldout_pool, task_pool
 
 HERE = Path(__file__).resolve().parent
-POOLS = {
-    "T10": lambda n, raw: task_pool(n, harmful_rate=0.1, refusal_rate=0.1, seed=0, raw_dir=raw),
-    "T30": lambda n, raw: task_pool(n, harmful_rate=0.3, refusal_rate=0.1, seed=0, raw_dir=raw),
-    "B10": lambda n, raw: beavertails_pool(n, harmful_rate=0.1, seed=0, raw_dir=raw),
-    "B30": lambda n, raw: beavertails_pool(n, harmful_rate=0.3, seed=0, raw_dir=raw),
-    "H10": lambda n, raw: heldout_pool(n, harmful_rate=0.1, refusal_rate=0.1, seed=0, raw_dir=raw),
-    "H30": lambda n, raw: heldout_pool(n, harmful_rate=0.3, refusal_rate=0.1, seed=0, raw_dir=raw),
+# The benchmark pools by name, drawn with any seed (seed 0 = the pools of this script).
+SEEDED_POOLS = {
+    "T10": lambda n, seed, raw=None: task_pool(n, harmful_rate=0.1, refusal_rate=0.1, seed=seed, raw_dir=raw),
+    "T30": lambda n, seed, raw=None: task_pool(n, harmful_rate=0.3, refusal_rate=0.1, seed=seed, raw_dir=raw),
+    "B10": lambda n, seed, raw=None: beavertails_pool(n, harmful_rate=0.1, seed=seed, raw_dir=raw),
+    "B30": lambda n, seed, raw=None: beavertails_pool(n, harmful_rate=0.3, seed=seed, raw_dir=raw),
+    "H10": lambda n, seed, raw=None: heldout_pool(n, harmful_rate=0.1, refusal_rate=0.1, seed=seed, raw_dir=raw),
+    "H30": lambda n, seed, raw=None: heldout_pool(n, harmful_rate=0.3, refusal_rate=0.1, seed=seed, raw_dir=raw),
 }
+POOLS = {name: (lambda n, raw, build=build: build(n, 0, raw)) for name, build in SEEDED_POOLS.items()}
 LABEL_SEEDS = (0, 1, 2, 3, 4)
 KS = (1, 2, 3, 4)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import cross_val_predict
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -38,7 +38,7 @@ from saft.data import write_json  # noqa: E402
 from saft.features import POSITIONS  # noqa: E402
 from saft.metrics import detection_metrics  # noqa: E402
 from saft.pipeline import versions  # noqa: E402
-from saft.pools import load_source, prompt_split  # noqa: E402
+from saft.pools import load_source, prompt_split, to_samples  # noqa: E402
 from saft.select import select_calibrated, select_estimate, select_mixture, select_threshold  # noqa: E402
 
 
@@ -99,16 +99,48 @@ def evaluate_pool(X: np.ndarray, labels: list, refusal: np.ndarray) -> dict:
     return rows
 
 
-def guard_training_prompts(raw_dir) -> set[str]:
-    """Prompts the packaged guard was trained on (see scripts/train_guard.py): excluded from its evaluation."""
+def guard_training_rows(raw_dir) -> list[dict]:
+    """The rows the packaged guard was trained on (the recipe of scripts/train_guard.py)."""
     bt = load_source("bt_safe", raw_dir) + load_source("bt_unsafe", raw_dir)
-    return {r["prompt"] for r in bt if prompt_split(r["prompt"]) == "judge"} | {
-        r["prompt"] for r in load_source("refusal_llama2", raw_dir)}
+    return [r for r in bt if prompt_split(r["prompt"]) == "judge"] + load_source("refusal_llama2", raw_dir)
+
+
+def guard_training_prompts(raw_dir) -> set[str]:
+    """Prompts the packaged guard was trained on: excluded from its evaluation."""
+    return {r["prompt"] for r in guard_training_rows(raw_dir)}
+
+
+def ceiling_with_guard_data(S: np.ndarray, y: np.ndarray, S_guard: np.ndarray, y_guard: np.ndarray) -> np.ndarray:
+    """Out-of-fold scores (5-fold CV over the pool) of the guard's own recipe, logistic regression on the sentence
+    view, trained on the guard's training rows plus every other fold's labelled pool rows: what the guard's data
+    and all of the pool's labels together can reach in that view."""
+    out = np.zeros(len(y))
+    for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(S, y):
+        clf = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000)
+        out[test] = clf.fit(np.vstack([S_guard, S[train]]), np.concatenate([y_guard, y[train]])).decision_function(S[test])
+    return out
+
+
+def unseen_pools(layers, position: str = "prompt_last", raw_dir=None) -> dict:
+    """The pools of detect.py restricted to the rows whose prompt the guard never saw, from the cached features:
+    pool name -> (labels, sentence view, {layer: hidden states at `position`})."""
+    model, tok = load_model(None, device="cpu")
+    seen = guard_training_prompts(raw_dir)
+    pools = {}
+    for name, build in POOLS.items():
+        samples = build(1000, raw_dir)
+        unseen = np.array([s.prompt not in seen for s in samples])
+        feats = pool_features(model, tok, samples, max_length=512, cache=HERE / ".cache", progress=False)
+        S = sentence_features(samples, cache_dir=HERE / ".cache" / "sentence")[unseen]
+        pools[name] = (np.array([s.label for s in samples])[unseen], S,
+                       {layer: feats.get(layer, position)[unseen] for layer in layers})
+    return pools
 
 
 def evaluate_guard(S: np.ndarray, labels: list, refusal: np.ndarray, hidden: dict, layer: int) -> dict:
     """The guard on the sentence-encoder view: label-free rules, and the F1 rule on 100 labels for comparison;
-    guard-knn with the model's hidden states at `layer` (`hidden`: position -> matrix) as its second view."""
+    guard-knn and guard-student with the model's hidden states at `layer` (`hidden`: position -> matrix) as their
+    second view."""
     y = np.array(labels)
     guard = GuardScorer().fit(S)
     z = guard.score_samples(S)
@@ -122,6 +154,9 @@ def evaluate_guard(S: np.ndarray, labels: list, refusal: np.ndarray, hidden: dic
         both = np.hstack([S, H])
         zk = get_detector("guard-knn").fit(both).score_samples(both)
         variants.append((f"guard-knn (layer {layer} {pos}) + estimate rule (label-free)", zk, 0,
+                         lambda z, seed: select_estimate(z, estimate=est)))
+        zt = get_detector("guard-student").fit(both).score_samples(both)
+        variants.append((f"guard-student (layer {layer} {pos}) + estimate rule (label-free)", zt, 0,
                          lambda z, seed: select_estimate(z, estimate=est)))
 
         def guided(seed, both=both):
@@ -185,6 +220,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     model, tok = load_model(None, device="cpu")
     seen = guard_training_prompts(args.raw_dir)
+    guard_rows = guard_training_rows(args.raw_dir)
+    S_guard = sentence_features(to_samples(guard_rows, "guard"), cache_dir=Path(args.cache) / "sentence")
+    y_guard = np.array([r["harmful"] for r in guard_rows])
     res = {"command": "python benchmarks/detect_plus.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "layer": args.layer, "versions": versions(), "date": time.strftime("%Y-%m-%d"), "pools": {}, "truth": {}}
     for name, build in POOLS.items():
@@ -205,6 +243,9 @@ def main(argv=None) -> int:
             rows[f"ceiling: LR on all labels, {view} (5-fold CV)"] = {
                 "labels": len(y_unseen), "n": len(y_unseen), "truth": float(y_unseen.mean()),
                 "auroc": [float(roc_auc_score(y_unseen, ceiling_scores(F, y_unseen)))]}
+        rows["ceiling: the guard's training rows + LR on all labels, sentence view (5-fold CV)"] = {
+            "labels": len(y_unseen), "n": len(y_unseen), "truth": float(y_unseen.mean()),
+            "auroc": [float(roc_auc_score(y_unseen, ceiling_with_guard_data(S[unseen], y_unseen, S_guard, y_guard)))]}
         res["pools"][name]["sentence view, unseen rows"] = rows
         for pos, rows in res["pools"][name].items():
             for det, r in rows.items():

@@ -23,24 +23,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from detect import HERE, write_results_md  # noqa: E402
+from detect import HERE, SEEDED_POOLS, write_results_md  # noqa: E402
 from detect_plus import guard_training_prompts  # noqa: E402
 
 from saft import GuardScorer  # noqa: E402
 from saft.data import write_json  # noqa: E402
 from saft.encoders import sentence_features  # noqa: E402
 from saft.pipeline import versions  # noqa: E402
-from saft.pools import beavertails_pool, heldout_pool, task_pool  # noqa: E402
-
-POOLS = {
-    "T10": lambda n, seed: task_pool(n, harmful_rate=0.1, refusal_rate=0.1, seed=seed),
-    "T30": lambda n, seed: task_pool(n, harmful_rate=0.3, refusal_rate=0.1, seed=seed),
-    "B10": lambda n, seed: beavertails_pool(n, harmful_rate=0.1, seed=seed),
-    "B30": lambda n, seed: beavertails_pool(n, harmful_rate=0.3, seed=seed),
-    "H10": lambda n, seed: heldout_pool(n, harmful_rate=0.1, refusal_rate=0.1, seed=seed),
-    "H30": lambda n, seed: heldout_pool(n, harmful_rate=0.3, refusal_rate=0.1, seed=seed),
-}
-
 
 def adjusted_count(z: np.ndarray, threshold: float, tpr: float, fpr: float) -> float:
     return float(np.clip(((z > threshold).mean() - fpr) / (tpr - fpr), 0, 1))
@@ -61,7 +50,7 @@ def main(argv=None) -> int:
            "guard": {"estimate_level": m["estimate_level"], "cv_tpr": m["cv_tpr"], "cv_fpr": m["cv_fpr"],
                      "fold_tpr": [f[3] for f in guard.estimate_models_], "fold_fpr": [f[4] for f in guard.estimate_models_]},
            "pools": {}}
-    for name, build in POOLS.items():
+    for name, build in SEEDED_POOLS.items():
         for seed in args.seeds:
             samples = build(args.n, seed)
             unseen = np.array([s.prompt not in seen for s in samples])

@@ -18,34 +18,24 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from detect import HERE, POOLS, pool_features, write_results_md  # noqa: E402
-from detect_plus import guard_training_prompts  # noqa: E402
+from detect import write_results_md  # noqa: E402
+from detect_plus import unseen_pools  # noqa: E402
 
-from saft import get_detector, load_model  # noqa: E402
-from saft.encoders import sentence_features  # noqa: E402
+from saft import get_detector  # noqa: E402
 
 LAYERS, NEIGHBOURS = (10, 15, 20, 24), (5, 10, 20, 40)
 
 
 def main() -> int:
     t0 = time.time()
-    model, tok = load_model(None, device="cpu")
-    seen = guard_training_prompts(None)
-    cache = HERE / ".cache"
-    pools = {}
-    for name, build in POOLS.items():
-        samples = build(1000, None)
-        unseen = np.array([s.prompt not in seen for s in samples])
-        feats = pool_features(model, tok, samples, max_length=512, cache=cache, progress=False)
-        S = sentence_features(samples, cache_dir=cache / "sentence")[unseen]
-        pools[name] = (np.array([s.label for s in samples])[unseen], S, feats, unseen)
+    pools = unseen_pools(LAYERS)
     lines = ["Command: `python benchmarks/guard_knn_sweep.py`; pools and seeds as in detect.py, unseen rows only.", "",
              "| layer | n_neighbors | " + " | ".join(pools) + " | mean T+B |", "|---|---|" + "---|" * (len(pools) + 1)]
     for layer in LAYERS:
         for k in NEIGHBOURS:
             aucs = {}
-            for name, (y, S, feats, unseen) in pools.items():
-                X = np.hstack([S, feats.get(layer, "prompt_last")[unseen]])
+            for name, (y, S, H) in pools.items():
+                X = np.hstack([S, H[layer]])
                 aucs[name] = roc_auc_score(y, get_detector("guard-knn", n_neighbors=k).fit(X).score_samples(X))
             dev = np.mean([v for p, v in aucs.items() if p[0] in "TB"])
             row = f"| {layer} | {k} | " + " | ".join(f"{v:.3f}" for v in aucs.values()) + f" | {dev:.3f} |"

@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from detect import HERE, write_results_md  # noqa: E402
 
-LABEL_FREE_DEFAULT = "guard-knn (layer {layer} prompt_last) + estimate rule (label-free)"
+LABEL_FREE_DEFAULT = "guard-student (layer {layer} prompt_last) + estimate rule (label-free)"
 LABELLED_DEFAULT = "guard-probe (layer {layer} prompt_last, 100 labels) + calibrated rule"
 GUARD_VIEW = "sentence view, unseen rows"
 

@@ -38,12 +38,12 @@ def test_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypatch)
     out = tmp_path / "exp"
     res = run_experiment(cfg, output_dir=out, progress=False)
     rows = {r["arm"]: r for r in res["rows"]}
-    assert set(rows) == set(E.BASE_ARMS) | {"probe", "guard", "guard-knn", "guard-probe"} == set(cfg.all_arms())
+    assert set(rows) == set(E.BASE_ARMS) | {"probe", "guard", "guard-knn", "guard-student", "guard-probe"} == set(cfg.all_arms())
     assert rows["probe"]["detection_auroc"] is not None
     # the guard picks its own threshold without labels and removes that share of the pool
     g = rows["guard"]
     assert g["kept"] == 30 - round(g["contamination_estimate"] * 30) and g["detection_auroc"] is not None
-    assert rows["guard-knn"]["contamination_estimate"] == g["contamination_estimate"]
+    assert rows["guard-knn"]["contamination_estimate"] == rows["guard-student"]["contamination_estimate"] == g["contamination_estimate"]
     assert rows["oracle"]["harmful_kept"] == 0 and rows["oracle"]["kept"] == 21
     assert rows["sft"]["kept"] == 30 and rows["sft"]["harmful_kept"] == 9
     assert rows["random"]["kept"] == rows["saft"]["kept"]

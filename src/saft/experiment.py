@@ -8,7 +8,7 @@ Arms:
   labels drawn from the pool);
 - `oracle`: the safe rows only;
 - one arm per other registered detector, with the selection rule `saft filter --rule auto` gives it: the
-  label-free estimate (guard, guard-knn), the calibrated rule on the same 100 labels (probe, guard-probe), else
+  label-free estimate (guard, guard-knn, guard-student), the calibrated rule on the same 100 labels (probe, guard-probe), else
   the F1 rule;
 - `base`: the model before any fine-tuning, for reference.
 Pools are BeaverTails pairs whose prompts fall in the 'experiment' half of `saft.pools.prompt_split` (the judge

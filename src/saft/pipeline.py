@@ -44,12 +44,12 @@ class FilterConfig:
     position: str = field(default="prompt_last", metadata={"help": f"token position: {', '.join(POSITIONS)} (prompt_last is the paper's)"})
     max_length: int = field(default=512, metadata={"help": "tokens per sample; longer samples are truncated and counted"})
     batch_size: int = field(default=8, metadata={"help": "samples per forward pass"})
-    detector: str = field(default="auto", metadata={"help": "auto (guard-probe when the data has n_labels labelled rows or a labels file is given, else guard-knn), or a registered detector: guard-knn (label-free: a packaged classifier on sentence embeddings, smoothed over the model's features), guard (the same classifier alone; the model is not loaded), subspace (the paper's), probe and guard-probe (semi-supervised: use the labels)"})
+    detector: str = field(default="auto", metadata={"help": "auto (guard-probe when the data has n_labels labelled rows or a labels file is given, else guard-student), or a registered detector: guard-student (label-free: guard-knn plus a probe on the model's features trained on guard-knn's surest calls), guard-knn (label-free: a packaged classifier on sentence embeddings, smoothed over the model's features), guard (the same classifier alone; the model is not loaded), subspace (the paper's), probe and guard-probe (semi-supervised: use the labels)"})
     n_components: int | None = field(default=None, metadata={"help": "fix k; default: searched over k_candidates by the f1 rule, else 1"})
     k_candidates: tuple[int, ...] = field(default=(1, 2, 3, 4), metadata={"help": "k values the f1 rule searches"})
     weighted: bool = field(default=False, metadata={"help": "weight squared projections by singular values (HaloScope option)"})
     standardize: bool = field(default=False, metadata={"help": "scale features to unit variance before the SVD (not in the paper)"})
-    rule: str = field(default="auto", metadata={"help": f"selection rule: {', '.join(RULES)}; auto = estimate for a detector that estimates the contamination itself (guard, guard-knn), calibrated for one trained on labels (probe, guard-probe), else f1 (the paper's)"})
+    rule: str = field(default="auto", metadata={"help": f"selection rule: {', '.join(RULES)}; auto = estimate for a detector that estimates the contamination itself (guard, guard-knn, guard-student), calibrated for one trained on labels (probe, guard-probe), else f1 (the paper's)"})
     n_labels: int = field(default=100, metadata={"help": "labelled samples drawn from the pool for the f1 rule"})
     labels_file: str | None = field(default=None, metadata={"help": "separate labelled file for the f1 rule (instead of drawing from the pool)"})
     n_thresholds: int = field(default=100, metadata={"help": "evenly spaced threshold candidates for the f1 rule"})
@@ -92,14 +92,14 @@ def resolve_auto(config: FilterConfig, *, n_labelled: int, labels_file: bool) ->
     """The concrete detector and rule for `auto`, given how many labelled rows the data has.
 
     With labels (n_labels labelled rows in the pool, or a labels file) the benchmark's best use of them is
-    guard-probe with the calibrated rule; without, the label-free guard-knn with its own contamination estimate.
+    guard-probe with the calibrated rule; without, the label-free guard-student with its own contamination estimate.
     """
     detector = config.detector
     if detector == "auto":
-        detector = "guard-probe" if labels_file or n_labelled >= config.n_labels else "guard-knn"
+        detector = "guard-probe" if labels_file or n_labelled >= config.n_labels else "guard-student"
     rule = config.rule
     if config.detector == "auto" and rule == "estimate" and detector == "guard-probe":
-        detector = "guard-knn"  # an explicit label-free rule keeps the detector label-free
+        detector = "guard-student"  # an explicit label-free rule keeps the detector label-free
     return dataclasses.replace(config, detector=detector, rule=rule)
 
 

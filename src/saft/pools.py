@@ -104,7 +104,8 @@ def _draw(rows: list[dict], n: int, rng: np.random.Generator) -> list[dict]:
     return [rows[i] for i in rng.choice(len(rows), size=n, replace=False)]
 
 
-def _to_samples(rows: list[dict], prefix: str) -> list[Sample]:
+def to_samples(rows: list[dict], prefix: str) -> list[Sample]:
+    """Rows of `load_source` as `Sample`s with ids `<prefix>-00000`.., label = harmful, source and category in meta."""
     return [Sample(id=f"{prefix}-{i:05d}", label=r["harmful"],
                    messages=[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}],
                    meta={"source": r["source"], "category": r["category"]}) for i, r in enumerate(rows)]
@@ -119,7 +120,7 @@ def task_pool(n: int = 1000, *, harmful_rate: float = 0.1, refusal_rate: float =
     rows = (_draw(benign, n - n_harm - n_ref, rng) + _draw(load_source("bt_unsafe", raw_dir), n_harm, rng)
             + _draw(load_source("refusal", raw_dir), n_ref, rng))
     rows = [rows[i] for i in rng.permutation(len(rows))]
-    return _to_samples(rows, f"T{int(harmful_rate * 100)}")
+    return to_samples(rows, f"T{int(harmful_rate * 100)}")
 
 
 def beavertails_pool(n: int = 1000, *, harmful_rate: float = 0.3, seed: int = 0,
@@ -129,7 +130,7 @@ def beavertails_pool(n: int = 1000, *, harmful_rate: float = 0.3, seed: int = 0,
     n_harm = int(round(n * harmful_rate))
     rows = _draw(load_source("bt_safe", raw_dir), n - n_harm, rng) + _draw(load_source("bt_unsafe", raw_dir), n_harm, rng)
     rows = [rows[i] for i in rng.permutation(len(rows))]
-    return _to_samples(rows, f"B{int(harmful_rate * 100)}")
+    return to_samples(rows, f"B{int(harmful_rate * 100)}")
 
 
 def heldout_pool(n: int = 1000, *, harmful_rate: float = 0.1, refusal_rate: float = 0.1, seed: int = 0,
@@ -142,4 +143,4 @@ def heldout_pool(n: int = 1000, *, harmful_rate: float = 0.1, refusal_rate: floa
     rows = (_draw(load_source("gsm8k", raw_dir), n_benign // 2, rng) + _draw(load_source("sst2", raw_dir), n_benign - n_benign // 2, rng)
             + _draw(unsafe, n_harm, rng) + _draw(load_source("refusal", raw_dir), n_ref, rng))
     rows = [rows[i] for i in rng.permutation(len(rows))]
-    return _to_samples(rows, f"H{int(harmful_rate * 100)}")
+    return to_samples(rows, f"H{int(harmful_rate * 100)}")

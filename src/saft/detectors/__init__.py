@@ -14,6 +14,7 @@ import difflib
 from .guard import GuardKNNScorer, GuardScorer
 from .guided import GuidedProbeScorer
 from .probe import ProbeScorer
+from .student import GuardStudentScorer
 from .subspace import SubspaceScorer
 
 DETECTORS = {
@@ -21,6 +22,7 @@ DETECTORS = {
     "probe": ProbeScorer,
     "guard": GuardScorer,
     "guard-knn": GuardKNNScorer,
+    "guard-student": GuardStudentScorer,
     "guard-probe": GuidedProbeScorer,
 }
 # Detectors whose fit needs labels (y with -1 for unlabelled rows).
@@ -56,5 +58,5 @@ def get_detector(name: str, **params):
     return DETECTORS[name](**params)
 
 
-__all__ = ["DETECTORS", "NEEDS_LABELS", "GuardKNNScorer", "GuardScorer", "GuidedProbeScorer", "ProbeScorer", "SubspaceScorer", "default_rule", "detector_view",
+__all__ = ["DETECTORS", "NEEDS_LABELS", "GuardKNNScorer", "GuardScorer", "GuardStudentScorer", "GuidedProbeScorer", "ProbeScorer", "SubspaceScorer", "default_rule", "detector_view",
            "get_detector", "own_estimate"]

@@ -1,0 +1,110 @@
+"""The label-free detectors on fresh draws of every pool: does the ranking hold beyond the pools of seed 0?
+
+    python benchmarks/pool_seeds.py [--seeds 0 1 2] [--layer 15]
+
+Pools T10..H30 as in detect.py, drawn with each seed, on the rows whose prompt the guard never saw. Hidden
+states of one layer at prompt_last (seed 0: detect.py's cache; other seeds: that layer only, cached under
+benchmarks/.cache/seeds, a few minutes a pool the first time), the sentence view as everywhere. For guard, guard-knn (the label-free default before guard-student)
+and guard-student: AUROC, and F1 and the removed count under the estimate rule (the label-free default rule).
+guard-knn is the baseline of the same run; the summary gives each detector's mean AUROC change against it.
+Rewrites the pool-seeds section of RESULTS.md and saves results/pool_seeds.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from detect import HERE, SEEDED_POOLS, pool_features, write_results_md  # noqa: E402
+from detect_plus import guard_training_prompts  # noqa: E402
+
+from saft import extract_features, get_detector, load_model  # noqa: E402
+from saft.data import write_json  # noqa: E402
+from saft.detectors import own_estimate  # noqa: E402
+from saft.encoders import sentence_features  # noqa: E402
+from saft.metrics import detection_metrics  # noqa: E402
+from saft.pipeline import versions  # noqa: E402
+from saft.select import select_estimate  # noqa: E402
+
+DETECTORS = ("guard", "guard-knn", "guard-student")
+BASELINE = "guard-knn"
+
+
+def evaluate(y: np.ndarray, S: np.ndarray, H: np.ndarray) -> dict:
+    out = {}
+    for name in DETECTORS:
+        X = S if name == "guard" else np.hstack([S, H])
+        det = get_detector(name).fit(X)
+        scores = det.score_samples(X)
+        sel = select_estimate(scores, **own_estimate(det, X))
+        m = detection_metrics(scores, y.tolist(), sel.removed)
+        out[name] = {"auroc": m["auroc"], "f1": m["f1"], "removed": sel.n_removed,
+                     "estimate": sel.params["contamination_estimate"]}
+    return out
+
+
+def render(res: dict) -> str:
+    lines = [f"Command: `{res['command']}`; layer {res['layer']} prompt_last; rows whose prompt the guard never saw; "
+             f"estimate rule. Versions: {res['versions']}. Date: {res['date']}, {res['seconds']:.0f} s.", "",
+             "| pool | seed | rows | harmful | " + " | ".join(f"{d} AUROC" for d in DETECTORS) + " | "
+             + " | ".join(f"{d} F1 (removed)" for d in DETECTORS) + " |", "|---|---|---|---|" + "---|" * 2 * len(DETECTORS)]
+    for key, r in res["pools"].items():
+        d = r["detectors"]
+        lines.append(f"| {r['pool']} | {r['seed']} | {r['n']} | {r['n_harmful']} | "
+                     + " | ".join(f"{d[x]['auroc']:.3f}" for x in DETECTORS) + " | "
+                     + " | ".join(f"{d[x]['f1']:.3f} ({d[x]['removed']})" for x in DETECTORS) + " |")
+    lines += ["", f"Mean change against {BASELINE} (same run), over every pool and seed, and the pools where the "
+              "detector's AUROC is below the baseline's:", "", "| detector | mean AUROC change | mean F1 change | AUROC below baseline |",
+              "|---|---|---|---|"]
+    rows = list(res["pools"].values())
+    for x in DETECTORS:
+        da = [r["detectors"][x]["auroc"] - r["detectors"][BASELINE]["auroc"] for r in rows]
+        df = [r["detectors"][x]["f1"] - r["detectors"][BASELINE]["f1"] for r in rows]
+        below = [f"{r['pool']}/{r['seed']}" for r, d in zip(rows, da) if d < 0]
+        lines.append(f"| {x} | {np.mean(da):+.3f} | {np.mean(df):+.3f} | {', '.join(below) or 'none'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="label-free detectors on fresh pool draws")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--layer", type=int, default=15)
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    model, tok = load_model(None, device="cpu")
+    seen = guard_training_prompts(None)
+    res = {"command": "python benchmarks/pool_seeds.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "layer": args.layer, "seeds": args.seeds, "versions": versions(), "date": time.strftime("%Y-%m-%d"), "pools": {}}
+    for seed in args.seeds:
+        for name, build in SEEDED_POOLS.items():
+            samples = build(args.n, seed)
+            unseen = np.array([s.prompt not in seen for s in samples])
+            y = np.array([s.label for s in samples])[unseen]
+            S = sentence_features(samples, cache_dir=HERE / ".cache" / "sentence", progress=False)[unseen]
+            if seed == 0:  # detect.py's pools, whose every layer is cached already
+                feats = pool_features(model, tok, samples, max_length=512, cache=HERE / ".cache", progress=True)
+            else:
+                feats = extract_features(model, tok, samples, layers=[args.layer], positions="prompt_last", max_length=512,
+                                         batch_size=8, cache_dir=HERE / ".cache" / "seeds", progress=True)
+            H = feats.get(args.layer, "prompt_last")[unseen]
+            res["pools"][f"{name} seed {seed}"] = {"pool": name, "seed": seed, "n": int(unseen.sum()),
+                                                   "n_harmful": int(y.sum()), "detectors": evaluate(y, S, H)}
+            print(name, seed, {d: round(v["auroc"], 3) for d, v in res["pools"][f"{name} seed {seed}"]["detectors"].items()}, flush=True)
+    res["seconds"] = time.time() - t0
+    text = render(res)
+    print(text)
+    if not args.no_write:
+        write_json(res, HERE / "results" / "pool_seeds.json")
+        write_results_md(text, key="pool-seeds", title="Label-free detectors on fresh pool draws (benchmarks/pool_seeds.py)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
