@@ -1,8 +1,10 @@
-"""The detection targets of issue 4, checked against benchmarks/results/detect_plus.json and estimate.json.
+"""The detection targets of issue 4, checked against benchmarks/results/detect_plus.json, estimate.json and
+pool_seeds.json.
 
     python benchmarks/targets.py
 
-Reads the results of `benchmarks/detect_plus.py` and `benchmarks/estimate.py` (run them first), prints each
+Reads the results of `benchmarks/detect_plus.py`, `benchmarks/estimate.py` and `benchmarks/pool_seeds.py` (run
+them first; the label-free AUROC targets count as met only if they hold on every pool seed there), prints each
 target with the value reached by the default detectors and the best row of the benchmark, and rewrites the
 targets section of RESULTS.md. Nothing here is typed in by hand: every number is looked up in the results files.
 """
@@ -19,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from detect import HERE, write_results_md  # noqa: E402
 
 LABEL_FREE_DEFAULT = "guard-student (layer {layer} prompt_last) + estimate rule (label-free)"
+LABEL_FREE_NAME = "guard-student"  # the same detector in pool_seeds.json
 LABELLED_DEFAULT = "guard-probe (layer {layer} prompt_last, 100 labels) + calibrated rule"
 GUARD_VIEW = "sentence view, unseen rows"
 
@@ -44,11 +47,19 @@ def check(res: dict) -> list[dict]:
     auc = lambda p, name: float(np.mean(get(p, name)["auroc"]))  # noqa: E731
     out = []
     label_free = lambda name, r: r["labels"] == 0  # noqa: E731
+    # Fresh draws of every pool (benchmarks/pool_seeds.py): the label-free default must hold on each of them.
+    seeds_file = HERE / "results" / "pool_seeds.json"
+    drawn = list(json.loads(seeds_file.read_text())["pools"].values()) if seeds_file.exists() else []
     for group, bar in ((T, 0.95), (B, 0.80)):
         vals = {p: auc(p, free) for p in group}
+        per_seed = {p: {r["seed"]: r["detectors"][LABEL_FREE_NAME]["auroc"] for r in drawn if r["pool"] == p} for p in group}
         bests = {p: best(res, p, label_free) for p in group}
-        out.append({"target": f"label-free AUROC >= {bar} on {'/'.join(group)}", "met": all(v >= bar for v in vals.values()),
-                    "default": ", ".join(f"{p} {v:.3f}" for p, v in vals.items()),
+        seeds_text = ("; over pool seeds (pool_seeds.py): " + ", ".join(
+            f"{p} " + " / ".join(f"{v:.3f}" for _, v in sorted(per_seed[p].items())) for p in group)
+            + f" (seeds {', '.join(map(str, sorted({r['seed'] for r in drawn})))})") if drawn else ""
+        met = all(v >= bar for v in vals.values()) and all(v >= bar for s in per_seed.values() for v in s.values())
+        out.append({"target": f"label-free AUROC >= {bar} on {'/'.join(group)}", "met": met,
+                    "default": ", ".join(f"{p} {v:.3f}" for p, v in vals.items()) + seeds_text,
                     "best": ", ".join(f"{p} {b[0]:.3f} ({b[1]})" for p, b in bests.items())})
     few = lambda name, r: 0 < r["labels"] <= 100  # noqa: E731
     ceiling = lambda name, r: name.startswith("ceiling")  # noqa: E731
@@ -88,8 +99,8 @@ def check(res: dict) -> list[dict]:
 
 
 def render(res: dict, checks: list[dict]) -> str:
-    lines = [f"From `benchmarks/results/detect_plus.json` ({res['command']}, {res['date']}) and `benchmarks/results/estimate.json` "
-             "by `python benchmarks/targets.py`. "
+    lines = [f"From `benchmarks/results/detect_plus.json` ({res['command']}, {res['date']}), `benchmarks/results/estimate.json` "
+             "and `benchmarks/results/pool_seeds.json` by `python benchmarks/targets.py`. "
              f"Defaults: label-free `{LABEL_FREE_DEFAULT.format(layer=res['layer'])}`; with labels "
              f"`{LABELLED_DEFAULT.format(layer=res['layer'])}`. Guard-based rows count only rows whose prompt the guard "
              "never saw in training.", "", "| target | met | default detectors | best row of the benchmark |", "|---|---|---|---|"]
