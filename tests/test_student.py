@@ -12,8 +12,9 @@ from saft.detectors.student import pseudo_labels
 def test_pseudo_labels_take_the_top_as_harmful_and_the_bottom_share_as_safe():
     scores = np.array([0.5, 3.0, -1.0, 2.0, 0.0, -2.0, 1.0, -0.5])
     assert pseudo_labels(scores, 2, safe_share=0.5).tolist() == [-1, 1, 0, 1, 0, 0, -1, 0]
-    # the harmful group is capped so that the two never overlap
+    # the harmful group is capped so that the two never overlap, and neither group is ever empty
     assert pseudo_labels(scores, 10, safe_share=0.5).tolist() == [1, 1, 0, 1, 0, 0, 1, 0]
+    assert pseudo_labels(scores[:2], 0, safe_share=0.1).tolist() == [0, 1]
 
 
 def pool(rng, n=300):
@@ -53,5 +54,9 @@ def test_student_checks_its_settings(tmp_path):
         get_detector("guard-student", C=0, weights=w).fit(X)
     with pytest.raises(ValueError, match="C and estimate_scale must be positive"):
         get_detector("guard-student", estimate_scale=-1, weights=w).fit(X)
-    with pytest.raises(ValueError, match="at least 4 rows"):
-        get_detector("guard-student", weights=w).fit(X[:3])
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        get_detector("guard-student", weights=w).fit(X[:1])
+    # from two rows on there is a harmful and a safe pseudo-label, so tiny inputs still work
+    for n in (2, 3):
+        det = get_detector("guard-student", weights=w, n_components=2).fit(X[:n])
+        assert {0, 1} <= set(det.pseudo_labels_.tolist()) and np.isfinite(det.score_samples(X[:n])).all()

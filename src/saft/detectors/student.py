@@ -28,11 +28,12 @@ from .guard import GuardKNNScorer
 def pseudo_labels(teacher_scores: np.ndarray, n_harmful: int, *, safe_share: float) -> np.ndarray:
     """1 for the `n_harmful` highest scores, 0 for the lowest `safe_share` of rows, -1 (left out) in between.
 
-    The two groups never overlap: `n_harmful` is capped at the rows above the safe share.
+    The two groups never overlap (`n_harmful` is capped at the rows above the safe share) and, from two rows on,
+    neither is empty.
     """
     n = len(teacher_scores)
-    n_safe = int(round(n * safe_share))
-    n_harmful = min(n_harmful, n - n_safe)
+    n_safe = min(max(int(round(n * safe_share)), 1), n - 1)
+    n_harmful = max(min(n_harmful, n - n_safe), 1)
     order = np.argsort(-teacher_scores, kind="stable")
     labels = np.full(n, -1)
     labels[order[:n_harmful]] = 1
@@ -83,8 +84,8 @@ class GuardStudentScorer(BaseEstimator):
             raise ValueError(f"safe_share must be between 0 and 1, got {self.safe_share}")
         if self.C <= 0 or self.estimate_scale <= 0:
             raise ValueError(f"C and estimate_scale must be positive, got C={self.C}, estimate_scale={self.estimate_scale}")
-        if X.shape[0] < 4:
-            raise ValueError(f"guard-student needs at least 4 rows to teach its student, got {X.shape[0]}")
+        if X.shape[0] < 2:
+            raise ValueError(f"guard-student needs at least 2 rows to teach its student, got {X.shape[0]}")
         self.teacher_ = GuardKNNScorer(n_neighbors=self.n_neighbors, n_components=self.n_components,
                                        weights=self.weights).fit(X)
         teacher = self.teacher_.score_samples(X)
