@@ -2,7 +2,8 @@
 the paper).
 
 With about 100 labels, a logistic probe on the model's principal components separates task data from harmful
-pairs better than the label-free guard-knn does (benchmarks/detect_plus.py: T10 0.961 against 0.948). This
+pairs better than the label-free guard-knn does (benchmarks/detect_plus.py, T10: the probe 0.961 on all rows,
+guard-knn 0.948 on the rows the guard never saw). This
 detector replaces those labels with pseudo-labels from guard-knn itself: its top `contamination_estimate * n`
 rows of the pool count as harmful, its bottom half as safe, the rows between are left out. The student (the
 same kind of probe) learns the directions of the model's representation along which the teacher's surest calls
@@ -11,8 +12,8 @@ The score is the sum of the standardised teacher and student scores, so that whe
 (BeaverTails, safe and unsafe answers to the same questions) the teacher still carries the ranking.
 
 The student's settings (C 0.1, the bottom half as safe, the teacher's estimate as the number of harmful
-pseudo-labels: `estimate_scale` 1) were fixed before any benchmark run; benchmarks/guard_student_sweep.py shows how much other
-choices would move the AUROC.
+pseudo-labels: `estimate_scale` 1) were fixed before any benchmark run; benchmarks/guard_student_sweep.py shows
+how much other choices would move the AUROC.
 """
 
 from __future__ import annotations
