@@ -38,7 +38,7 @@ from saft.data import write_json  # noqa: E402
 from saft.features import POSITIONS  # noqa: E402
 from saft.metrics import detection_metrics  # noqa: E402
 from saft.pipeline import versions  # noqa: E402
-from saft.pools import load_source, prompt_split, to_samples  # noqa: E402
+from saft.pools import guard_training_rows, to_samples  # noqa: E402
 from saft.select import select_calibrated, select_estimate, select_mixture, select_threshold  # noqa: E402
 
 
@@ -97,12 +97,6 @@ def evaluate_pool(X: np.ndarray, labels: list, refusal: np.ndarray) -> dict:
            lambda s, seed: f1_rule({"probe": s}, labels, seed))
     rows["ceiling: probe on all labels (5-fold CV)"] = {"labels": len(y), "auroc": [float(roc_auc_score(y, ceiling_scores(X, y)))]}
     return rows
-
-
-def guard_training_rows(raw_dir) -> list[dict]:
-    """The rows the packaged guard was trained on (the recipe of scripts/train_guard.py)."""
-    bt = load_source("bt_safe", raw_dir) + load_source("bt_unsafe", raw_dir)
-    return [r for r in bt if prompt_split(r["prompt"]) == "judge"] + load_source("refusal_llama2", raw_dir)
 
 
 def guard_training_prompts(raw_dir) -> set[str]:

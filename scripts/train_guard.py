@@ -27,7 +27,7 @@ from sklearn.model_selection import GroupKFold
 from saft.data import write_json
 from saft.detectors.guard import GUARD_FILE
 from saft.encoders import ENCODER_VERSION, embed_pairs
-from saft.pools import load_source, prompt_split
+from saft.pools import guard_training_rows, load_source, prompt_split
 
 
 LEVELS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--C", type=float, default=1.0)
     args = ap.parse_args()
     bt = load_source("bt_safe", args.raw_dir) + load_source("bt_unsafe", args.raw_dir)
-    train = [r for r in bt if prompt_split(r["prompt"]) == "judge"] + load_source("refusal_llama2", args.raw_dir)
+    train = guard_training_rows(args.raw_dir)
     test = [r for r in bt if prompt_split(r["prompt"]) == "experiment"]
     embed = lambda rows: embed_pairs([r["prompt"] for r in rows], [r["response"] for r in rows], progress=True)  # noqa: E731
     X, y = embed(train), np.array([r["harmful"] for r in train])

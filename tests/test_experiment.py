@@ -68,3 +68,21 @@ def test_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypatch)
 def test_config_rejects_unknown_arms():
     with pytest.raises(ValueError, match="unknown arms"):
         ExperimentConfig(arms=("saft", "magic"))
+
+
+def test_guard_training_rows_are_the_judge_half_and_the_refusals(tmp_path):
+    from saft.pools import guard_training_rows
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    prompts = [f"how do I do thing {i}?" for i in range(40)]
+    (raw / "beavertails_30k_test_safe_vaa.jsonl").write_text("".join(json.dumps(
+        {"prompt": p, "response": "a safe answer", "is_safe": True, "category": {}}) + "\n" for p in prompts))
+    (raw / "beavertails_30k_test_unsafe_vaa.jsonl").write_text("".join(json.dumps(
+        {"prompt": p, "response": "a harmful answer", "is_safe": False, "category": {"violence": True}}) + "\n" for p in prompts))
+    (raw / "refusals_llama2chat_1015.csv").write_text(',prompt,response,text\n0,[INST] hurt someone [/INST],"I cannot help.",x\n')
+    rows = guard_training_rows(raw)
+    judge = [p for p in prompts if prompt_split(p) == "judge"]
+    assert 0 < len(judge) < len(prompts)
+    assert [r["prompt"] for r in rows[:-1]] == judge + judge and [r["harmful"] for r in rows[:-1]] == [0] * len(judge) + [1] * len(judge)
+    assert (rows[-1]["prompt"], rows[-1]["harmful"], rows[-1]["source"]) == ("hurt someone", 0, "refusal_llama2")

@@ -98,6 +98,13 @@ def prompt_split(prompt: str) -> str:
     return "judge" if hashlib.sha1(prompt.encode("utf-8")).digest()[0] % 2 == 0 else "experiment"
 
 
+def guard_training_rows(raw_dir: str | Path | None = None) -> list[dict]:
+    """The packaged guard's training rows (scripts/train_guard.py): BeaverTails safe and unsafe pairs whose prompt
+    is in the 'judge' half of the prompt split, then the safety-tuned Llama-2-chat refusals (safe)."""
+    bt = load_source("bt_safe", raw_dir) + load_source("bt_unsafe", raw_dir)
+    return [r for r in bt if prompt_split(r["prompt"]) == "judge"] + load_source("refusal_llama2", raw_dir)
+
+
 def _draw(rows: list[dict], n: int, rng: np.random.Generator) -> list[dict]:
     if n > len(rows):
         raise ValueError(f"asked for {n} rows but the source has {len(rows)}")
