@@ -86,7 +86,8 @@ class GuardStudentScorer(BaseEstimator):
         if self.C <= 0 or self.estimate_scale <= 0:
             raise ValueError(f"C and estimate_scale must be positive, got C={self.C}, estimate_scale={self.estimate_scale}")
         if X.shape[0] < 2:
-            raise ValueError(f"guard-student needs at least 2 rows to teach its student, got {X.shape[0]}")
+            raise ValueError(f"guard-student needs at least 2 rows to teach its student, got {X.shape[0]}; "
+                             "to score a single sample, use the guard alone (--detector guard)")
         self.teacher_ = GuardKNNScorer(n_neighbors=self.n_neighbors, n_components=self.n_components,
                                        weights=self.weights).fit(X)
         teacher = self.teacher_.score_samples(X)
