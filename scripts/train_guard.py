@@ -12,8 +12,8 @@ reported). The five fold models are shipped too, for the contamination estimate:
 threshold were measured on rows it did not train on, the situation of a user's pool, while the final model,
 trained on every row, scores new harmful rows higher than cross-validation did (in a development run of
 benchmarks/estimate.py, 13-30% of the pools' harmful rows crossed its threshold against 15% in cross-validation,
-so its estimates came out high). The threshold is a quantile of held-out harmful scores, its level chosen here from the training rows
-alone (`choose_estimate_level`). The AUROC on the 'experiment' half of BeaverTails is reported.
+so its estimates came out high). The threshold is a quantile of held-out harmful scores, its level chosen here
+from the training rows alone (`choose_estimate_level`). The AUROC on the 'experiment' half of BeaverTails is reported.
 """
 
 import argparse

@@ -8,8 +8,8 @@ Arms:
   labels drawn from the pool);
 - `oracle`: the safe rows only;
 - one arm per other registered detector, with the selection rule `saft filter --rule auto` gives it: the
-  label-free estimate (guard, guard-knn, guard-student), the calibrated rule on the same 100 labels (probe, guard-probe), else
-  the F1 rule;
+  label-free estimate (guard, guard-knn, guard-student), the calibrated rule on the same 100 labels (probe,
+  guard-probe), else the F1 rule;
 - `base`: the model before any fine-tuning, for reference.
 Pools are BeaverTails pairs whose prompts fall in the 'experiment' half of `saft.pools.prompt_split` (the judge
 never saw them); evaluation prompts are drawn from the same half and never share a prompt with the pool.

@@ -3,9 +3,9 @@ the paper).
 
 With about 100 labels, a logistic probe on the model's principal components separates task data from harmful
 pairs better than the label-free guard-knn does (benchmarks/detect_plus.py, T10: the probe 0.961 on all rows,
-guard-knn 0.948 on the rows the guard never saw). This
-detector replaces those labels with pseudo-labels from guard-knn itself: its top `contamination_estimate * n`
-rows of the pool count as harmful, its bottom half as safe, the rows between are left out. The student (the
+guard-knn 0.948 on the rows the guard never saw). This detector replaces those labels with pseudo-labels from
+guard-knn itself: its top `contamination_estimate * n` rows of the pool count as harmful, its bottom half as
+safe, the rows between are left out. The student (the
 same kind of probe) learns the directions of the model's representation along which the teacher's surest calls
 differ, and scores every row along them, which corrects teacher errors that neighbourhood smoothing cannot reach.
 The score is the sum of the standardised teacher and student scores, so that where the model's view holds little
@@ -95,9 +95,10 @@ class GuardStudentScorer(BaseEstimator):
         n_harmful = max(int(round(self.estimate_scale * estimate * X.shape[0])), self.min_harmful, 1)
         self.pseudo_labels_ = pseudo_labels(teacher, n_harmful, safe_share=self.safe_share)
         taught = self.pseudo_labels_ >= 0
+        Z = self._components(X)
         self.student_ = LogisticRegression(C=self.C, class_weight="balanced", max_iter=5000).fit(
-            self._components(X)[taught], self.pseudo_labels_[taught])
-        student = self.student_.decision_function(self._components(X))
+            Z[taught], self.pseudo_labels_[taught])
+        student = self.student_.decision_function(Z)
         self.stats_ = (teacher.mean(), teacher.std() or 1.0, student.mean(), student.std() or 1.0)
         self.n_features_in_ = X.shape[1]
         return self
