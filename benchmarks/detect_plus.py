@@ -141,7 +141,7 @@ def evaluate_guard(S: np.ndarray, labels: list, refusal: np.ndarray, hidden: dic
     est = guard.contamination_estimate(S)
     variants = [
         ("guard + estimate rule (label-free, default)", z, 0, lambda z, seed: select_estimate(z, estimate=est)),
-        ("guard + flag rule (log-odds > 0, label-free)", z, 0, lambda z, seed: select_threshold(z, threshold=0.0)),
+        ("guard + flag rule (score > 0, label-free)", z, 0, lambda z, seed: select_threshold(z, threshold=0.0)),
         ("guard + F1 rule on 100 labels", z, 100, lambda z, seed: f1_rule({"guard": z}, labels, seed)),
     ]
     for pos, H in hidden.items():

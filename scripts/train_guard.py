@@ -1,6 +1,7 @@
-"""Train the label-free guard detector and write src/saft/guard_minilm_v1.json (weights + measured rates).
+"""Train the label-free guard detector and write src/saft/guard_minilm_v1.json (weights + measured rates) and
+src/saft/guard_minilm_rbf_v1.npz (the RBF model that ranks by default).
 
-    python scripts/train_guard.py [--raw-dir ../shared/data/raw] [--C 1.0]
+    python scripts/train_guard.py [--raw-dir ../shared/data/raw] [--C 1.0] [--rbf-C 1.0]
 
 Training rows (all from shared/data/raw): BeaverTails 30k_test safe and unsafe pairs whose prompt is in the
 'judge' half of saft.pools.prompt_split, and the 1015 refusals of a safety-tuned Llama-2-chat to harmful
@@ -14,6 +15,9 @@ trained on every row, scores new harmful rows higher than cross-validation did (
 benchmarks/estimate.py, 13-30% of the pools' harmful rows crossed its threshold against 15% in cross-validation,
 so its estimates came out high). The threshold is a quantile of held-out harmful scores, its level chosen here
 from the training rows alone (`choose_estimate_level`). The AUROC on the 'experiment' half of BeaverTails is reported.
+The RBF support vector machine (scikit-learn's SVC with its default C 1 and gamma 'scale', balanced classes) is
+trained on the same rows; its support vectors ship as float16 (the embeddings are unit vectors, so the rounding
+moves decision values by about 1e-3), with its grouped cross-validation and test AUROC in the JSON's meta.
 """
 
 import argparse
@@ -22,9 +26,10 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.base import clone
-from sklearn.model_selection import GroupKFold
+from sklearn.model_selection import GroupKFold, cross_val_predict
+from sklearn.svm import SVC
 
-from saft.data import write_json
+from saft.data import atomic_open, write_json
 from saft.detectors.guard import GUARD_FILE
 from saft.encoders import ENCODER_VERSION, embed_pairs
 from saft.pools import guard_training_rows, load_source, prompt_split
@@ -72,6 +77,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--raw-dir", default=None)
     ap.add_argument("--C", type=float, default=1.0)
+    ap.add_argument("--rbf-C", type=float, default=1.0)
     args = ap.parse_args()
     bt = load_source("bt_safe", args.raw_dir) + load_source("bt_unsafe", args.raw_dir)
     train = guard_training_rows(args.raw_dir)
@@ -95,7 +101,8 @@ def main() -> None:
                       "tpr": float((z[yh == 1] > t).mean()), "fpr": float((z[yh == 0] > t).mean())})
     lr.fit(X, y)
     yt = np.array([r["harmful"] for r in test])
-    zt = lr.decision_function(embed(test))
+    Xt = embed(test)
+    zt = lr.decision_function(Xt)
     meta = {
         "version": 1, "encoder": ENCODER_VERSION, "classifier": f"LogisticRegression(C={args.C}, class_weight='balanced')",
         "train": f"BeaverTails 30k_test pairs with prompt_split == 'judge' plus refusals_llama2chat_1015.csv as safe "
@@ -106,11 +113,23 @@ def main() -> None:
         "estimate_level": level, "estimate_level_worst_rmse": {str(k): v for k, v in worst.items()},
         "test": f"BeaverTails pairs with prompt_split == 'experiment' ({len(test)} rows, {int(yt.sum())} harmful)",
         "test_auroc": round(float(roc_auc_score(yt, zt)), 4),
-        "built_by": "python scripts/train_guard.py" + (f" --C {args.C}" if args.C != 1.0 else ""),
+        "built_by": "python scripts/train_guard.py" + (f" --C {args.C}" if args.C != 1.0 else "")
+        + (f" --rbf-C {args.rbf_C}" if args.rbf_C != 1.0 else ""),
     }
+    svc = SVC(C=args.rbf_C, kernel="rbf", gamma="scale", class_weight="balanced")
+    svc_cv = cross_val_predict(svc, X, y, groups=groups, cv=GroupKFold(n_splits=5), method="decision_function")
+    svc.fit(X, y)
+    kernel_file = GUARD_FILE.with_name("guard_minilm_rbf_v1.npz")
+    with atomic_open(kernel_file, "wb") as f:
+        np.savez_compressed(f, support_vectors=svc.support_vectors_.astype(np.float16), dual_coef=svc.dual_coef_[0],
+                            intercept=svc.intercept_[0], gamma=svc._gamma)
+    meta["kernel_model"] = {"classifier": f"SVC(C={args.rbf_C}, kernel='rbf', gamma='scale', class_weight='balanced')",
+                            "gamma": float(svc._gamma), "n_support": int(len(svc.support_)),
+                            "cv_auroc": round(float(roc_auc_score(y, svc_cv)), 4),
+                            "test_auroc": round(float(roc_auc_score(yt, svc.decision_function(Xt))), 4)}
     write_json({"coef": lr.coef_[0].tolist(), "intercept": float(lr.intercept_[0]), "estimate_folds": folds,
-                "meta": meta}, GUARD_FILE)
-    print(f"wrote {GUARD_FILE}: {meta}")
+                "kernel_model": kernel_file.name, "meta": meta}, GUARD_FILE)
+    print(f"wrote {GUARD_FILE} and {kernel_file}: {meta}")
 
 
 if __name__ == "__main__":

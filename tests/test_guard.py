@@ -37,19 +37,19 @@ def test_packaged_guard_weights_and_meta():
 def test_guard_scores_are_log_odds_and_estimate_is_adjusted_count(tmp_path):
     rng = np.random.default_rng(0)
     X = rng.normal(size=(200, 4))
-    g = GuardScorer(weights=weights_file(tmp_path, [1, 0, 0, 0], -0.5, tpr=0.8, fpr=0.2)).fit(X)
+    g = GuardScorer(weights=weights_file(tmp_path, [1, 0, 0, 0], -0.5, tpr=0.8, fpr=0.2), kernel="linear").fit(X)
     np.testing.assert_allclose(g.score_samples(X), X[:, 0] - 0.5)
     flagged = (X[:, 0] > 0.5).mean()
     assert g.contamination_estimate(X) == pytest.approx(np.clip((flagged - 0.2) / 0.6, 0, 1))
     # clipped at 0 when fewer are flagged than the false-positive rate predicts
-    assert GuardScorer(weights=weights_file(tmp_path, [0, 0, 0, 0], -1, 0.8, 0.2)).fit(X).contamination_estimate(X) == 0
+    assert GuardScorer(weights=weights_file(tmp_path, [0, 0, 0, 0], -1, 0.8, 0.2), kernel="linear").fit(X).contamination_estimate(X) == 0
 
 
 def test_guard_estimate_averages_its_fold_models_above_their_thresholds(tmp_path):
     X = np.random.default_rng(1).normal(size=(300, 4))
     folds = [{"coef": [1, 0, 0, 0], "intercept": 0.0, "threshold": 1.0, "tpr": 0.5, "fpr": 0.05},
              {"coef": [0, 1, 0, 0], "intercept": 0.0, "threshold": 0.5, "tpr": 0.6, "fpr": 0.1}]
-    g = GuardScorer(weights=weights_file(tmp_path, [1, 0, 0, 0], 0.0, 0.9, 0.4, estimate_folds=folds)).fit(X)
+    g = GuardScorer(weights=weights_file(tmp_path, [1, 0, 0, 0], 0.0, 0.9, 0.4, estimate_folds=folds), kernel="linear").fit(X)
     expected = np.mean([((X[:, 0] > 1.0).mean() - 0.05) / 0.45, ((X[:, 1] > 0.5).mean() - 0.1) / 0.5])
     assert g.contamination_estimate(X) == pytest.approx(expected)
     f = [(X[:, 0] > 1.0).mean(), (X[:, 1] > 0.5).mean()]
@@ -59,7 +59,44 @@ def test_guard_estimate_averages_its_fold_models_above_their_thresholds(tmp_path
     np.testing.assert_allclose(g.score_samples(X), X[:, 0])
     bad = weights_file(tmp_path, [1, 0, 0, 0], 0.0, 0.9, 0.4, estimate_folds=[{**folds[0], "coef": [1, 0]}])
     with pytest.raises(ValueError, match="estimate_folds"):
-        GuardScorer(weights=bad).fit(X)
+        GuardScorer(weights=bad, kernel="linear").fit(X)
+
+
+def test_rbf_guard_reproduces_the_fitted_svm(tmp_path):
+    from sklearn.svm import SVC
+
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(120, 4))
+    y = (X[:, 0] ** 2 + X[:, 1] ** 2 > 1.5).astype(int)  # a ring: no linear guard can rank it
+    svc = SVC(kernel="rbf", gamma="scale", class_weight="balanced").fit(X, y)
+    np.savez(tmp_path / "k.npz", support_vectors=svc.support_vectors_.astype(np.float16), dual_coef=svc.dual_coef_[0],
+             intercept=svc.intercept_[0], gamma=svc._gamma)
+    w = weights_file(tmp_path, [1, 0, 0, 0], 0.0, 0.8, 0.2, kernel_model="k.npz")
+    z = GuardScorer(weights=w).fit(X).score_samples(X)
+    np.testing.assert_allclose(z, svc.decision_function(X), atol=2e-2)  # float16 support vectors
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(y, z) > 0.9 > roc_auc_score(y, GuardScorer(weights=w, kernel="linear").fit(X).score_samples(X))
+    # the estimate does not depend on the kernel
+    assert GuardScorer(weights=w).fit(X).contamination_estimate(X) == GuardScorer(weights=w, kernel="linear").fit(X).contamination_estimate(X)
+    with pytest.raises(ValueError, match="no RBF model"):
+        GuardScorer(weights=weights_file(tmp_path, [1, 0, 0, 0], 0.0, 0.8, 0.2)).fit(X)
+    with pytest.raises(ValueError, match="does not exist"):
+        GuardScorer(weights=weights_file(tmp_path, [1, 0, 0, 0], 0.0, 0.8, 0.2, kernel_model="gone.npz")).fit(X)
+    with pytest.raises(ValueError, match="kernel must be one of rbf, linear"):
+        GuardScorer(weights=w, kernel="poly").fit(X)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        FilterConfig(guard_kernel="poly")
+
+
+def test_packaged_rbf_guard_matches_its_meta():
+    data = json.loads(GUARD_FILE.read_text())
+    km = data["meta"]["kernel_model"]
+    g = GuardScorer().load_weights()
+    sv = g.kernel_model_["support_vectors"]
+    assert sv.shape == (km["n_support"], DIM) and g.kernel_model_["gamma"] == pytest.approx(km["gamma"])
+    np.testing.assert_allclose(np.linalg.norm(sv[:, :384], axis=1), 1, atol=1e-2)  # unit MiniLM embeddings
+    assert 0.5 < km["test_auroc"] <= 1 and 0.5 < km["cv_auroc"] <= 1
 
 
 def test_guard_rejects_the_wrong_view():
@@ -132,6 +169,20 @@ def test_default_filter_needs_no_language_model(tmp_path, monkeypatch):
     assert res.summary["model"].startswith("all-MiniLM-L6-v2") and res.summary["metrics"]["auroc"] > 0.9
 
 
+def test_filter_passes_the_guard_kernel(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", toy_rows(12))
+    scores = {}
+    for kernel in ("rbf", "linear"):
+        cfg = FilterConfig(detector="guard", guard_kernel=kernel, cache_dir=str(tmp_path / "c"))
+        res = filter_dataset(data, output_dir=tmp_path / kernel, config=cfg, progress=False)
+        assert res.summary["config"]["guard_kernel"] == kernel
+        scores[kernel] = res.scores
+    S = sentence_features(res.dataset.samples)
+    np.testing.assert_allclose(scores["linear"], GuardScorer(kernel="linear").fit(S).score_samples(S), rtol=1e-5)
+    np.testing.assert_allclose(scores["rbf"], GuardScorer().fit(S).score_samples(S), rtol=1e-5)
+    assert not np.allclose(scores["rbf"], scores["linear"])
+
+
 def test_guard_knn_smooths_the_guard_over_the_model_view(tmp_path):
     rng = np.random.default_rng(0)
     n = 60
@@ -142,12 +193,12 @@ def test_guard_knn_smooths_the_guard_over_the_model_view(tmp_path):
     S = noisy[:, None] * np.array([[1.0, 0, 0]])
     w = weights_file(tmp_path, [1, 0, 0], 0.0, 0.8, 0.2)
     X = np.hstack([S, H])
-    knn = get_detector("guard-knn", n_neighbors=5, n_components=4, weights=w).fit(X)
+    knn = get_detector("guard-knn", n_neighbors=5, n_components=4, weights=w, kernel="linear").fit(X)
     from sklearn.metrics import roc_auc_score
 
-    plain = GuardScorer(weights=w).fit(S).score_samples(S)
+    plain = GuardScorer(weights=w, kernel="linear").fit(S).score_samples(S)
     assert roc_auc_score(truth, knn.score_samples(X)) > roc_auc_score(truth, plain)
-    assert knn.contamination_estimate(X) == GuardScorer(weights=w).fit(S).contamination_estimate(S)
+    assert knn.contamination_estimate(X) == GuardScorer(weights=w, kernel="linear").fit(S).contamination_estimate(S)
     with pytest.raises(ValueError, match="followed by the model's hidden states"):
         knn.fit(S)
 

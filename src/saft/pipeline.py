@@ -21,6 +21,7 @@ import numpy as np
 
 from .data import Dataset, FieldOptions, load_samples, output_name, write_json, write_jsonl, write_subset
 from .detectors import DETECTORS, NEEDS_LABELS, default_rule, detector_view, get_detector, own_estimate
+from .detectors.guard import check_kernel
 from .encoders import ENCODER_VERSION, sentence_features
 from .features import POSITIONS, extract_features
 from .metrics import detection_metrics
@@ -45,6 +46,7 @@ class FilterConfig:
     max_length: int = field(default=512, metadata={"help": "tokens per sample; longer samples are truncated and counted"})
     batch_size: int = field(default=8, metadata={"help": "samples per forward pass"})
     detector: str = field(default="auto", metadata={"help": "auto (guard-probe when the data has n_labels labelled rows or a labels file is given, else guard-student), or a registered detector: guard-student (label-free: guard-knn plus a probe on the model's features trained on guard-knn's surest calls), guard-knn (label-free: a packaged classifier on sentence embeddings, smoothed over the model's features), guard (the same classifier alone; the model is not loaded), subspace (the paper's), probe and guard-probe (semi-supervised: use the labels)"})
+    guard_kernel: str = field(default="rbf", metadata={"help": "classifier of the guard detectors (guard, guard-knn, guard-student, guard-probe): rbf (a kernel SVM, the default: better on BeaverTails-like data) or linear (the logistic regression, the default before); the contamination estimate is the same"})
     n_components: int | None = field(default=None, metadata={"help": "fix k; default: searched over k_candidates by the f1 rule, else 1"})
     k_candidates: tuple[int, ...] = field(default=(1, 2, 3, 4), metadata={"help": "k values the f1 rule searches"})
     weighted: bool = field(default=False, metadata={"help": "weight squared projections by singular values (HaloScope option)"})
@@ -68,6 +70,7 @@ class FilterConfig:
             get_detector(self.detector)  # raises with the list of names and a suggestion
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        check_kernel(self.guard_kernel)
         if self.rule == "auto" and self.detector != "auto":
             self.rule = default_rule(self.detector)
         if self.rule == "estimate" and self.detector != "auto" and not hasattr(DETECTORS[self.detector], "contamination_estimate"):
@@ -274,6 +277,8 @@ def _fit_scorers(config: FilterConfig, X, Xv, val_labels, labeled_idx) -> dict:
         return {k: get_detector("subspace", n_components=k, weighted=config.weighted,
                                 standardize=config.standardize).fit(X) for k in ks}
     detector = get_detector(config.detector)
+    if "kernel" in detector.get_params():  # the guard detectors
+        detector.set_params(kernel=config.guard_kernel)
     if config.detector not in NEEDS_LABELS:
         return {config.detector: detector.fit(X)}
     # Semi-supervised: the pool shapes the detector, the labelled rows (pool rows or a labels file) train it.

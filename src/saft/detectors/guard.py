@@ -2,19 +2,24 @@
 
 The paper's score has no notion of what "harmful" means: it ranks samples by how far they sit along the pool's
 main directions, which on real pools are style and topic (measured AUROC 0.49-0.59 with the embedded model).
-The guard brings that notion from outside the user's data: a logistic regression on all-MiniLM-L6-v2
-embeddings of (response, exchange) (`saft.encoders`), trained by scripts/train_guard.py on public pairs:
-BeaverTails safe/unsafe pairs from the judge half of the prompt split, plus refusals by a safety-tuned model
-to harmful prompts (labelled safe, so that refusals, which a model needs to stay safe, are kept).
-Its weights ship as `guard_minilm_v1.json`. `contamination_estimate` is an adjusted classify-and-count
-(Forman, 2008) of the harmful share of a pool: (share above a threshold - fpr) / (tpr - fpr), clipped to
-[0, 1], averaged over the five cross-validation fold models shipped beside the final one, because their true-
-and false-positive rates were measured on rows they never saw, as a user's pool is. The threshold is not the
-classifier's 0 but a high one (the `estimate_level` quantile of held-out harmful scores): an adjusted count is
-biased by how much more often the pool's safe rows cross the threshold than the training safe rows did, and
-few safe rows of any kind reach a high threshold. scripts/train_guard.py chooses the level on simulated
-shifted pools from the training rows alone. Safe rows that read like harmful ones (BeaverTails' safe answers)
-still inflate the estimate (see benchmarks/RESULTS.md).
+The guard brings that notion from outside the user's data: a classifier on all-MiniLM-L6-v2 embeddings of
+(response, exchange) (`saft.encoders`), trained by scripts/train_guard.py on public pairs: BeaverTails
+safe/unsafe pairs from the judge half of the prompt split, plus refusals by a safety-tuned model to harmful
+prompts (labelled safe, so that refusals, which a model needs to stay safe, are kept).
+Two classifiers ship, trained on the same rows: a logistic regression (`guard_minilm_v1.json`) and an RBF-kernel
+support vector machine (its support vectors in `guard_minilm_rbf_v1.npz`, named by the JSON). The kernel one
+ranks (`kernel="rbf"`, the default): on the benchmark pools it is above the linear one on every pool and draw
+of BeaverTails, where harmful and safe answers differ in ways no single direction captures (benchmarks/
+RESULTS.md, pool-seeds). The linear one stays for `kernel="linear"` and for the contamination estimate.
+`contamination_estimate` is an adjusted classify-and-count (Forman, 2008) of the harmful share of a pool:
+(share above a threshold - fpr) / (tpr - fpr), clipped to [0, 1], averaged over the five cross-validation fold
+models (linear) shipped beside the final one, because their true- and false-positive rates were measured on
+rows they never saw, as a user's pool is. The threshold is not the classifier's 0 but a high one (the
+`estimate_level` quantile of held-out harmful scores): an adjusted count is biased by how much more often the
+pool's safe rows cross the threshold than the training safe rows did, and few safe rows of any kind reach a
+high threshold. scripts/train_guard.py chooses the level on simulated shifted pools from the training rows
+alone. Safe rows that read like harmful ones (BeaverTails' safe answers) still inflate the estimate (see
+benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -27,17 +32,27 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_array, check_is_fitted
 
 GUARD_FILE = Path(__file__).resolve().parent.parent / "guard_minilm_v1.json"
+KERNELS = ("rbf", "linear")
+
+
+def check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"the guard's kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
 
 
 class GuardScorer(BaseEstimator):
-    """Score = the packaged guard's log-odds of harmful, on the sentence-encoder view (768 columns).
+    """Score = the packaged guard's decision value for harmful, on the sentence-encoder view (768 columns).
 
     Parameters
     ----------
     weights : str or None, default=None
-        JSON file with `coef`, `intercept`, `meta` and `estimate_folds` (a list of {coef, intercept, threshold,
-        tpr, fpr}) as written by scripts/train_guard.py. Without `estimate_folds`, the estimate uses the final
-        model at log-odds 0 with `meta`'s `cv_tpr` and `cv_fpr`. None = the packaged `guard_minilm_v1.json`.
+        JSON file with `coef`, `intercept`, `meta`, `estimate_folds` (a list of {coef, intercept, threshold,
+        tpr, fpr}) and `kernel_model` (the .npz file of the RBF model, relative to the JSON's folder) as written
+        by scripts/train_guard.py. Without `estimate_folds`, the estimate uses the final linear model at 0 with
+        `meta`'s `cv_tpr` and `cv_fpr`. None = the packaged `guard_minilm_v1.json`.
+    kernel : {"rbf", "linear"}, default="rbf"
+        Which classifier scores: the RBF support vector machine (decision value) or the logistic regression
+        (log-odds). Both are above 0 where they call a sample harmful. The estimate is the same either way.
 
     `fit(X, y=None)` only loads the weights and checks X's width: the guard needs no labels from the pool, and
     ignores them when given.
@@ -45,11 +60,13 @@ class GuardScorer(BaseEstimator):
 
     view = "sentence"
 
-    def __init__(self, weights: str | None = None):
+    def __init__(self, weights: str | None = None, kernel: str = "rbf"):
         self.weights = weights
+        self.kernel = kernel
 
     def load_weights(self) -> "GuardScorer":
         """Read the weights file; `fit` calls this, and so does `GuardKNNScorer` for its guard."""
+        check_kernel(self.kernel)
         path = Path(self.weights) if self.weights else GUARD_FILE
         data = json.loads(path.read_text())
         self.coef_ = np.asarray(data["coef"], dtype=np.float64)
@@ -65,7 +82,24 @@ class GuardScorer(BaseEstimator):
         if bad:
             raise ValueError(f"{path}: estimate_folds {bad} have {len(self.estimate_models_[bad[0]][0])} coefficients "
                              f"but coef has {len(self.coef_)}; rebuild the file with scripts/train_guard.py")
+        self.kernel_model_ = self._load_kernel_model(path, data) if self.kernel == "rbf" else None
         return self
+
+    def _load_kernel_model(self, path: Path, data: dict) -> dict:
+        if "kernel_model" not in data:
+            raise ValueError(f"{path} holds no RBF model (no 'kernel_model' entry): use kernel='linear' "
+                             "(--guard-kernel linear), or rebuild the file with scripts/train_guard.py")
+        npz = path.parent / data["kernel_model"]
+        if not npz.exists():
+            raise ValueError(f"{path} names the RBF model {npz}, which does not exist; rebuild both with "
+                             "scripts/train_guard.py")
+        with np.load(npz) as z:
+            model = {"support_vectors": z["support_vectors"].astype(np.float64), "dual_coef": z["dual_coef"].astype(np.float64),
+                     "intercept": float(z["intercept"]), "gamma": float(z["gamma"])}
+        if model["support_vectors"].shape[1] != len(self.coef_):
+            raise ValueError(f"{npz}: support vectors have {model['support_vectors'].shape[1]} columns but {path}'s "
+                             f"coef has {len(self.coef_)}; rebuild both with scripts/train_guard.py")
+        return model
 
     def fit(self, X, y=None):
         X = check_array(X, dtype=np.float64)
@@ -77,10 +111,17 @@ class GuardScorer(BaseEstimator):
         return self
 
     def score_samples(self, X) -> np.ndarray:
-        """Log-odds of harmful: higher = more suspicious; > 0 means the guard flags the sample."""
+        """Decision value for harmful (log-odds for the linear kernel): higher = more suspicious; > 0 means the
+        guard flags the sample."""
         check_is_fitted(self, "coef_")
         X = check_array(X, dtype=np.float64)
-        return X @ self.coef_ + self.intercept_
+        m = self.kernel_model_
+        if m is None:
+            return X @ self.coef_ + self.intercept_
+        from sklearn.metrics.pairwise import rbf_kernel
+
+        # The fitted SVC's decision function: its kernel expansion over the shipped support vectors.
+        return rbf_kernel(X, m["support_vectors"], gamma=m["gamma"]) @ m["dual_coef"] + m["intercept"]
 
     def contamination_estimate(self, X) -> float:
         """Label-free estimate of the harmful share of X: the fold models' adjusted counts, averaged."""
@@ -115,7 +156,7 @@ class GuardKNNScorer(BaseEstimator):
     The guard judges each sample alone and errs on benign text that merely sounds like its harmful training
     rows. The model about to be fine-tuned places samples that do the same thing near each other, so the
     guard's average vote over a sample's nearest neighbours in that space corrects a part of those errors. The
-    score is the sum of the standardised guard log-odds and the standardised neighbour average.
+    score is the sum of the standardised guard scores and the standardised neighbour average.
 
     X is the "both" view: the sentence-encoder view (first `GuardScorer` width columns, 768) followed by the
     model's hidden state at the configured layer and position. Neighbours are found by cosine similarity after
@@ -127,15 +168,17 @@ class GuardKNNScorer(BaseEstimator):
     n_neighbors : int, default=10
     n_components : int, default=64
     weights : str or None, default=None
-        The guard's weights (see `GuardScorer`).
+    kernel : {"rbf", "linear"}, default="rbf"
+        The guard's weights and classifier (see `GuardScorer`).
     """
 
     view = "both"
 
-    def __init__(self, n_neighbors: int = 10, n_components: int = 64, weights: str | None = None):
+    def __init__(self, n_neighbors: int = 10, n_components: int = 64, weights: str | None = None, kernel: str = "rbf"):
         self.n_neighbors = n_neighbors
         self.n_components = n_components
         self.weights = weights
+        self.kernel = kernel
 
     def split_views(self, X):
         """(sentence-encoder columns, hidden-state columns) of X."""
@@ -158,7 +201,7 @@ class GuardKNNScorer(BaseEstimator):
         X = check_array(X, dtype=np.float64)
         if self.n_neighbors < 1:
             raise ValueError(f"n_neighbors must be at least 1, got {self.n_neighbors}")
-        self.guard_ = GuardScorer(weights=self.weights).load_weights()
+        self.guard_ = GuardScorer(weights=self.weights, kernel=self.kernel).load_weights()
         S, H = self.split_views(X)
         self.scaler_ = StandardScaler().fit(H)
         k = min(self.n_components, X.shape[0] - 1, H.shape[1])

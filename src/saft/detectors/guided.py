@@ -31,16 +31,19 @@ class GuidedProbeScorer(BaseEstimator):
     ----------
     n_components : int, default=32
     C : float, default=0.1
-    n_neighbors : int, default=10
-        Passed to the guard-knn score.
+    n_neighbors, weights, kernel
+        Passed to the guard-knn score (`GuardKNNScorer`).
     """
 
     view = "both"
 
-    def __init__(self, n_components: int = 32, C: float = 0.1, n_neighbors: int = 10):
+    def __init__(self, n_components: int = 32, C: float = 0.1, n_neighbors: int = 10, weights: str | None = None,
+                 kernel: str = "rbf"):
         self.n_components = n_components
         self.C = C
         self.n_neighbors = n_neighbors
+        self.weights = weights
+        self.kernel = kernel
 
     def _inputs(self, X):
         _, H = self.guard_.split_views(X)
@@ -50,7 +53,7 @@ class GuidedProbeScorer(BaseEstimator):
     def fit(self, X, y=None):
         X = check_array(X, dtype=np.float64)
         y, labelled = semi_supervised_labels(y, "guard-probe")
-        self.guard_ = GuardKNNScorer(n_neighbors=self.n_neighbors).fit(X)
+        self.guard_ = GuardKNNScorer(n_neighbors=self.n_neighbors, weights=self.weights, kernel=self.kernel).fit(X)
         _, H = self.guard_.split_views(X)
         self.scaler_ = StandardScaler().fit(H)
         k = min(self.n_components, X.shape[0] - 1, H.shape[1])

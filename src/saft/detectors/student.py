@@ -59,14 +59,14 @@ class GuardStudentScorer(BaseEstimator):
         Rows taken as harmful, as a multiple of the teacher's contamination estimate times the pool size.
     min_harmful : int, default=10
         Fewest rows taken as harmful, so that a pool the teacher thinks clean still trains a student.
-    n_neighbors, n_components, weights
+    n_neighbors, n_components, weights, kernel
         Passed to the teacher (`GuardKNNScorer`); the student reads the same `n_components` components.
     """
 
     view = "both"
 
     def __init__(self, C: float = 0.1, safe_share: float = 0.5, estimate_scale: float = 1.0, min_harmful: int = 10,
-                 n_neighbors: int = 10, n_components: int = 64, weights: str | None = None):
+                 n_neighbors: int = 10, n_components: int = 64, weights: str | None = None, kernel: str = "rbf"):
         self.C = C
         self.safe_share = safe_share
         self.estimate_scale = estimate_scale
@@ -74,6 +74,7 @@ class GuardStudentScorer(BaseEstimator):
         self.n_neighbors = n_neighbors
         self.n_components = n_components
         self.weights = weights
+        self.kernel = kernel
 
     def _components(self, X):
         _, H = self.teacher_.split_views(X)
@@ -89,7 +90,7 @@ class GuardStudentScorer(BaseEstimator):
             raise ValueError(f"guard-student needs at least 2 rows to teach its student, got {X.shape[0]}; "
                              "to score a single sample, use the guard alone (--detector guard)")
         self.teacher_ = GuardKNNScorer(n_neighbors=self.n_neighbors, n_components=self.n_components,
-                                       weights=self.weights).fit(X)
+                                       weights=self.weights, kernel=self.kernel).fit(X)
         teacher = self.teacher_.score_samples(X)
         estimate = self.teacher_.contamination_estimate(X)
         n_harmful = max(int(round(self.estimate_scale * estimate * X.shape[0])), self.min_harmful, 1)
