@@ -28,6 +28,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from detect import HERE, LABEL_SEEDS, POOLS, fmt, pool_features, write_results_md  # noqa: E402
@@ -104,13 +105,16 @@ def guard_training_prompts(raw_dir) -> set[str]:
     return {r["prompt"] for r in guard_training_rows(raw_dir)}
 
 
-def ceiling_with_guard_data(S: np.ndarray, y: np.ndarray, S_guard: np.ndarray, y_guard: np.ndarray) -> np.ndarray:
-    """Out-of-fold scores (5-fold CV over the pool) of the guard's own recipe, logistic regression on the sentence
-    view, trained on the guard's training rows plus every other fold's labelled pool rows: what the guard's data
-    and all of the pool's labels together can reach in that view."""
+def ceiling_with_guard_data(S: np.ndarray, y: np.ndarray, S_guard: np.ndarray, y_guard: np.ndarray, *,
+                            kernel: str = "linear") -> np.ndarray:
+    """Out-of-fold scores (5-fold CV over the pool) of the guard's own recipe (`kernel` "linear": logistic
+    regression; "rbf": the RBF support vector machine) on the sentence view, trained on the guard's training rows
+    plus every other fold's labelled pool rows: what the guard's data and all of the pool's labels together can
+    reach in that view."""
     out = np.zeros(len(y))
     for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(S, y):
-        clf = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000)
+        clf = (LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000) if kernel == "linear"
+               else SVC(C=1.0, kernel="rbf", gamma="scale", class_weight="balanced"))
         out[test] = clf.fit(np.vstack([S_guard, S[train]]), np.concatenate([y_guard, y[train]])).decision_function(S[test])
     return out
 
@@ -139,8 +143,11 @@ def evaluate_guard(S: np.ndarray, labels: list, refusal: np.ndarray, hidden: dic
     guard = GuardScorer().fit(S)
     z = guard.score_samples(S)
     est = guard.contamination_estimate(S)
+    z_linear = GuardScorer(kernel="linear").fit(S).score_samples(S)
     variants = [
         ("guard + estimate rule (label-free, default)", z, 0, lambda z, seed: select_estimate(z, estimate=est)),
+        ("guard, linear kernel (before) + estimate rule (label-free)", z_linear, 0,
+         lambda z, seed: select_estimate(z, estimate=est)),
         ("guard + flag rule (score > 0, label-free)", z, 0, lambda z, seed: select_threshold(z, threshold=0.0)),
         ("guard + F1 rule on 100 labels", z, 100, lambda z, seed: f1_rule({"guard": z}, labels, seed)),
     ]
@@ -237,9 +244,10 @@ def main(argv=None) -> int:
             rows[f"ceiling: LR on all labels, {view} (5-fold CV)"] = {
                 "labels": len(y_unseen), "n": len(y_unseen), "truth": float(y_unseen.mean()),
                 "auroc": [float(roc_auc_score(y_unseen, ceiling_scores(F, y_unseen)))]}
-        rows["ceiling: the guard's training rows + LR on all labels, sentence view (5-fold CV)"] = {
-            "labels": len(y_unseen), "n": len(y_unseen), "truth": float(y_unseen.mean()),
-            "auroc": [float(roc_auc_score(y_unseen, ceiling_with_guard_data(S[unseen], y_unseen, S_guard, y_guard)))]}
+        for kernel, clf in (("linear", "LR"), ("rbf", "RBF SVM")):
+            rows[f"ceiling: the guard's training rows + {clf} on all labels, sentence view (5-fold CV)"] = {
+                "labels": len(y_unseen), "n": len(y_unseen), "truth": float(y_unseen.mean()), "auroc": [float(roc_auc_score(
+                    y_unseen, ceiling_with_guard_data(S[unseen], y_unseen, S_guard, y_guard, kernel=kernel)))]}
         res["pools"][name]["sentence view, unseen rows"] = rows
         for pos, rows in res["pools"][name].items():
             for det, r in rows.items():

