@@ -245,6 +245,24 @@ def test_guard_probe_learns_from_labels_on_top_of_the_guard(tmp_path):
         get_detector("guard-probe").fit(X, np.where(np.arange(n) < 10, 0, -1))
 
 
+def test_guard_probe_guard_weight_is_a_prior_towards_the_guard(tmp_path):
+    rng = np.random.default_rng(3)
+    n = 200
+    truth = (np.arange(n) % 5 == 0).astype(int)
+    S = (truth + rng.normal(scale=0.7, size=n))[:, None] * np.array([[1.0, 0, 0]])  # the guard knows
+    H = rng.normal(size=(n, 12))  # the model's features are noise
+    X = np.hstack([S, H])
+    y = np.full(n, -1)
+    y[:30] = truth[:30]
+    w = weights_file(tmp_path, [1, 0, 0], 0.0, 0.8, 0.2)
+    knn = get_detector("guard-knn", weights=w, kernel="linear").fit(X).score_samples(X)  # as guard-probe builds it
+    corr = {gw: np.corrcoef(knn, get_detector("guard-probe", n_components=8, guard_weight=gw, weights=w,
+                                              kernel="linear").fit(X, y).score_samples(X))[0, 1] for gw in (1.0, 3.0, 10.0)}
+    assert corr[1.0] < corr[3.0] < corr[10.0] and corr[10.0] > 0.95
+    with pytest.raises(ValueError, match="guard_weight must be positive"):
+        get_detector("guard-probe", guard_weight=0).fit(X, y)
+
+
 def test_auto_uses_the_labels_when_there_are_enough():
     from saft.pipeline import resolve_auto
 
