@@ -94,8 +94,9 @@ class GuardScorer(BaseEstimator):
             raise ValueError(f"{path} names the RBF model {npz}, which does not exist; rebuild both with "
                              "scripts/train_guard.py")
         with np.load(npz) as z:
-            model = {"support_vectors": z["support_vectors"].astype(np.float64), "dual_coef": z["dual_coef"].astype(np.float64),
-                     "intercept": float(z["intercept"]), "gamma": float(z["gamma"])}
+            model = {"support_vectors": z["support_vectors"].astype(np.float64),
+                     "dual_coef": z["dual_coef"].astype(np.float64), "intercept": float(z["intercept"]),
+                     "gamma": float(z["gamma"])}
         if model["support_vectors"].shape[1] != len(self.coef_):
             raise ValueError(f"{npz}: support vectors have {model['support_vectors'].shape[1]} columns but {path}'s "
                              f"coef has {len(self.coef_)}; rebuild both with scripts/train_guard.py")
