@@ -4,9 +4,10 @@
 
 Pools T10, T30, B10, B30, H10, H30 as in detect.py, drawn with each seed in --seeds (seed 0 = detect.py's
 pools), keeping only rows whose prompt the guard never saw in training. For each pool: the truth, the shipped
-estimate (GuardScorer.contamination_estimate), and, measured in the same run as the
-baseline, the adjusted count at the classifier's own threshold (log-odds 0, cross-validated tpr and fpr) that
-the guard used before. Also the share of the pool's safe rows above the estimate's threshold against the
+estimate (GuardScorer.contamination_estimate: the RBF classifier's fold models, the default since session 5),
+the same from the linear classifier's fold models (the estimate of sessions 3-4), and, measured in the same run
+as the baseline, the adjusted count at the linear classifier's own threshold (log-odds 0, cross-validated tpr
+and fpr) that the guard used before. Also the share of the pool's safe rows above the estimate's threshold against the
 false-positive rate the correction assumes: the gap between the two is the estimate's bias, and it needs labels
 to measure. Only the sentence-encoder view is computed (cached in benchmarks/.cache/sentence). Rewrites the
 estimate section of RESULTS.md and saves results/estimate.json.
@@ -44,11 +45,13 @@ def main(argv=None) -> int:
     t0 = time.time()
     seen = guard_training_prompts(None)
     guard = GuardScorer().load_weights()
+    linear = GuardScorer(kernel="linear").load_weights()
     m = guard.meta_
     res = {"command": "python benchmarks/estimate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "seeds": args.seeds, "versions": versions(), "date": time.strftime("%Y-%m-%d"),
-           "guard": {"estimate_level": m["estimate_level"], "cv_tpr": m["cv_tpr"], "cv_fpr": m["cv_fpr"],
-                     "fold_tpr": [f[3] for f in guard.estimate_models_], "fold_fpr": [f[4] for f in guard.estimate_models_]},
+           "guard": {"estimate_level": m["kernel_model"]["estimate_level"], "cv_tpr": m["cv_tpr"], "cv_fpr": m["cv_fpr"],
+                     "fold_tpr": [f["tpr"] for f in guard.estimate_models_],
+                     "fold_fpr": [f["fpr"] for f in guard.estimate_models_]},
            "pools": {}}
     for name, build in SEEDED_POOLS.items():
         for seed in args.seeds:
@@ -59,10 +62,13 @@ def main(argv=None) -> int:
             res["pools"][f"{name} seed {seed}"] = {
                 "pool": name, "seed": seed, "n": int(unseen.sum()), "truth": float(y.mean()),
                 "estimate": guard.contamination_estimate(S),
-                "baseline": adjusted_count(guard.score_samples(S), 0.0, m["cv_tpr"], m["cv_fpr"]),
-                # per fold model: share of the pool's safe / harmful rows above its threshold, and its rates
-                "safe_above": [float((S[y == 0] @ c + b > t).mean()) for c, b, t, _, _ in guard.estimate_models_],
-                "harmful_above": [float((S[y == 1] @ c + b > t).mean()) for c, b, t, _, _ in guard.estimate_models_]}
+                "linear": linear.contamination_estimate(S),
+                "baseline": adjusted_count(linear.score_samples(S), 0.0, m["cv_tpr"], m["cv_fpr"]),
+                # per fold model: share of the pool's safe / harmful rows above its threshold
+                "safe_above": [float((z[y == 0] > f["threshold"]).mean())
+                               for f, z in zip(guard.estimate_models_, guard.fold_decisions(S))],
+                "harmful_above": [float((z[y == 1] > f["threshold"]).mean())
+                                  for f, z in zip(guard.estimate_models_, guard.fold_decisions(S))]}
     res["seconds"] = time.time() - t0
     write_json(res, HERE / "results" / "estimate.json")
     text = render(res)
@@ -76,24 +82,28 @@ def render(res: dict) -> str:
     g = res["guard"]
     lines = [f"Command: `{res['command']}`; pool seeds {', '.join(map(str, res['seeds']))}; rows whose prompt the guard "
              f"never saw. Versions: {json.dumps(res['versions'])}. Date: {res['date']}, {res['seconds']:.0f} s.  ",
-             f"Shipped: mean over the 5 fold models of the adjusted count above each one's {g['estimate_level']} quantile "
-             f"of held-out harmful scores (held-out tpr {np.mean(g['fold_tpr']):.3f}, fpr {np.mean(g['fold_fpr']):.4f}, "
-             f"means over folds). Baseline (before): the final model's adjusted count above log-odds 0 (tpr "
-             f"{g['cv_tpr']}, fpr {g['cv_fpr']}). The last two columns (means over folds) are what the estimate assumes "
-             "them to be: the held-out fpr and tpr.", "",
-             "| pool | seed | rows | truth | estimate | error | baseline | baseline error | safe rows above the threshold | harmful rows above |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"Shipped: mean over the RBF classifier's 5 fold models of the adjusted count above each one's "
+             f"{g['estimate_level']} quantile of held-out harmful scores (held-out tpr {np.mean(g['fold_tpr']):.3f}, fpr "
+             f"{np.mean(g['fold_fpr']):.4f}, means over folds). Linear: the same with the logistic regression's fold "
+             f"models (sessions 3-4). Baseline (before): the final linear model's adjusted count above log-odds 0 (tpr "
+             f"{g['cv_tpr']}, fpr {g['cv_fpr']}). The last two columns (shipped folds, means) are what the estimate "
+             "assumes them to be: the held-out fpr and tpr.", "",
+             "| pool | seed | rows | truth | estimate | error | linear | linear error | baseline | baseline error | "
+             "safe rows above the threshold | harmful rows above |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by_pool: dict[str, list] = {}
     for r in res["pools"].values():
-        err, base = r["estimate"] - r["truth"], r["baseline"] - r["truth"]
-        by_pool.setdefault(r["pool"], []).append((abs(err), abs(base)))
+        err, lin, base = r["estimate"] - r["truth"], r["linear"] - r["truth"], r["baseline"] - r["truth"]
+        by_pool.setdefault(r["pool"], []).append((abs(err), abs(lin), abs(base)))
         lines.append(f"| {r['pool']} | {r['seed']} | {r['n']} | {r['truth']:.3f} | {r['estimate']:.3f} | {err:+.3f} | "
-                     f"{r['baseline']:.3f} | {base:+.3f} | {np.mean(r['safe_above']):.4f} | {np.mean(r['harmful_above']):.3f} |")
-    lines += ["", "| pool | max abs error (estimate) | max abs error (baseline) | baseline / estimate (mean abs error) |",
-              "|---|---|---|---|"]
+                     f"{r['linear']:.3f} | {lin:+.3f} | {r['baseline']:.3f} | {base:+.3f} | {np.mean(r['safe_above']):.4f} | "
+                     f"{np.mean(r['harmful_above']):.3f} |")
+    lines += ["", "| pool | max abs error (estimate) | max abs error (linear) | max abs error (baseline) | "
+              "linear / estimate (mean abs error) | baseline / estimate |", "|---|---|---|---|---|---|"]
     for pool, errs in by_pool.items():
         e = np.array(errs)
-        lines.append(f"| {pool} | {e[:, 0].max():.3f} | {e[:, 1].max():.3f} | {e[:, 1].mean() / max(e[:, 0].mean(), 1e-9):.1f}x |")
+        mean = max(e[:, 0].mean(), 1e-9)
+        lines.append(f"| {pool} | {e[:, 0].max():.3f} | {e[:, 1].max():.3f} | {e[:, 2].max():.3f} | "
+                     f"{e[:, 1].mean() / mean:.1f}x | {e[:, 2].mean() / mean:.1f}x |")
     return "\n".join(lines)
 
 

@@ -16,8 +16,8 @@ benchmarks/estimate.py, 13-30% of the pools' harmful rows crossed its threshold 
 so its estimates came out high). The threshold is a quantile of held-out harmful scores, its level chosen here
 from the training rows alone (`choose_estimate_level`). The AUROC on the 'experiment' half of BeaverTails is reported.
 The RBF support vector machine (scikit-learn's SVC with its default C 1 and gamma 'scale', balanced classes) is
-trained on the same rows; its support vectors ship as float16 (the embeddings are unit vectors, so the rounding
-moves decision values by about 1e-3), with its grouped cross-validation and test AUROC in the JSON's meta.
+trained on the same rows, with its own five fold models and estimate level chosen the same way (the estimate
+with kernel="rbf"); all ship in the .npz, its grouped cross-validation and test AUROC in the JSON's meta.
 """
 
 import argparse
@@ -26,7 +26,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.base import clone
-from sklearn.model_selection import GroupKFold, cross_val_predict
+from sklearn.model_selection import GroupKFold
 from sklearn.svm import SVC
 
 from saft.data import atomic_open, write_json
@@ -73,6 +73,13 @@ def choose_estimate_level(cv: np.ndarray, y: np.ndarray, source: np.ndarray, *, 
     return min(worst, key=worst.get), worst
 
 
+def rbf_arrays(svc) -> dict:
+    """A fitted SVC as the arrays GuardScorer reads (support vectors as float16: unit-vector embeddings, so the
+    rounding moves decision values by about 1e-3)."""
+    return {"support_vectors": svc.support_vectors_.astype(np.float16), "dual_coef": svc.dual_coef_[0],
+            "intercept": svc.intercept_[0], "gamma": svc._gamma}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--raw-dir", default=None)
@@ -116,15 +123,28 @@ def main() -> None:
         "built_by": "python scripts/train_guard.py" + (f" --C {args.C}" if args.C != 1.0 else "")
         + (f" --rbf-C {args.rbf_C}" if args.rbf_C != 1.0 else ""),
     }
+    # The RBF model, and its own five fold models for the estimate (same splits, level chosen the same way).
     svc = SVC(C=args.rbf_C, kernel="rbf", gamma="scale", class_weight="balanced")
-    svc_cv = cross_val_predict(svc, X, y, groups=groups, cv=GroupKFold(n_splits=5), method="decision_function")
+    svc_folds = [clone(svc).fit(X[fit], y[fit]) for fit, _ in splits]
+    svc_cv = np.zeros(len(y))
+    for model, (_, held) in zip(svc_folds, splits):
+        svc_cv[held] = model.decision_function(X[held])
+    svc_level, svc_worst = choose_estimate_level(svc_cv, y, np.array([r["source"] for r in train]))
     svc.fit(X, y)
+    arrays = {}
+    for i, (model, (_, held)) in enumerate(zip(svc_folds, splits)):
+        z, yh = svc_cv[held], y[held]
+        t = float(np.quantile(z[yh == 1], svc_level))
+        arrays.update({f"fold{i}_{k}": v for k, v in rbf_arrays(model).items()})
+        arrays.update({f"fold{i}_threshold": t, f"fold{i}_tpr": float((z[yh == 1] > t).mean()),
+                       f"fold{i}_fpr": float((z[yh == 0] > t).mean())})
     kernel_file = GUARD_FILE.with_name("guard_minilm_rbf_v1.npz")
     with atomic_open(kernel_file, "wb") as f:
-        np.savez_compressed(f, support_vectors=svc.support_vectors_.astype(np.float16), dual_coef=svc.dual_coef_[0],
-                            intercept=svc.intercept_[0], gamma=svc._gamma)
+        np.savez_compressed(f, **rbf_arrays(svc), n_folds=len(svc_folds), **arrays)
     meta["kernel_model"] = {"classifier": f"SVC(C={args.rbf_C}, kernel='rbf', gamma='scale', class_weight='balanced')",
                             "gamma": float(svc._gamma), "n_support": int(len(svc.support_)),
+                            "estimate_level": svc_level,
+                            "estimate_level_worst_rmse": {str(k): v for k, v in svc_worst.items()},
                             "cv_auroc": round(float(roc_auc_score(y, svc_cv)), 4),
                             "test_auroc": round(float(roc_auc_score(yt, svc.decision_function(Xt))), 4)}
     write_json({"coef": lr.coef_[0].tolist(), "intercept": float(lr.intercept_[0]), "estimate_folds": folds,

@@ -77,8 +77,16 @@ def test_rbf_guard_reproduces_the_fitted_svm(tmp_path):
     from sklearn.metrics import roc_auc_score
 
     assert roc_auc_score(y, z) > 0.9 > roc_auc_score(y, GuardScorer(weights=w, kernel="linear").fit(X).score_samples(X))
-    # the estimate does not depend on the kernel
+    # without fold models of its own, the RBF guard estimates with the linear ones
     assert GuardScorer(weights=w).fit(X).contamination_estimate(X) == GuardScorer(weights=w, kernel="linear").fit(X).contamination_estimate(X)
+    # with them, it counts its folds' rows above their thresholds
+    np.savez(tmp_path / "k.npz", support_vectors=svc.support_vectors_.astype(np.float16), dual_coef=svc.dual_coef_[0],
+             intercept=svc.intercept_[0], gamma=svc._gamma, n_folds=1, fold0_support_vectors=svc.support_vectors_,
+             fold0_dual_coef=svc.dual_coef_[0], fold0_intercept=svc.intercept_[0], fold0_gamma=svc._gamma,
+             fold0_threshold=0.5, fold0_tpr=0.7, fold0_fpr=0.1)
+    g = GuardScorer(weights=w).fit(X)
+    flagged = (svc.decision_function(X) > 0.5).mean()
+    assert g.contamination_estimate(X) == pytest.approx(np.clip((flagged - 0.1) / 0.6, 0, 1), abs=1e-6)
     with pytest.raises(ValueError, match="no RBF model"):
         GuardScorer(weights=weights_file(tmp_path, [1, 0, 0, 0], 0.0, 0.8, 0.2)).fit(X)
     with pytest.raises(ValueError, match="does not exist"):
@@ -93,10 +101,16 @@ def test_packaged_rbf_guard_matches_its_meta():
     data = json.loads(GUARD_FILE.read_text())
     km = data["meta"]["kernel_model"]
     g = GuardScorer().load_weights()
-    sv = g.kernel_model_["support_vectors"]
-    assert sv.shape == (km["n_support"], DIM) and g.kernel_model_["gamma"] == pytest.approx(km["gamma"])
+    sv = g.model_["support_vectors"]
+    assert sv.shape == (km["n_support"], DIM) and g.model_["gamma"] == pytest.approx(km["gamma"])
     np.testing.assert_allclose(np.linalg.norm(sv[:, :384], axis=1), 1, atol=1e-2)  # unit MiniLM embeddings
     assert 0.5 < km["test_auroc"] <= 1 and 0.5 < km["cv_auroc"] <= 1
+    # the RBF estimate has its own five fold models, thresholds at a high quantile of held-out harmful scores
+    assert len(g.estimate_models_) == 5 and all("support_vectors" in f for f in g.estimate_models_)
+    for f in g.estimate_models_:
+        assert 0 <= f["fpr"] < 0.05 < f["tpr"] <= 1 - km["estimate_level"] + 0.02
+    linear = GuardScorer(kernel="linear").load_weights()
+    assert all("coef" in f for f in linear.estimate_models_) and len(linear.estimate_models_) == 5
 
 
 def test_guard_rejects_the_wrong_view():

@@ -40,6 +40,16 @@ def check_kernel(kernel: str) -> None:
         raise ValueError(f"the guard's kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
 
 
+def decision(model: dict, X: np.ndarray) -> np.ndarray:
+    """A shipped model's decision function on X: linear (coef, intercept), or a fitted RBF SVC's kernel expansion
+    over its support vectors."""
+    if "coef" in model:
+        return X @ model["coef"] + model["intercept"]
+    from sklearn.metrics.pairwise import rbf_kernel
+
+    return rbf_kernel(X, model["support_vectors"], gamma=model["gamma"]) @ model["dual_coef"] + model["intercept"]
+
+
 class GuardScorer(BaseEstimator):
     """Score = the packaged guard's decision value for harmful, on the sentence-encoder view (768 columns).
 
@@ -75,17 +85,23 @@ class GuardScorer(BaseEstimator):
         m = self.meta_
         folds = data.get("estimate_folds") or [{"coef": data["coef"], "intercept": data["intercept"], "threshold": 0.0,
                                                  "tpr": m.get("cv_tpr", 1.0), "fpr": m.get("cv_fpr", 0.0)}]
-        # (coef, intercept, threshold, tpr, fpr) of each model the estimate averages over
-        self.estimate_models_ = [(np.asarray(f["coef"], dtype=np.float64), float(f["intercept"]), float(f["threshold"]),
-                                  float(f["tpr"]), float(f["fpr"])) for f in folds]
-        bad = [i for i, f in enumerate(self.estimate_models_) if f[0].shape != self.coef_.shape]
+        # Each model is a dict: "coef" and "intercept" (linear) or "support_vectors", "dual_coef", "intercept" and
+        # "gamma" (RBF); the estimate's fold models also hold their "threshold", "tpr" and "fpr".
+        self.model_ = {"coef": self.coef_, "intercept": self.intercept_}
+        self.estimate_models_ = [{"coef": np.asarray(f["coef"], dtype=np.float64), "intercept": float(f["intercept"]),
+                                  "threshold": float(f["threshold"]), "tpr": float(f["tpr"]), "fpr": float(f["fpr"])}
+                                 for f in folds]
+        bad = [i for i, f in enumerate(self.estimate_models_) if f["coef"].shape != self.coef_.shape]
         if bad:
-            raise ValueError(f"{path}: estimate_folds {bad} have {len(self.estimate_models_[bad[0]][0])} coefficients "
-                             f"but coef has {len(self.coef_)}; rebuild the file with scripts/train_guard.py")
-        self.kernel_model_ = self._load_kernel_model(path, data) if self.kernel == "rbf" else None
+            raise ValueError(f"{path}: estimate_folds {bad} have {len(self.estimate_models_[bad[0]]['coef'])} "
+                             f"coefficients but coef has {len(self.coef_)}; rebuild the file with scripts/train_guard.py")
+        if self.kernel == "rbf":
+            self.model_, rbf_folds = self._load_kernel_models(path, data)
+            self.estimate_models_ = rbf_folds or self.estimate_models_
         return self
 
-    def _load_kernel_model(self, path: Path, data: dict) -> dict:
+    def _load_kernel_models(self, path: Path, data: dict) -> tuple[dict, list[dict]]:
+        """The RBF model and, when the file has them, its fold models for the estimate."""
         if "kernel_model" not in data:
             raise ValueError(f"{path} holds no RBF model (no 'kernel_model' entry): use kernel='linear' "
                              "(--guard-kernel linear), or rebuild the file with scripts/train_guard.py")
@@ -93,14 +109,21 @@ class GuardScorer(BaseEstimator):
         if not npz.exists():
             raise ValueError(f"{path} names the RBF model {npz}, which does not exist; rebuild both with "
                              "scripts/train_guard.py")
+
+        def rbf(z, prefix):
+            return {"support_vectors": z[prefix + "support_vectors"].astype(np.float64),
+                    "dual_coef": z[prefix + "dual_coef"].astype(np.float64), "intercept": float(z[prefix + "intercept"]),
+                    "gamma": float(z[prefix + "gamma"])}
+
         with np.load(npz) as z:
-            model = {"support_vectors": z["support_vectors"].astype(np.float64),
-                     "dual_coef": z["dual_coef"].astype(np.float64), "intercept": float(z["intercept"]),
-                     "gamma": float(z["gamma"])}
-        if model["support_vectors"].shape[1] != len(self.coef_):
+            model = rbf(z, "")
+            n_folds = int(z["n_folds"]) if "n_folds" in z else 0
+            folds = [{**rbf(z, f"fold{i}_"), **{k: float(z[f"fold{i}_{k}"]) for k in ("threshold", "tpr", "fpr")}}
+                     for i in range(n_folds)]
+        if any(f["support_vectors"].shape[1] != len(self.coef_) for f in [model, *folds]):
             raise ValueError(f"{npz}: support vectors have {model['support_vectors'].shape[1]} columns but {path}'s "
                              f"coef has {len(self.coef_)}; rebuild both with scripts/train_guard.py")
-        return model
+        return model, folds
 
     def fit(self, X, y=None):
         X = check_array(X, dtype=np.float64)
@@ -115,14 +138,13 @@ class GuardScorer(BaseEstimator):
         """Decision value for harmful (log-odds for the linear kernel): higher = more suspicious; > 0 means the
         guard flags the sample."""
         check_is_fitted(self, "coef_")
-        X = check_array(X, dtype=np.float64)
-        m = self.kernel_model_
-        if m is None:
-            return X @ self.coef_ + self.intercept_
-        from sklearn.metrics.pairwise import rbf_kernel
+        return decision(self.model_, check_array(X, dtype=np.float64))
 
-        # The fitted SVC's decision function: its kernel expansion over the shipped support vectors.
-        return rbf_kernel(X, m["support_vectors"], gamma=m["gamma"]) @ m["dual_coef"] + m["intercept"]
+    def fold_decisions(self, X) -> list[np.ndarray]:
+        """Decision values of each of the estimate's fold models (compare with their "threshold")."""
+        check_is_fitted(self, "coef_")
+        X = check_array(X, dtype=np.float64)
+        return [decision(f, X) for f in self.estimate_models_]
 
     def contamination_estimate(self, X) -> float:
         """Label-free estimate of the harmful share of X: the fold models' adjusted counts, averaged."""
@@ -135,11 +157,11 @@ class GuardScorer(BaseEstimator):
         return self._estimate(X)[1]
 
     def _estimate(self, X) -> tuple[float, float]:
-        check_is_fitted(self, "coef_")
         X = check_array(X, dtype=np.float64)
         estimates, errors = [], []
-        for coef, intercept, threshold, tpr, fpr in self.estimate_models_:
-            flagged = float((X @ coef + intercept > threshold).mean())
+        for f, z in zip(self.estimate_models_, self.fold_decisions(X)):
+            tpr, fpr = f["tpr"], f["fpr"]
+            flagged = float((z > f["threshold"]).mean())
             se = float(np.sqrt(flagged * (1 - flagged) / len(X)))
             if tpr - fpr <= 0:  # a model that cannot separate: fall back to the raw flagged share
                 estimates.append(flagged)
