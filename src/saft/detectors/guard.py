@@ -7,13 +7,14 @@ The guard brings that notion from outside the user's data: a classifier on all-M
 safe/unsafe pairs from the judge half of the prompt split, plus refusals by a safety-tuned model to harmful
 prompts (labelled safe, so that refusals, which a model needs to stay safe, are kept).
 Two classifiers ship, trained on the same rows: a logistic regression (`guard_minilm_v1.json`) and an RBF-kernel
-support vector machine (its support vectors in `guard_minilm_rbf_v1.npz`, named by the JSON). The kernel one
-ranks (`kernel="rbf"`, the default): on the benchmark pools it is above the linear one on every pool and draw
-of BeaverTails, where harmful and safe answers differ in ways no single direction captures (benchmarks/
-RESULTS.md, pool-seeds). The linear one stays for `kernel="linear"` and for the contamination estimate.
+support vector machine (its support vectors in `guard_minilm_rbf_v1.npz`, named by the JSON), each with five
+cross-validation fold models for the estimate. The kernel one is the default (`kernel="rbf"`): on the benchmark
+pools it ranks above the linear one on every pool and draw of BeaverTails, where harmful and safe answers
+differ in ways no single direction captures, and its estimate is closer to the truth on T and B
+(benchmarks/RESULTS.md, pool-seeds and estimate). `kernel="linear"` gives the logistic regression and its folds.
 `contamination_estimate` is an adjusted classify-and-count (Forman, 2008) of the harmful share of a pool:
 (share above a threshold - fpr) / (tpr - fpr), clipped to [0, 1], averaged over the five cross-validation fold
-models (linear) shipped beside the final one, because their true- and false-positive rates were measured on
+models shipped beside the final one, because their true- and false-positive rates were measured on
 rows they never saw, as a user's pool is. The threshold is not the classifier's 0 but a high one (the
 `estimate_level` quantile of held-out harmful scores): an adjusted count is biased by how much more often the
 pool's safe rows cross the threshold than the training safe rows did, and few safe rows of any kind reach a
@@ -62,7 +63,8 @@ class GuardScorer(BaseEstimator):
         `meta`'s `cv_tpr` and `cv_fpr`. None = the packaged `guard_minilm_v1.json`.
     kernel : {"rbf", "linear"}, default="rbf"
         Which classifier scores: the RBF support vector machine (decision value) or the logistic regression
-        (log-odds). Both are above 0 where they call a sample harmful. The estimate is the same either way.
+        (log-odds), each with its own fold models for the estimate. Both are above 0 where they call a sample
+        harmful.
 
     `fit(X, y=None)` only loads the weights and checks X's width: the guard needs no labels from the pool, and
     ignores them when given.
