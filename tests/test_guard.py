@@ -54,7 +54,7 @@ def test_guard_estimate_averages_its_fold_models_above_their_thresholds(tmp_path
     assert g.contamination_estimate(X) == pytest.approx(expected)
     f = [(X[:, 0] > 1.0).mean(), (X[:, 1] > 0.5).mean()]
     se = np.mean([np.sqrt(f[0] * (1 - f[0]) / 300) / 0.45, np.sqrt(f[1] * (1 - f[1]) / 300) / 0.5])
-    assert g.contamination_estimate_se(X) == pytest.approx(se)
+    assert g.contamination_estimate_with_se(X) == pytest.approx((expected, se))
     # the final model's scores are not what the estimate counts
     np.testing.assert_allclose(g.score_samples(X), X[:, 0])
     bad = weights_file(tmp_path, [1, 0, 0, 0], 0.0, 0.9, 0.4, estimate_folds=[{**folds[0], "coef": [1, 0]}])
@@ -74,6 +74,8 @@ def test_rbf_guard_reproduces_the_fitted_svm(tmp_path):
     w = weights_file(tmp_path, [1, 0, 0, 0], 0.0, 0.8, 0.2, kernel_model="k.npz")
     z = GuardScorer(weights=w).fit(X).score_samples(X)
     np.testing.assert_allclose(z, svc.decision_function(X), atol=2e-2)  # float16 support vectors
+    big = rng.normal(size=(5000, 4))  # more rows than one block of the kernel expansion
+    np.testing.assert_allclose(GuardScorer(weights=w).fit(big).score_samples(big), svc.decision_function(big), atol=2e-2)
     from sklearn.metrics import roc_auc_score
 
     assert roc_auc_score(y, z) > 0.9 > roc_auc_score(y, GuardScorer(weights=w, kernel="linear").fit(X).score_samples(X))

@@ -41,7 +41,7 @@ def test_student_generalises_the_teachers_surest_calls(tmp_path):
     assert (det.pseudo_labels_ == 0).sum() == len(X) // 2
     wide = get_detector("guard-student", n_components=6, n_neighbors=5, weights=w, kernel="linear", estimate_scale=2.0).fit(X)
     assert (wide.pseudo_labels_ == 1).sum() == max(round(2 * est * len(X)), 10)
-    assert det.contamination_estimate(X) == est and det.contamination_estimate_se(X) == knn.contamination_estimate_se(X)
+    assert det.contamination_estimate(X) == est and det.contamination_estimate_with_se(X) == knn.contamination_estimate_with_se(X)
     assert detector_view("guard-student") == "both" and default_rule("guard-student") == "estimate"
 
 

@@ -45,8 +45,11 @@ def default_rule(name: str) -> str:
 def own_estimate(detector, X) -> dict:
     """A fitted detector's label-free contamination estimate of X, with its standard error when the detector
     gives one, as keyword arguments of `saft.select.select_estimate`."""
-    se = getattr(detector, "contamination_estimate_se", None)
-    return {"estimate": detector.contamination_estimate(X), "se": se(X) if se else None}
+    with_se = getattr(detector, "contamination_estimate_with_se", None)
+    if with_se is None:
+        return {"estimate": detector.contamination_estimate(X), "se": None}
+    estimate, se = with_se(X)  # one pass: each fold model's decision values are computed once
+    return {"estimate": estimate, "se": se}
 
 
 def get_detector(name: str, **params):

@@ -116,6 +116,6 @@ class GuardStudentScorer(BaseEstimator):
         check_is_fitted(self, "student_")
         return self.teacher_.contamination_estimate(X)
 
-    def contamination_estimate_se(self, X) -> float:
+    def contamination_estimate_with_se(self, X) -> tuple[float, float]:
         check_is_fitted(self, "student_")
-        return self.teacher_.contamination_estimate_se(X)
+        return self.teacher_.contamination_estimate_with_se(X)
