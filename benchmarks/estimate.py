@@ -59,16 +59,15 @@ def main(argv=None) -> int:
             unseen = np.array([s.prompt not in seen for s in samples])
             y = np.array([s.label for s in samples])[unseen]
             S = sentence_features(samples, cache_dir=HERE / ".cache" / "sentence", progress=False)[unseen]
+            folds = list(zip(guard.estimate_models_, guard.fold_decisions(S)))  # each fold model's scores, once
             res["pools"][f"{name} seed {seed}"] = {
                 "pool": name, "seed": seed, "n": int(unseen.sum()), "truth": float(y.mean()),
                 "estimate": guard.contamination_estimate(S),
                 "linear": linear.contamination_estimate(S),
                 "baseline": adjusted_count(linear.score_samples(S), 0.0, m["cv_tpr"], m["cv_fpr"]),
                 # per fold model: share of the pool's safe / harmful rows above its threshold
-                "safe_above": [float((z[y == 0] > f["threshold"]).mean())
-                               for f, z in zip(guard.estimate_models_, guard.fold_decisions(S))],
-                "harmful_above": [float((z[y == 1] > f["threshold"]).mean())
-                                  for f, z in zip(guard.estimate_models_, guard.fold_decisions(S))]}
+                "safe_above": [float((z[y == 0] > f["threshold"]).mean()) for f, z in folds],
+                "harmful_above": [float((z[y == 1] > f["threshold"]).mean()) for f, z in folds]}
     res["seconds"] = time.time() - t0
     write_json(res, HERE / "results" / "estimate.json")
     text = render(res)
