@@ -4,7 +4,9 @@ Run detect.py first (it caches every layer and position of the pools); this scri
 computes the sentence-encoder view once (cached in the same folder). For each pool, position and detector it
 reports AUROC, and for the selection rules F1 and the removed count over 5 label draws (mean, spread), the share
 of safe refusals kept (T and H pools), and the label-free contamination estimate against the truth. Ceiling rows
-train a logistic probe with every label (5-fold cross-validation) to show what the features hold at all.
+train a logistic probe with every label (5-fold cross-validation) to show what the features hold at all; the
+last ones add the guard's training rows, in the sentence view alone and beside the model's hidden states (of
+those rows too: about 20 minutes the first time, cached after).
 The guard detectors are scored only on the rows whose prompt the guard never saw in training ("unseen rows":
 its BeaverTails prompts come from the judge half of the prompt split), so their pools are subsets, with their
 own size and true contamination rate.
@@ -17,6 +19,7 @@ Rewrites the section between the detect-plus markers in benchmarks/RESULTS.md an
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -40,7 +43,7 @@ from saft.features import POSITIONS  # noqa: E402
 from saft.metrics import detection_metrics  # noqa: E402
 from saft.pipeline import versions  # noqa: E402
 from saft.pools import guard_training_rows, to_samples  # noqa: E402
-from saft.select import select_calibrated, select_estimate, select_mixture, select_threshold  # noqa: E402
+from saft.select import PRIOR_WEIGHT, select_calibrated, select_estimate, select_mixture, select_threshold  # noqa: E402
 
 
 def f1_rule(scores_by_cand: dict, labels: list, seed: int) -> dict:
@@ -55,9 +58,9 @@ def ceiling_scores(X: np.ndarray, y: np.ndarray) -> np.ndarray:
                              cv=5, method="decision_function")
 
 
-def calibrated_rule(scores: np.ndarray, labels: list, seed: int):
+def calibrated_rule(scores: np.ndarray, labels: list, seed: int, **prior):
     idx = draw_labeled(labels, 100, seed=seed)
-    return select_calibrated(scores, scores[idx], [labels[i] for i in idx])
+    return select_calibrated(scores, scores[idx], [labels[i] for i in idx], **prior)
 
 
 def evaluate_pool(X: np.ndarray, labels: list, refusal: np.ndarray) -> dict:
@@ -106,15 +109,17 @@ def guard_training_prompts(raw_dir) -> set[str]:
 
 
 def ceiling_with_guard_data(S: np.ndarray, y: np.ndarray, S_guard: np.ndarray, y_guard: np.ndarray, *,
-                            kernel: str = "linear") -> np.ndarray:
+                            kernel: str = "linear", standardize: bool = False) -> np.ndarray:
     """Out-of-fold scores (5-fold CV over the pool) of the guard's own recipe (`kernel` "linear": logistic
-    regression; "rbf": the RBF support vector machine) on the sentence view, trained on the guard's training rows
-    plus every other fold's labelled pool rows: what the guard's data and all of the pool's labels together can
-    reach in that view."""
+    regression; "rbf": the RBF support vector machine), trained on the guard's training rows plus every other
+    fold's labelled pool rows: what the guard's data and all of the pool's labels together can reach in the view
+    S (the sentence view, or with `standardize` one that adds the model's hidden states, whose columns would
+    otherwise swamp the sentence view's)."""
     out = np.zeros(len(y))
     for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(S, y):
         clf = (LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000) if kernel == "linear"
                else SVC(C=1.0, kernel="rbf", gamma="scale", class_weight="balanced"))
+        clf = make_pipeline(StandardScaler(), clf) if standardize else clf
         out[test] = clf.fit(np.vstack([S_guard, S[train]]), np.concatenate([y_guard, y[train]])).decision_function(S[test])
     return out
 
@@ -160,6 +165,7 @@ def evaluate_guard(S: np.ndarray, labels: list, refusal: np.ndarray, hidden: dic
         variants.append((f"guard-student (layer {layer} {pos}) + estimate rule (label-free)", zt, 0,
                          lambda z, seed: select_estimate(z, estimate=est)))
 
+        @functools.lru_cache(maxsize=None)  # one fit per label draw, shared by the rows below
         def guided(seed, both=both):
             semi = np.full(len(y), -1)
             idx = draw_labeled(labels, 100, seed=seed)
@@ -168,8 +174,12 @@ def evaluate_guard(S: np.ndarray, labels: list, refusal: np.ndarray, hidden: dic
 
         variants.append((f"guard-probe (layer {layer} {pos}, 100 labels) + F1 rule", guided, 100,
                          lambda z, seed: f1_rule({"guard-probe": z}, labels, seed)))
+        # The default: the guard's label-free estimate (guard-probe's `label_free_estimate_with_se`, the same
+        # as `est`) as the calibrated rule's prior.
         variants.append((f"guard-probe (layer {layer} {pos}, 100 labels) + calibrated rule", guided, 100,
-                         lambda z, seed: calibrated_rule(z, labels, seed)))
+                         lambda z, seed: calibrated_rule(z, labels, seed, prior=est, prior_weight=PRIOR_WEIGHT)))
+        variants.append((f"guard-probe (layer {layer} {pos}, 100 labels) + calibrated rule without the prior (before)",
+                         guided, 100, lambda z, seed: calibrated_rule(z, labels, seed)))
     rows = {}
     for name, z, n_labels, rule in variants:
         seeds = LABEL_SEEDS if n_labels else (0,)
@@ -223,6 +233,9 @@ def main(argv=None) -> int:
     seen = guard_training_prompts(args.raw_dir)
     guard_rows = guard_training_rows(args.raw_dir)
     S_guard = sentence_features(to_samples(guard_rows, "guard"), cache_dir=Path(args.cache) / "sentence")
+    # The model's hidden states of the guard's rows, for the ceilings (about 20 minutes the first time, then cached).
+    guard_feats = pool_features(model, tok, to_samples(guard_rows, "guard"), max_length=512, cache=Path(args.cache),
+                                progress=False)
     y_guard = np.array([r["harmful"] for r in guard_rows])
     res = {"command": "python benchmarks/detect_plus.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "layer": args.layer, "versions": versions(), "date": time.strftime("%Y-%m-%d"), "pools": {}, "truth": {}}
@@ -248,6 +261,16 @@ def main(argv=None) -> int:
             rows[f"ceiling: the guard's training rows + {clf} on all labels, sentence view (5-fold CV)"] = {
                 "labels": len(y_unseen), "n": len(y_unseen), "truth": float(y_unseen.mean()), "auroc": [float(roc_auc_score(
                     y_unseen, ceiling_with_guard_data(S[unseen], y_unseen, S_guard, y_guard, kernel=kernel)))]}
+        # The same with the model's own hidden states of the guard's rows and of the pool beside the sentence view:
+        # everything this benchmark has, trained on every label there is.
+        for pos in ("prompt_last", "response_mean"):
+            F = np.hstack([S, feats.get(args.layer, pos)])[unseen]
+            F_guard = np.hstack([S_guard, guard_feats.get(args.layer, pos)])
+            for kernel, clf in (("linear", "LR"), ("rbf", "RBF SVM")):
+                rows[f"ceiling: the guard's training rows + {clf} on all labels, sentence view + layer {args.layer} {pos}, "
+                     "standardised (5-fold CV)"] = {
+                    "labels": len(y_unseen), "n": len(y_unseen), "truth": float(y_unseen.mean()), "auroc": [float(roc_auc_score(
+                        y_unseen, ceiling_with_guard_data(F, y_unseen, F_guard, y_guard, kernel=kernel, standardize=True)))]}
         res["pools"][name]["sentence view, unseen rows"] = rows
         for pos, rows in res["pools"][name].items():
             for det, r in rows.items():

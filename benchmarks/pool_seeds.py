@@ -39,6 +39,23 @@ DETECTORS = {name + suffix: (name, params) for suffix, params in (("", {}), (" (
 BASELINE = "guard-student (linear)"
 
 
+def unseen_pool(name: str, seed: int, model, tok, seen: set[str], *, layer: int = 15, n: int = 1000):
+    """Pool `name` drawn with `seed`, restricted to the rows whose prompt the guard never saw: (labels, sentence
+    view, hidden states at `layer` prompt_last, safe-refusal mask). Seed 0 reads detect.py's cache (every layer);
+    other seeds compute that one layer once, cached under benchmarks/.cache/seeds."""
+    samples = SEEDED_POOLS[name](n, seed)
+    unseen = np.array([s.prompt not in seen for s in samples])
+    y = np.array([s.label for s in samples])[unseen]
+    refusal = np.array([s.meta["source"] == "refusal" for s in samples])[unseen]
+    S = sentence_features(samples, cache_dir=HERE / ".cache" / "sentence", progress=False)[unseen]
+    if seed == 0:  # detect.py's pools, whose every layer is cached already
+        feats = pool_features(model, tok, samples, max_length=512, cache=HERE / ".cache", progress=True)
+    else:
+        feats = extract_features(model, tok, samples, layers=[layer], positions="prompt_last", max_length=512,
+                                 batch_size=8, cache_dir=HERE / ".cache" / "seeds", progress=True)
+    return y, S, feats.get(layer, "prompt_last")[unseen], refusal
+
+
 def evaluate(y: np.ndarray, S: np.ndarray, H: np.ndarray) -> dict:
     out = {}
     for name, (detector, params) in DETECTORS.items():
@@ -87,18 +104,9 @@ def main(argv=None) -> int:
     res = {"command": "python benchmarks/pool_seeds.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "layer": args.layer, "seeds": args.seeds, "versions": versions(), "date": time.strftime("%Y-%m-%d"), "pools": {}}
     for seed in args.seeds:
-        for name, build in SEEDED_POOLS.items():
-            samples = build(args.n, seed)
-            unseen = np.array([s.prompt not in seen for s in samples])
-            y = np.array([s.label for s in samples])[unseen]
-            S = sentence_features(samples, cache_dir=HERE / ".cache" / "sentence", progress=False)[unseen]
-            if seed == 0:  # detect.py's pools, whose every layer is cached already
-                feats = pool_features(model, tok, samples, max_length=512, cache=HERE / ".cache", progress=True)
-            else:
-                feats = extract_features(model, tok, samples, layers=[args.layer], positions="prompt_last", max_length=512,
-                                         batch_size=8, cache_dir=HERE / ".cache" / "seeds", progress=True)
-            H = feats.get(args.layer, "prompt_last")[unseen]
-            res["pools"][f"{name} seed {seed}"] = {"pool": name, "seed": seed, "n": int(unseen.sum()),
+        for name in SEEDED_POOLS:
+            y, S, H, _ = unseen_pool(name, seed, model, tok, seen, layer=args.layer, n=args.n)
+            res["pools"][f"{name} seed {seed}"] = {"pool": name, "seed": seed, "n": len(y),
                                                    "n_harmful": int(y.sum()), "detectors": evaluate(y, S, H)}
             print(name, seed, {d: round(v["auroc"], 3) for d, v in res["pools"][f"{name} seed {seed}"]["detectors"].items()}, flush=True)
     res["seconds"] = time.time() - t0

@@ -1,10 +1,11 @@
-"""The detection targets of issue 4, checked against benchmarks/results/detect_plus.json, estimate.json and
-pool_seeds.json.
+"""The detection targets of issue 4, checked against benchmarks/results/detect_plus.json, estimate.json,
+pool_seeds.json and calibrated_prior.json.
 
     python benchmarks/targets.py
 
-Reads the results of `benchmarks/detect_plus.py`, `benchmarks/estimate.py` and `benchmarks/pool_seeds.py` (run
-them first; the label-free AUROC targets count as met only if they hold on every pool seed there), prints each
+Reads the results of `benchmarks/detect_plus.py`, `benchmarks/estimate.py`, `benchmarks/pool_seeds.py` and
+`benchmarks/calibrated_prior.py` (run them first; the label-free AUROC targets count as met only if they hold on
+every pool seed of pool_seeds, the stability target only if it holds on calibrated_prior's fresh draws), prints each
 target with the value reached by the default detectors and the best row of the benchmark, and rewrites the
 targets section of RESULTS.md. Nothing here is typed in by hand: every number is looked up in the results files.
 """
@@ -20,9 +21,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from detect import HERE, write_results_md  # noqa: E402
 
+from saft.select import PRIOR_WEIGHT  # noqa: E402
+
 LABEL_FREE_DEFAULT = "guard-student (layer {layer} prompt_last) + estimate rule (label-free)"
 LABEL_FREE_NAME = "guard-student"  # the same detector in pool_seeds.json
-LABELLED_DEFAULT = "guard-probe (layer {layer} prompt_last, 100 labels) + calibrated rule"
+LABELLED_DEFAULT = "guard-probe (layer {layer} prompt_last, 100 labels) + calibrated rule"  # with the guard's prior
 GUARD_VIEW = "sentence view, unseen rows"
 
 
@@ -36,6 +39,15 @@ def rows(res: dict, pool: str):
 def best(res: dict, pool: str, ok) -> tuple[float, str]:
     cands = [(float(np.mean(r["auroc"])), f"{name} [{pos}]") for pos, name, r in rows(res, pool) if ok(name, r)]
     return max(cands) if cands else (float("nan"), "—")
+
+
+def _weight_key(res: dict, weight: float) -> str:
+    """The key of `weight` in calibrated_prior.json's per-pool results (the benchmark must have run it)."""
+    for w in res["weights"]:
+        if float(w) == float(weight):
+            return str(w)
+    raise SystemExit(f"benchmarks/results/calibrated_prior.json has no row for the default prior weight {weight}; "
+                     "rerun benchmarks/calibrated_prior.py with it among --weights")
 
 
 def check(res: dict) -> list[dict]:
@@ -73,9 +85,17 @@ def check(res: dict) -> list[dict]:
         for name in (free, lab):
             r = get(p, name)
             spread[(p, name)] = (max(r["removed"]) - min(r["removed"])) / r["n"]
-    out.append({"target": "removed count varies < 10% of the pool over 5 label draws", "met": all(v < 0.1 for v in spread.values()),
+    # Fresh pool draws (benchmarks/calibrated_prior.py): the labelled default must stay steady on them too.
+    prior_file = HERE / "results" / "calibrated_prior.json"
+    fresh = {}
+    if prior_file.exists():
+        pr = json.loads(prior_file.read_text())
+        fresh = {k: r["weights"][_weight_key(pr, PRIOR_WEIGHT)]["spread"] for k, r in pr["pools"].items() if r["seed"] != 0}
+    fresh_text = ("; fresh pool draws (calibrated_prior.py): " + ", ".join(f"{k} {v:.1%}" for k, v in fresh.items())) if fresh else ""
+    out.append({"target": "removed count varies < 10% of the pool over 5 label draws",
+                "met": all(v < 0.1 for v in spread.values()) and all(v < 0.1 for v in fresh.values()),
                 "default": "label-free default: " + ", ".join(f"{p} {spread[(p, free)]:.1%}" for p in pools)
-                + "; with 100 labels: " + ", ".join(f"{p} {spread[(p, lab)]:.1%}" for p in pools),
+                + "; with 100 labels: " + ", ".join(f"{p} {spread[(p, lab)]:.1%}" for p in pools) + fresh_text,
                 "best": "sampling noise of the labels: the harmful share of the same 5 draws of 100 labels spans "
                 + ", ".join(f"{p} {np.ptp(get(p, lab)['labelled_harmful_share']):.1%}" for p in pools)})
     kept = {p: float(np.mean(get(p, free)["refusals_kept"])) for p in T}
@@ -99,8 +119,8 @@ def check(res: dict) -> list[dict]:
 
 
 def render(res: dict, checks: list[dict]) -> str:
-    lines = [f"From `benchmarks/results/detect_plus.json` ({res['command']}, {res['date']}), `benchmarks/results/estimate.json` "
-             "and `benchmarks/results/pool_seeds.json` by `python benchmarks/targets.py`. "
+    lines = [f"From `benchmarks/results/detect_plus.json` ({res['command']}, {res['date']}), `benchmarks/results/estimate.json`, "
+             "`benchmarks/results/pool_seeds.json` and `benchmarks/results/calibrated_prior.json` by `python benchmarks/targets.py`. "
              f"Defaults: label-free `{LABEL_FREE_DEFAULT.format(layer=res['layer'])}`; with labels "
              f"`{LABELLED_DEFAULT.format(layer=res['layer'])}`. Guard-based rows count only rows whose prompt the guard "
              "never saw in training.", "", "| target | met | default detectors | best row of the benchmark |", "|---|---|---|---|"]

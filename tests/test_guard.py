@@ -255,6 +255,9 @@ def test_guard_probe_learns_from_labels_on_top_of_the_guard(tmp_path):
     from sklearn.metrics import roc_auc_score
 
     assert roc_auc_score(truth, det.score_samples(X)) > 0.9
+    # the calibrated rule's prior is the guard's label-free estimate
+    assert det.label_free_estimate_with_se(X) == det.guard_.guard_.contamination_estimate_with_se(X[:, :DIM])
+    assert not hasattr(det, "contamination_estimate")  # so that --rule auto stays calibrated
     with pytest.raises(ValueError, match="needs labels"):
         get_detector("guard-probe").fit(X)
     with pytest.raises(ValueError, match="at least one harmful"):
@@ -309,3 +312,28 @@ def test_select_calibrated_removes_by_expected_f1():
     assert abs(select_calibrated(scores, scores[idx2], y[idx2]).n_removed - sel.n_removed) < 40
     with pytest.raises(ValueError, match="harmful and safe"):
         select_calibrated(scores, scores[:5], [0] * 5)
+
+
+def test_calibrated_prior_shrinks_the_estimate_towards_it_and_damps_the_label_draw():
+    rng = np.random.default_rng(0)
+    y = (rng.random(1000) < 0.3).astype(int)
+    scores = 1.2 * y + rng.normal(size=1000)  # a weak ranking, as on BeaverTails
+    draws = [np.random.default_rng(s).choice(1000, 100, replace=False) for s in range(8)]
+    plain = [select_calibrated(scores, scores[i], y[i]) for i in draws]
+    assert all(s.params == select_calibrated(scores, scores[i], y[i], prior=0.3, prior_weight=0).params
+               for s, i in zip(plain, draws))  # weight 0: the rule without a prior
+    prior = [select_calibrated(scores, scores[i], y[i], prior=0.3, prior_weight=200) for i in draws]
+    for s, p in zip(plain, prior):
+        est, platt = p.params["contamination_estimate"], p.params["platt_estimate"]
+        assert platt == pytest.approx(s.params["contamination_estimate"])
+        assert est == pytest.approx((100 * platt + 200 * 0.3) / 300, abs=1e-6)
+        assert p.params["prior_weight"] == 200 and p.params["prior_estimate"] == 0.3
+    spread = lambda sels: np.ptp([s.n_removed for s in sels])  # noqa: E731
+    # the estimate moves a third as much; the removed count less, though the Platt slope still moves it
+    est = lambda sels: np.ptp([s.params["contamination_estimate"] for s in sels])  # noqa: E731
+    assert est(prior) == pytest.approx(est(plain) / 3, rel=0.05)
+    assert spread(prior) < 0.85 * spread(plain)
+    with pytest.raises(ValueError, match="prior_weight must be at least 0"):
+        select_calibrated(scores, scores[draws[0]], y[draws[0]], prior=0.3, prior_weight=-1)
+    with pytest.raises(ValueError, match="needs a prior"):
+        select_calibrated(scores, scores[draws[0]], y[draws[0]], prior_weight=10)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import Sample, write_json, write_jsonl
-from .detectors import DETECTORS, default_rule, detector_view, get_detector, own_estimate
+from .detectors import DETECTORS, calibrated_prior, default_rule, detector_view, get_detector, own_estimate
 from .encoders import sentence_features
 from .evaluate import evaluate_model
 from .features import extract_features
@@ -40,7 +40,7 @@ from .models import EMBEDDED, default_cache_dir, load_model
 from .pools import load_source, prompt_split
 from .pipeline import versions
 from .prompting import harmful_by_prompting
-from .select import draw_labeled, select_by_f1, select_calibrated, select_estimate
+from .select import PRIOR_WEIGHT, draw_labeled, select_by_f1, select_calibrated, select_estimate
 
 logger = logging.getLogger(__name__)
 BASE_ARMS = ("base", "sft", "random", "prompting", "saft", "oracle")
@@ -140,7 +140,7 @@ def _select_arms(config: ExperimentConfig, pool: list[Sample], model, tok, seed:
         if rule == "estimate":
             sel = select_estimate(s, **own_estimate(det, V))
         elif rule == "calibrated":
-            sel = select_calibrated(s, s[idx], [labels[i] for i in idx])
+            sel = select_calibrated(s, s[idx], [labels[i] for i in idx], **calibrated_prior(det, V, PRIOR_WEIGHT))
         else:
             sel = select_by_f1({name: s}, {name: s[idx]}, [labels[i] for i in idx])
         out[name] = (sel.removed, s, {"threshold": sel.threshold, "rule": sel.rule,

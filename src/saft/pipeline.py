@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from .data import Dataset, FieldOptions, load_samples, output_name, write_json, write_jsonl, write_subset
-from .detectors import DETECTORS, NEEDS_LABELS, default_rule, detector_view, get_detector, own_estimate
+from .detectors import DETECTORS, NEEDS_LABELS, calibrated_prior, default_rule, detector_view, get_detector, own_estimate
 from .detectors.guard import check_kernel
 from .encoders import ENCODER_VERSION, sentence_features
 from .features import POSITIONS, extract_features
 from .metrics import detection_metrics
 from .models import EMBEDDED, default_cache_dir, load_model
 from .select import (
-    Selection, draw_labeled, select_by_f1, select_calibrated, select_estimate, select_fraction, select_mixture,
+    PRIOR_WEIGHT, Selection, draw_labeled, select_by_f1, select_calibrated, select_estimate, select_fraction, select_mixture,
     select_threshold,
 )
 
@@ -52,6 +52,7 @@ class FilterConfig:
     weighted: bool = field(default=False, metadata={"help": "weight squared projections by singular values (HaloScope option)"})
     standardize: bool = field(default=False, metadata={"help": "scale features to unit variance before the SVD (not in the paper)"})
     rule: str = field(default="auto", metadata={"help": f"selection rule: {', '.join(RULES)}; auto = estimate for a detector that estimates the contamination itself (guard, guard-knn, guard-student), calibrated for one trained on labels (probe, guard-probe), else f1 (the paper's)"})
+    prior_weight: float = field(default=PRIOR_WEIGHT, metadata={"help": "calibrated rule: how many labels the detector's own label-free contamination estimate counts as (guard-probe: the guard's); it damps the removed count's dependence on which rows were labelled; 0 = the labels alone"})
     n_labels: int = field(default=100, metadata={"help": "labelled samples drawn from the pool for the f1 rule"})
     labels_file: str | None = field(default=None, metadata={"help": "separate labelled file for the f1 rule (instead of drawing from the pool)"})
     n_thresholds: int = field(default=100, metadata={"help": "evenly spaced threshold candidates for the f1 rule"})
@@ -84,6 +85,8 @@ class FilterConfig:
             raise ValueError(f"n_components must be at least 1, got {self.n_components}")
         if not self.k_candidates or any(k < 1 for k in self.k_candidates):
             raise ValueError(f"k_candidates must be positive integers, got {self.k_candidates!r}")
+        if not self.prior_weight >= 0:
+            raise ValueError(f"prior_weight must be at least 0, got {self.prior_weight}")
         if self.n_labels < 1:
             raise ValueError(f"n_labels must be at least 1, got {self.n_labels}")
         if self.n_thresholds < 2:
@@ -176,7 +179,8 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
         elif config.rule == "mixture":
             selection = select_mixture(scores, seed=config.seed)
         elif config.rule == "calibrated":
-            selection = select_calibrated(scores, scorers[k].score_samples(Xv), val_labels)
+            selection = select_calibrated(scores, scorers[k].score_samples(Xv), val_labels,
+                                          **calibrated_prior(scorers[k], X, config.prior_weight))
         elif config.rule == "estimate":
             selection = select_estimate(scores, **own_estimate(scorers[k], X))
         else:

@@ -52,6 +52,15 @@ def own_estimate(detector, X) -> dict:
     return {"estimate": estimate, "se": se}
 
 
+def calibrated_prior(detector, X, weight: float) -> dict:
+    """Keyword arguments of `saft.select.select_calibrated` for a fitted detector: its label-free estimate of X
+    as the prior, counted as `weight` labels, when the detector has one (guard-probe); else none."""
+    estimate = getattr(detector, "label_free_estimate_with_se", None)
+    if estimate is None or weight <= 0:
+        return {}
+    return {"prior": estimate(X)[0], "prior_weight": weight}
+
+
 def get_detector(name: str, **params):
     """Build a registered detector: `get_detector("subspace", n_components=2)`."""
     if name not in DETECTORS:
@@ -61,5 +70,5 @@ def get_detector(name: str, **params):
     return DETECTORS[name](**params)
 
 
-__all__ = ["DETECTORS", "NEEDS_LABELS", "GuardKNNScorer", "GuardScorer", "GuardStudentScorer", "GuidedProbeScorer", "ProbeScorer", "SubspaceScorer", "default_rule", "detector_view",
+__all__ = ["DETECTORS", "NEEDS_LABELS", "GuardKNNScorer", "GuardScorer", "GuardStudentScorer", "GuidedProbeScorer", "ProbeScorer", "SubspaceScorer", "calibrated_prior", "default_rule", "detector_view",
            "get_detector", "own_estimate"]

@@ -88,3 +88,10 @@ class GuidedProbeScorer(BaseEstimator):
         check_is_fitted(self, "probe_")
         X = check_array(X, dtype=np.float64)
         return self.probe_.decision_function(self._scaled(self._inputs(X)))
+
+    def label_free_estimate_with_se(self, X) -> tuple[float, float]:
+        """The guard's label-free contamination estimate of X and its standard error (`GuardScorer`): the prior
+        of the calibrated rule. Not named `contamination_estimate`, so that the detector keeps the calibrated rule
+        by default instead of the label-free estimate rule."""
+        check_is_fitted(self, "probe_")
+        return self.guard_.contamination_estimate_with_se(X)
