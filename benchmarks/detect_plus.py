@@ -5,8 +5,8 @@ computes the sentence-encoder view once (cached in the same folder). For each po
 reports AUROC, and for the selection rules F1 and the removed count over 5 label draws (mean, spread), the share
 of safe refusals kept (T and H pools), and the label-free contamination estimate against the truth. Ceiling rows
 train a logistic probe with every label (5-fold cross-validation) to show what the features hold at all; the
-last ones add the guard's training rows, in the sentence view alone and beside the model's hidden states (of
-those rows too: about 20 minutes the first time, cached after).
+last ones add the guard's training rows, in the sentence view alone and (on the B pools) beside the model's
+hidden states (of those rows too: about 15 minutes the first time, cached after).
 The guard detectors are scored only on the rows whose prompt the guard never saw in training ("unseen rows":
 its BeaverTails prompts come from the judge half of the prompt split), so their pools are subsets, with their
 own size and true contamination rate.
@@ -262,8 +262,9 @@ def main(argv=None) -> int:
                 "labels": len(y_unseen), "n": len(y_unseen), "truth": float(y_unseen.mean()), "auroc": [float(roc_auc_score(
                     y_unseen, ceiling_with_guard_data(S[unseen], y_unseen, S_guard, y_guard, kernel=kernel)))]}
         # The same with the model's own hidden states of the guard's rows and of the pool beside the sentence view:
-        # everything this benchmark has, trained on every label there is.
-        for pos in ("prompt_last", "response_mean"):
+        # everything this benchmark has, trained on every label there is. On the B pools only, where the targets
+        # are not met (about 5 minutes a pool).
+        for pos in ("prompt_last", "response_mean") if name.startswith("B") else ():
             F = np.hstack([S, feats.get(args.layer, pos)])[unseen]
             F_guard = np.hstack([S_guard, guard_feats.get(args.layer, pos)])
             for kernel, clf in (("linear", "LR"), ("rbf", "RBF SVM")):

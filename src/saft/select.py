@@ -11,7 +11,8 @@ Rules:
 - `select_calibrated` (labels, not in the paper): map scores to probabilities with a logistic fit on the
   labelled rows (Platt scaling), then remove the top m rows where m maximises the F1 expected under those
   probabilities over the whole pool; their mean is a contamination estimate. It uses every pool score, not only
-  the 100 labelled ones, so the removed count moves less with the label draw than under the F1 rule.
+  the 100 labelled ones, so the removed count moves less with the label draw than under the F1 rule; a
+  label-free estimate given as a prior (worth `prior_weight` labels) steadies it further.
 - `select_estimate` (label-free, not in the paper): remove the top `estimate` share of the pool, where the
   estimate comes from the detector itself (the guard's adjusted classify-and-count).
 A sample is removed when its score is strictly greater than the threshold.
