@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     seen = guard_training_prompts(args.raw_dir)
     guard_rows = guard_training_rows(args.raw_dir)
     S_guard = sentence_features(to_samples(guard_rows, "guard"), cache_dir=Path(args.cache) / "sentence")
-    # The model's hidden states of the guard's rows, for the ceilings (about 20 minutes the first time, then cached).
+    # The model's hidden states of the guard's rows, for the ceilings (15 minutes the first time, then cached).
     guard_feats = pool_features(model, tok, to_samples(guard_rows, "guard"), max_length=512, cache=Path(args.cache),
                                 progress=False)
     y_guard = np.array([r["harmful"] for r in guard_rows])
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
                     y_unseen, ceiling_with_guard_data(S[unseen], y_unseen, S_guard, y_guard, kernel=kernel)))]}
         # The same with the model's own hidden states of the guard's rows and of the pool beside the sentence view:
         # everything this benchmark has, trained on every label there is. On the B pools only, where the targets
-        # are not met (about 5 minutes a pool).
+        # are not met.
         for pos in ("prompt_last", "response_mean") if name.startswith("B") else ():
             F = np.hstack([S, feats.get(args.layer, pos)])[unseen]
             F_guard = np.hstack([S_guard, guard_feats.get(args.layer, pos)])
