@@ -141,6 +141,7 @@ def test_labels_file_for_the_f1_rule(tiny_model_dir, tmp_path, capsys):
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert s["detector"] == "guard-probe" and s["rule"] == "calibrated" and s["rule_params"]["n_labels"] == 12
     assert s["rule_params"]["prior_weight"] == 100 and 0 <= s["rule_params"]["prior_estimate"] <= 1
+    assert f"label-free {s['rule_params']['prior_estimate']:.3f} as a prior worth 100 labels" in capsys.readouterr().out
     assert run(["filter", str(pool), "-o", str(tmp_path / "a0"), "--labels-file", str(labelled), "--prior-weight", "0"],
                tiny_model_dir, tmp_path, detector=None) == 0
     assert "prior_weight" not in json.loads((tmp_path / "a0" / "summary.json").read_text())["rule_params"]

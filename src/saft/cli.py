@@ -138,7 +138,11 @@ def _print_summary(summary: dict) -> None:
     else:
         print(f"model {summary['model']}, layer {summary['layer']}, position {summary['position']}, {detector}")
     if "contamination_estimate" in summary["rule_params"]:
+        params = summary["rule_params"]
         source = "label-free" if summary["rule"] in ("estimate", "mixture") else "calibrated on the labels"
+        if "prior_estimate" in params:
+            source += (f": {params['platt_estimate']:.3f}, with the label-free {params['prior_estimate']:.3f} as a prior "
+                       f"worth {params['prior_weight']:g} labels")
         se = summary["rule_params"].get("contamination_estimate_se")
         print(f"estimated contamination ({source}): {summary['rule_params']['contamination_estimate']:.3f}"
               + (f" (standard error {se:.3f})" if se is not None else ""))
