@@ -9,8 +9,8 @@ the guard never saw), trained on 5 draws of 100 labels per pool. Each draw's sco
 labels; 0 = no prior, the rule before). Per pool and weight: the spread of the removed count over the 5 draws as
 a share of the pool (the issue's stability target is < 10%), mean F1, mean error of the rule's contamination
 estimate, and refusals kept (T and H). The weight of 0 is the baseline of the same run. Seed 0 (`--pools`)
-chooses the weight; seeds 1 and 2 are fresh draws (`--fresh-pools`) that check it (their hidden states cost about
-5 minutes a pool the first time, cached under benchmarks/.cache/seeds as for pool_seeds.py).
+chooses the weight; seeds 1 and 2 are fresh draws (`--fresh-pools`) that check it (their hidden states cost 4 to 9
+minutes a B pool the first time with the CPU shared, cached under benchmarks/.cache/seeds as for pool_seeds.py).
 Rewrites the calibrated-prior section of RESULTS.md and saves results/calibrated_prior.json.
 """
 
