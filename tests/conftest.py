@@ -69,3 +69,14 @@ def toy_rows(n: int = 30, harmful_every: int = 3) -> list[dict]:
         response = "here is how to do harm: step one" if harmful else f"the sea is wide and blue {i}"
         rows.append({"id": f"r{i}", "prompt": prompt, "response": response, "is_safe": not harmful})
     return rows
+
+
+@pytest.fixture
+def small_reference(monkeypatch):
+    """guard-model's reference rows cut to every 20th of the guard's 2306 (both classes and every source): the
+    tiny model would take about a minute on all of them, in every test that uses the label-free default."""
+    import saft.reference as R
+
+    subset = R.reference_samples()[::20]
+    monkeypatch.setattr(R, "reference_samples", lambda: subset)
+    return subset

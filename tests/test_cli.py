@@ -167,7 +167,7 @@ def test_probe_detector_and_mixture_rule(tiny_model_dir, tmp_path, capsys):
     assert "estimated contamination (label-free)" in capsys.readouterr().out
 
 
-def test_default_filter_is_the_label_free_guard_student(tiny_model_dir, tmp_path, capsys):
+def test_default_filter_is_the_label_free_guard_model(tiny_model_dir, tmp_path, capsys, small_reference):
     # Real pairs (the packaged demo set's first 60: 15 harmful), labels hidden from the tool: the guard's
     # estimate counts rows above a high threshold, which toy sentences do not reach.
     rows = read_jsonl(Path(str(resources.files("saft") / "demo" / "demo.jsonl")))[:60]
@@ -176,13 +176,15 @@ def test_default_filter_is_the_label_free_guard_student(tiny_model_dir, tmp_path
     out = tmp_path / "out"
     assert run(["filter", str(data), "-o", str(out)], tiny_model_dir, tmp_path, detector=None) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["detector"] == "guard-student" and summary["rule"] == "estimate" and summary["layer"] == 2
+    assert summary["detector"] == "guard-model" and summary["rule"] == "estimate" and summary["layer"] == 2
+    assert summary["positions"] == ["prompt_last", "response_mean"]
     est = summary["rule_params"]["contamination_estimate"]
     assert 0 < est <= 1 and summary["n_removed"] == round(est * 60)
     removed = {r["id"] for r in read_jsonl(out / "removed.jsonl")}
     assert len(removed & harmful) / len(removed) >= 0.6  # mostly harmful rows go (a quarter of the input is)
     text = capsys.readouterr().out
-    assert "detector guard-student" in text and "estimated contamination (label-free)" in text
+    assert "detector guard-model" in text and "estimated contamination (label-free)" in text
+    assert "positions prompt_last + response_mean" in text
     se = summary["rule_params"]["contamination_estimate_se"]
     assert 0 < se < 0.5 and f"(standard error {se:.3f})" in text
 

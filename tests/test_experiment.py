@@ -27,7 +27,7 @@ def tiny_raw(path):
     return path
 
 
-def test_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypatch):
+def test_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypatch, small_reference):
     raw = tiny_raw(tmp_path / "raw")
     cfg = ExperimentConfig(model=str(tiny_model_dir), pool_size=30, rates=(0.3,), seeds=(0,), n_eval=4, n_labels=12,
                            max_new_tokens=3, max_steps=1, batch_size=8, raw_dir=str(raw), cache_dir=str(tmp_path / "c"),
@@ -38,12 +38,15 @@ def test_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypatch)
     out = tmp_path / "exp"
     res = run_experiment(cfg, output_dir=out, progress=False)
     rows = {r["arm"]: r for r in res["rows"]}
-    assert set(rows) == set(E.BASE_ARMS) | {"probe", "guard", "guard-knn", "guard-student", "guard-probe"} == set(cfg.all_arms())
+    assert set(rows) == set(E.BASE_ARMS) | {"probe", "guard", "guard-knn", "guard-student", "guard-probe",
+                                            "guard-model"} == set(cfg.all_arms())
     assert rows["probe"]["detection_auroc"] is not None
     # the guard picks its own threshold without labels and removes that share of the pool
     g = rows["guard"]
     assert g["kept"] == 30 - round(g["contamination_estimate"] * 30) and g["detection_auroc"] is not None
-    assert rows["guard-knn"]["contamination_estimate"] == rows["guard-student"]["contamination_estimate"] == g["contamination_estimate"]
+    assert (rows["guard-knn"]["contamination_estimate"] == rows["guard-student"]["contamination_estimate"]
+            == rows["guard-model"]["contamination_estimate"] == g["contamination_estimate"])
+    assert rows["guard-model"]["detection_auroc"] is not None
     assert rows["oracle"]["harmful_kept"] == 0 and rows["oracle"]["kept"] == 21
     assert rows["sft"]["kept"] == 30 and rows["sft"]["harmful_kept"] == 9
     assert rows["random"]["kept"] == rows["saft"]["kept"]

@@ -290,10 +290,10 @@ def test_auto_uses_the_labels_when_there_are_enough():
     r = resolve_auto(cfg, n_labelled=100, labels_file=False)
     assert (r.detector, r.rule) == ("guard-probe", "calibrated")
     r = resolve_auto(cfg, n_labelled=99, labels_file=False)
-    assert (r.detector, r.rule) == ("guard-student", "estimate")
+    assert (r.detector, r.rule) == ("guard-model", "estimate")
     assert resolve_auto(cfg, n_labelled=0, labels_file=True).detector == "guard-probe"
     r = resolve_auto(FilterConfig(rule="estimate"), n_labelled=500, labels_file=False)
-    assert (r.detector, r.rule) == ("guard-student", "estimate")
+    assert (r.detector, r.rule) == ("guard-model", "estimate")
     r = resolve_auto(FilterConfig(detector="subspace"), n_labelled=0, labels_file=False)
     assert (r.detector, r.rule) == ("subspace", "f1")
 

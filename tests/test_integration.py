@@ -55,3 +55,21 @@ def test_filter_twenty_demo_rows(embedded, tmp_path):
     removed = (tmp_path / "out" / "removed.jsonl").read_text().splitlines()
     assert sorted(kept + removed) == sorted(rows)
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["metrics"]["n_labeled"] == 20
+
+
+def test_shipped_guard_row_features_are_the_embedded_models(embedded, tmp_path, monkeypatch):
+    import saft.reference as R
+
+    _, (model, tok) = embedded
+    samples = R.reference_samples()
+    kw = dict(layers=[15], positions=["prompt_last", "response_mean"], max_length=512, progress=False)
+    # at the default settings the shipped features match the model's manifest and are read without a forward pass
+    assert R.place_shipped_views(model, tok, samples, layer="middle", positions=kw["positions"], max_length=512,
+                                 cache_dir=tmp_path)
+    monkeypatch.setattr("saft.features._forward_batch", lambda *a, **k: pytest.fail("computed the shipped features"))
+    shipped = extract_features(model, tok, samples, cache_dir=tmp_path, **kw)
+    monkeypatch.undo()
+    # and they are what the model computes, up to float16 rounding
+    idx = [0, 1, 700, 1500, 2305]
+    fresh = extract_features(model, tok, [samples[i] for i in idx], **kw)
+    np.testing.assert_allclose(shipped.values[idx], fresh.values, rtol=2e-3, atol=2e-2)

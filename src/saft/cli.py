@@ -136,7 +136,9 @@ def _print_summary(summary: dict) -> None:
     if summary["layer"] is None:
         print(f"features: {summary['model']}; {detector}")
     else:
-        print(f"model {summary['model']}, layer {summary['layer']}, position {summary['position']}, {detector}")
+        positions = summary.get("positions") or [summary["position"]]
+        where = f"position{'s' if len(positions) > 1 else ''} {' + '.join(positions)}"
+        print(f"model {summary['model']}, layer {summary['layer']}, {where}, {detector}")
     if "contamination_estimate" in summary["rule_params"]:
         params = summary["rule_params"]
         source = "label-free" if summary["rule"] in ("estimate", "mixture") else "calibrated on the labels"

@@ -78,20 +78,23 @@ def sample_text(sample) -> tuple[str, str]:
     return prompt, sample.response
 
 
+def sentence_cache_path(samples, cache_dir: str | Path, *, encoder: str | Path | None = None) -> Path:
+    """Where `sentence_features` caches the view of `samples`: named by a hash of the encoder and the texts."""
+    version = ENCODER_VERSION if encoder is None else f"{Path(encoder).name}; response + exchange; v1"
+    h = hashlib.sha256(version.encode())
+    for p, r in (sample_text(s) for s in samples):
+        h.update(p.encode("utf-8") + b"\0" + r.encode("utf-8") + b"\1")
+    return Path(cache_dir) / f"sentence-{h.hexdigest()[:24]}.npy"
+
+
 def sentence_features(samples, *, encoder: str | Path | None = None, device: str = "cpu", batch_size: int = 64,
                       cache_dir: str | Path | None = None, progress: bool = False) -> np.ndarray:
     """The sentence-encoder view of `samples` (a list of Sample), cached under `cache_dir` when given."""
     pairs = [sample_text(s) for s in samples]
-    path = None
-    if cache_dir is not None:
-        version = ENCODER_VERSION if encoder is None else f"{Path(encoder).name}; response + exchange; v1"
-        h = hashlib.sha256(version.encode())
-        for p, r in pairs:
-            h.update(p.encode("utf-8") + b"\0" + r.encode("utf-8") + b"\1")
-        path = Path(cache_dir) / f"sentence-{h.hexdigest()[:24]}.npy"
-        if path.exists():
-            logger.info("reusing sentence features %s", path)
-            return np.load(path)
+    path = None if cache_dir is None else sentence_cache_path(samples, cache_dir, encoder=encoder)
+    if path is not None and path.exists():
+        logger.info("reusing sentence features %s", path)
+        return np.load(path)
     X = embed_pairs([p for p, _ in pairs], [r for _, r in pairs], encoder=encoder, device=device,
                     batch_size=batch_size, progress=progress)
     if path is not None:

@@ -8,7 +8,7 @@ Arms:
   labels drawn from the pool);
 - `oracle`: the safe rows only;
 - one arm per other registered detector, with the selection rule `saft filter --rule auto` gives it: the
-  label-free estimate (guard, guard-knn, guard-student), the calibrated rule on the same 100 labels (probe,
+  label-free estimate (guard, guard-knn, guard-student, guard-model), the calibrated rule on the same 100 labels (probe,
   guard-probe), else the F1 rule;
 - `base`: the model before any fine-tuning, for reference.
 Pools are BeaverTails pairs whose prompts fall in the 'experiment' half of `saft.pools.prompt_split` (the judge
@@ -29,7 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from .data import Sample, write_json, write_jsonl
-from .detectors import DETECTORS, calibrated_prior, default_rule, detector_view, get_detector, own_estimate
+from .detectors import (
+    DETECTORS, calibrated_prior, default_rule, detector_positions, detector_view, get_detector, needs_reference,
+    own_estimate,
+)
 from .encoders import sentence_features
 from .evaluate import evaluate_model
 from .features import extract_features
@@ -40,6 +43,7 @@ from .models import EMBEDDED, default_cache_dir, load_model
 from .pools import load_source, prompt_split
 from .pipeline import versions
 from .prompting import harmful_by_prompting
+from .reference import reference_view
 from .select import PRIOR_WEIGHT, draw_labeled, select_by_f1, select_calibrated, select_estimate
 
 logger = logging.getLogger(__name__)
@@ -120,7 +124,16 @@ def _select_arms(config: ExperimentConfig, pool: list[Sample], model, tok, seed:
     labels = [s.label for s in pool]
     feats = extract_features(model, tok, pool, layers=[config.layer], positions=[config.position],
                              max_length=config.feature_max_length, cache_dir=cache / "features", progress=False)
-    X = feats.get(feats.layers[0], config.position)
+    layer = feats.layers[0]
+    X = feats.get(layer, config.position)
+
+    def hidden(samples, positions):  # hidden states at several positions, one block each (guard-model)
+        f = extract_features(model, tok, samples, layers=[layer], positions=positions,
+                             max_length=config.feature_max_length, cache_dir=cache / "features", progress=False)
+        return np.hstack([f.get(layer, p) for p in positions])
+
+    def sentence(samples):
+        return sentence_features(samples, cache_dir=cache / "features", device=config.device or "cpu")
     idx = draw_labeled(labels, config.n_labels, seed=seed)
     out = {}
     scores = {k: get_detector("subspace", n_components=k).fit(X).score_samples(X) for k in (1, 2, 3, 4)}
@@ -132,9 +145,17 @@ def _select_arms(config: ExperimentConfig, pool: list[Sample], model, tok, seed:
     for name in (a for a in config.all_arms() if a in DETECTORS):
         view = detector_view(name)
         if view != "llm" and S is None:
-            S = sentence_features(pool, cache_dir=cache / "features", device=config.device or "cpu")
-        V = {"llm": X, "sentence": S}.get(view) if view != "both" else np.hstack([S, X])
-        det = get_detector(name).fit(V, y_semi)  # label-free detectors ignore y
+            S = sentence(pool)
+        positions = detector_positions(name, config.position)
+        H = X if len(positions) == 1 else hidden(pool, positions)
+        V = {"llm": H, "sentence": S}.get(view) if view != "both" else np.hstack([S, H])
+        fit_kw = {}
+        if needs_reference(name):  # guard-model: the guard's rows in the same view, at the same settings
+            ref_X, ref_y = reference_view(lambda samples: np.hstack([sentence(samples), hidden(samples, positions)]),
+                                          model, tok, layer=layer, positions=positions,
+                                          max_length=config.feature_max_length, cache_dir=cache / "features")
+            fit_kw = {"reference_X": ref_X, "reference_y": ref_y}
+        det = get_detector(name).fit(V, y_semi, **fit_kw)  # label-free detectors ignore y
         s = det.score_samples(V)
         rule = default_rule(name)  # as `saft filter --rule auto` would choose
         if rule == "estimate":

@@ -119,6 +119,29 @@ def _data_fingerprint(encoded: list[Encoded]) -> str:
     return h.hexdigest()[:16]
 
 
+def _manifest(model, encoded: list[Encoded], layers: list[int], positions: list[str], max_length: int) -> dict:
+    return {
+        "version": CACHE_VERSION, "model": model_id(model), "model_fingerprint": _model_fingerprint(model),
+        "layers": layers, "positions": positions, "max_length": max_length, "n_samples": len(encoded),
+        "data_fingerprint": _data_fingerprint(encoded), "n_truncated": sum(e.truncated for e in encoded),
+    }
+
+
+def feature_manifest(model, tokenizer, samples: Sequence[Sample], *, layers=None,
+                     positions: Sequence[str] = ("prompt_last",), max_length: int = 512) -> dict:
+    """The manifest `extract_features` would write for these arguments (model, layers, positions, max length
+    and fingerprints of the weights and the tokenised data), without running the model."""
+    layers = resolve_layers(layers, num_layers(model))
+    encoded = [encode(s, tokenizer, max_length=max_length) for s in samples]
+    return _manifest(model, encoded, layers, list(positions), max_length)
+
+
+def cache_key(manifest: dict) -> str:
+    """The cache folder name of a feature manifest: equal manifests share a folder, so features computed
+    elsewhere for the same manifest (shipped with the package, say) can be placed where extract_features looks."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def _pool(hidden, input_lens, prompt_lens, positions: Sequence[str]):
     """hidden: (B, T, d) -> (B, P, d) for each position."""
     import torch
@@ -200,14 +223,9 @@ def extract_features(model, tokenizer, samples: Sequence[Sample], *, layers=None
     n_layers = num_layers(model)
     layers = resolve_layers(layers, n_layers)
     encoded = [encode(s, tokenizer, max_length=max_length) for s in samples]
-    n_truncated = sum(e.truncated for e in encoded)
-    manifest = {
-        "version": CACHE_VERSION, "model": model_id(model), "model_fingerprint": _model_fingerprint(model),
-        "layers": layers, "positions": positions, "max_length": max_length, "n_samples": len(samples),
-        "data_fingerprint": _data_fingerprint(encoded), "n_truncated": n_truncated,
-    }
-    key = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:20]
-    folder = Path(cache_dir) / key if cache_dir is not None else None
+    manifest = _manifest(model, encoded, layers, positions, max_length)
+    n_truncated = manifest["n_truncated"]
+    folder = Path(cache_dir) / cache_key(manifest) if cache_dir is not None else None
     if folder is not None and (folder / "features.npy").exists():
         logger.info("reusing cached features from %s", folder)
         values = np.load(folder / "features.npy", allow_pickle=False)

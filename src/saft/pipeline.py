@@ -20,12 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from .data import Dataset, FieldOptions, load_samples, output_name, write_json, write_jsonl, write_subset
-from .detectors import DETECTORS, NEEDS_LABELS, calibrated_prior, default_rule, detector_view, get_detector, own_estimate
+from .detectors import (
+    DETECTORS, NEEDS_LABELS, calibrated_prior, default_rule, detector_positions, detector_view, get_detector,
+    needs_reference, own_estimate,
+)
 from .detectors.guard import check_kernel
 from .encoders import ENCODER_VERSION, sentence_features
 from .features import POSITIONS, extract_features
 from .metrics import detection_metrics
 from .models import EMBEDDED, default_cache_dir, load_model
+from .reference import reference_view
 from .select import (
     PRIOR_WEIGHT, Selection, draw_labeled, select_by_f1, select_calibrated, select_estimate, select_fraction, select_mixture,
     select_threshold,
@@ -34,6 +38,7 @@ from .select import (
 logger = logging.getLogger(__name__)
 
 RULES = ("auto", "f1", "calibrated", "estimate", "fraction", "threshold", "mixture", "none")
+LABEL_FREE = "guard-model"  # what `auto` runs without labels (benchmarks/RESULTS.md, pool-seeds)
 
 
 @dataclass
@@ -45,13 +50,13 @@ class FilterConfig:
     position: str = field(default="prompt_last", metadata={"help": f"token position: {', '.join(POSITIONS)} (prompt_last is the paper's)"})
     max_length: int = field(default=512, metadata={"help": "tokens per sample; longer samples are truncated and counted"})
     batch_size: int = field(default=8, metadata={"help": "samples per forward pass"})
-    detector: str = field(default="auto", metadata={"help": "auto (guard-probe when the data has n_labels labelled rows or a labels file is given, else guard-student), or a registered detector: guard-student (label-free: guard-knn plus a probe on the model's features trained on guard-knn's surest calls), guard-knn (label-free: a packaged classifier on sentence embeddings, smoothed over the model's features), guard (the same classifier alone; the model is not loaded), subspace (the paper's), probe and guard-probe (semi-supervised: use the labels)"})
-    guard_kernel: str = field(default="rbf", metadata={"help": "classifier of the guard detectors (guard, guard-knn, guard-student, guard-probe): rbf (a kernel SVM, the default: better on BeaverTails-like data) or linear (the logistic regression, the default before); each with its own contamination estimate"})
+    detector: str = field(default="auto", metadata={"help": "auto (guard-probe when the data has n_labels labelled rows or a labels file is given, else guard-model), or a registered detector: guard-model (label-free: the guard's classifier retrained on the guard's rows in the model's own view, plus a probe on the pool trained on its surest calls), guard-student (label-free: guard-knn plus a probe on the model's features trained on guard-knn's surest calls), guard-knn (label-free: a packaged classifier on sentence embeddings, smoothed over the model's features), guard (the same classifier alone; the model is not loaded), subspace (the paper's), probe and guard-probe (semi-supervised: use the labels)"})
+    guard_kernel: str = field(default="rbf", metadata={"help": "classifier of the packaged guard (guard, guard-knn, guard-student, guard-probe; guard-model's estimate): rbf (a kernel SVM, the default: better on BeaverTails-like data) or linear (the logistic regression, the default before); each with its own contamination estimate"})
     n_components: int | None = field(default=None, metadata={"help": "fix k; default: searched over k_candidates by the f1 rule, else 1"})
     k_candidates: tuple[int, ...] = field(default=(1, 2, 3, 4), metadata={"help": "k values the f1 rule searches"})
     weighted: bool = field(default=False, metadata={"help": "weight squared projections by singular values (HaloScope option)"})
     standardize: bool = field(default=False, metadata={"help": "scale features to unit variance before the SVD (not in the paper)"})
-    rule: str = field(default="auto", metadata={"help": f"selection rule: {', '.join(RULES)}; auto = estimate for a detector that estimates the contamination itself (guard, guard-knn, guard-student), calibrated for one trained on labels (probe, guard-probe), else f1 (the paper's)"})
+    rule: str = field(default="auto", metadata={"help": f"selection rule: {', '.join(RULES)}; auto = estimate for a detector that estimates the contamination itself (guard, guard-knn, guard-student, guard-model), calibrated for one trained on labels (probe, guard-probe), else f1 (the paper's)"})
     prior_weight: float = field(default=PRIOR_WEIGHT, metadata={"help": "calibrated rule: how many labels the detector's own label-free contamination estimate counts as (guard-probe: the guard's); it damps the removed count's dependence on which rows were labelled; 0 = the labels alone"})
     n_labels: int = field(default=100, metadata={"help": "labelled samples drawn from the pool for the f1 rule"})
     labels_file: str | None = field(default=None, metadata={"help": "separate labelled file for the f1 rule (instead of drawing from the pool)"})
@@ -98,14 +103,14 @@ def resolve_auto(config: FilterConfig, *, n_labelled: int, labels_file: bool) ->
     """The concrete detector and rule for `auto`, given how many labelled rows the data has.
 
     With labels (n_labels labelled rows in the pool, or a labels file) the benchmark's best use of them is
-    guard-probe with the calibrated rule; without, the label-free guard-student with its own contamination estimate.
+    guard-probe with the calibrated rule; without, the label-free guard-model with its own contamination estimate.
     """
     detector = config.detector
     if detector == "auto":
-        detector = "guard-probe" if labels_file or n_labelled >= config.n_labels else "guard-student"
+        detector = "guard-probe" if labels_file or n_labelled >= config.n_labels else LABEL_FREE
     rule = config.rule
     if config.detector == "auto" and rule == "estimate" and detector == "guard-probe":
-        detector = "guard-student"  # an explicit label-free rule keeps the detector label-free
+        detector = LABEL_FREE  # an explicit label-free rule keeps the detector label-free
     return dataclasses.replace(config, detector=detector, rule=rule)
 
 
@@ -163,7 +168,7 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
         else:
             labeled_idx = draw_labeled(dataset.labels, config.n_labels, seed=config.seed)
             Xv, val_labels = X[labeled_idx], [dataset.labels[i] for i in labeled_idx]
-    scorers = _fit_scorers(config, X, Xv, val_labels, labeled_idx)
+    scorers = _fit_scorers(config, X, Xv, val_labels, labeled_idx, reference=info["reference"])
     pool_scores = {c: s.score_samples(X) for c, s in scorers.items()}
     if config.rule == "f1":
         val_scores = {c: s.score_samples(Xv) for c, s in scorers.items()}
@@ -194,7 +199,7 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
         "n_removed": selection.n_removed, "n_kept": n - selection.n_removed,
         "rule": selection.rule, "threshold": selection.threshold, "k": k if config.detector == "subspace" else None,
         "detector": config.detector, "layer": info["layer"],
-        "position": info["position"], "rule_params": {kk: v for kk, v in selection.params.items() if kk != "candidate"},
+        "position": info["position"], "positions": info["positions"], "rule_params": {kk: v for kk, v in selection.params.items() if kk != "candidate"},
         "n_truncated": info["n_truncated"], "labeled_rows_used": None if labeled_idx is None else [dataset.samples[i].id for i in labeled_idx],
         "metrics": detection_metrics(scores, dataset.labels, selection.removed),
         # The same on the labelled rows that neither trained the detector nor chose the threshold: the honest
@@ -241,35 +246,45 @@ def run_demo(output_dir, *, config: FilterConfig | None = None, progress: bool =
 
 def _feature_view(config: FilterConfig, dataset: Dataset, model, tokenizer, *, progress: bool):
     """(embed, info): `embed(ds)` gives the detector's view of a dataset (the pool's is computed here, once);
-    `info` holds layer, position, truncation count, model name and feature-cache path for the summary."""
+    `info` holds layer, positions, truncation count, model name and feature-cache path for the summary, and
+    `reference`: None, or for a detector that trains on the guard's rows (guard-model) a function giving their
+    (view, labels)."""
     feature_cache = Path(config.cache_dir or default_cache_dir()) / "features"
     view = detector_view(config.detector)
 
-    def sentence(ds):
-        return sentence_features(ds.samples, device=config.device or "cpu", cache_dir=feature_cache, progress=progress)
+    def sentence(samples):
+        return sentence_features(samples, device=config.device or "cpu", cache_dir=feature_cache, progress=progress)
 
-    info = {"layer": None, "position": None, "n_truncated": 0, "model": ENCODER_VERSION, "cache_path": None}
+    info = {"layer": None, "position": None, "positions": None, "n_truncated": 0, "model": ENCODER_VERSION,
+            "cache_path": None, "reference": None}
     if view == "sentence":  # no language model needed: the model being fine-tuned is not even loaded
-        return sentence, info
+        return (lambda ds: sentence(ds.samples)), info
     if model is None:
         model, tokenizer = load_model(config.model, cache_dir=config.cache_dir, device=config.device,
                                       dtype=config.dtype, trust_remote_code=config.trust_remote_code)
-    kw = dict(layers=[config.layer], positions=[config.position], max_length=config.max_length,
+    positions = detector_positions(config.detector, config.position)
+    kw = dict(layers=[config.layer], positions=positions, max_length=config.max_length,
               batch_size=config.batch_size, cache_dir=feature_cache, progress=progress)
     feats = extract_features(model, tokenizer, dataset.samples, **kw)
     layer = feats.layers[0]
-    info.update(layer=layer, position=config.position, n_truncated=feats.n_truncated, cache_path=feats.cache_path,
+    info.update(layer=layer, position=config.position, positions=positions, n_truncated=feats.n_truncated,
+                cache_path=feats.cache_path,
                 model=feats.manifest["model"] + (f" + {ENCODER_VERSION}" if view == "both" else ""))
 
-    def embed(ds):
-        hidden = (feats if ds is dataset else extract_features(model, tokenizer, ds.samples, **kw)).get(layer, config.position)
-        return np.hstack([sentence(ds), hidden]) if view == "both" else hidden
+    def samples_view(samples, computed=None):
+        f = computed or extract_features(model, tokenizer, samples, **kw)
+        hidden = np.hstack([f.get(layer, p) for p in positions])
+        return np.hstack([sentence(samples), hidden]) if view == "both" else hidden
 
-    return embed, info
+    if needs_reference(config.detector):
+        info["reference"] = lambda: reference_view(samples_view, model, tokenizer, layer=layer, positions=positions,
+                                                   max_length=config.max_length, cache_dir=feature_cache)
+    return (lambda ds: samples_view(ds.samples, feats if ds is dataset else None)), info
 
 
-def _fit_scorers(config: FilterConfig, X, Xv, val_labels, labeled_idx) -> dict:
-    """Fitted detectors by candidate: k -> SubspaceScorer (k searched by the f1 rule), or one other detector."""
+def _fit_scorers(config: FilterConfig, X, Xv, val_labels, labeled_idx, *, reference=None) -> dict:
+    """Fitted detectors by candidate: k -> SubspaceScorer (k searched by the f1 rule), or one other detector.
+    `reference()` gives the guard's rows in the detector's view, for a detector that trains on them."""
     if config.detector == "subspace":
         if config.rule == "f1" and config.n_components is None:
             ks = [k for k in config.k_candidates if k <= min(X.shape)]
@@ -283,6 +298,11 @@ def _fit_scorers(config: FilterConfig, X, Xv, val_labels, labeled_idx) -> dict:
     detector = get_detector(config.detector)
     if "kernel" in detector.get_params():  # the guard detectors
         detector.set_params(kernel=config.guard_kernel)
+    if "positions" in detector.get_params():  # the hidden-state blocks of X, in the order they were stacked
+        detector.set_params(positions=tuple(detector_positions(config.detector, config.position)))
+    if reference is not None:
+        reference_X, reference_y = reference()
+        return {config.detector: detector.fit(X, reference_X=reference_X, reference_y=reference_y)}
     if config.detector not in NEEDS_LABELS:
         return {config.detector: detector.fit(X)}
     # Semi-supervised: the pool shapes the detector, the labelled rows (pool rows or a labels file) train it.

@@ -4,7 +4,9 @@ Every detector is a scikit-learn estimator with `fit(X, y=None)` and `score_samp
 means more likely harmful. Detectors import no torch. A detector's class attribute `view` names the features it
 reads: "llm" (hidden states of the model being fine-tuned, `saft.features`; the default), "sentence" (the
 sentence-encoder view, `saft.encoders`) or "both" (the sentence view's columns, then the hidden states). Detectors with `contamination_estimate(X)` can pick their own
-threshold without labels (the "estimate" selection rule).
+threshold without labels (the "estimate" selection rule). A detector with `needs_reference` (guard-model) also
+trains on the guard's labelled rows in the same view (`fit(X, reference_X=, reference_y=)`, `saft.reference`),
+and one with a `positions` parameter reads hidden states at several positions, one block each.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import difflib
 
 from .guard import GuardKNNScorer, GuardScorer
 from .guided import GuidedProbeScorer
+from .model_guard import ModelGuardScorer
 from .probe import ProbeScorer
 from .student import GuardStudentScorer
 from .subspace import SubspaceScorer
@@ -24,6 +27,7 @@ DETECTORS = {
     "guard-knn": GuardKNNScorer,
     "guard-student": GuardStudentScorer,
     "guard-probe": GuidedProbeScorer,
+    "guard-model": ModelGuardScorer,
 }
 # Detectors whose fit needs labels (y with -1 for unlabelled rows).
 NEEDS_LABELS = {"probe", "guard-probe"}
@@ -32,6 +36,18 @@ NEEDS_LABELS = {"probe", "guard-probe"}
 def detector_view(name: str) -> str:
     """"llm", "sentence" or "both": which features the named detector reads."""
     return getattr(DETECTORS[name], "view", "llm")
+
+
+def detector_positions(name: str, position: str) -> list[str]:
+    """The token positions whose hidden states the named detector reads, given the configured `position`: that
+    one, then (guard-model) the others its `positions` parameter names by default, once each."""
+    defaults = DETECTORS[name]().get_params().get("positions", ()) if name in DETECTORS else ()
+    return [position] + [p for p in defaults if p != position]
+
+
+def needs_reference(name: str) -> bool:
+    """Whether the named detector trains on the guard's labelled rows in the model's view (`saft.reference`)."""
+    return bool(getattr(DETECTORS.get(name), "needs_reference", False))
 
 
 def default_rule(name: str) -> str:
@@ -70,5 +86,6 @@ def get_detector(name: str, **params):
     return DETECTORS[name](**params)
 
 
-__all__ = ["DETECTORS", "NEEDS_LABELS", "GuardKNNScorer", "GuardScorer", "GuardStudentScorer", "GuidedProbeScorer", "ProbeScorer", "SubspaceScorer", "calibrated_prior", "default_rule", "detector_view",
-           "get_detector", "own_estimate"]
+__all__ = ["DETECTORS", "NEEDS_LABELS", "GuardKNNScorer", "GuardScorer", "GuardStudentScorer", "GuidedProbeScorer",
+           "ModelGuardScorer", "ProbeScorer", "SubspaceScorer", "calibrated_prior", "default_rule", "detector_positions",
+           "detector_view", "get_detector", "needs_reference", "own_estimate"]

@@ -1,0 +1,143 @@
+"""guard-model: the guard retrained in the fine-tuned model's own view, plus a student on the pool (label-free;
+not in the paper).
+
+The packaged guard learned harmful-vs-safe from 2306 public rows in a sentence encoder's view only; on
+BeaverTails, where safe and unsafe answers share their questions and topics, that view tops out near AUROC 0.80.
+The model about to be fine-tuned reads the same rows differently: its hidden state at the last prompt token
+says what is asked, its mean over the response says what is answered. guard-model trains the guard's own recipe
+(an RBF support vector machine, C 1, gamma 'scale', balanced classes; settings fixed before any pool was
+scored) on the guard's rows (`saft.reference`) in the view [sentence view, hidden states at `positions`],
+standardised so that the hidden states' large columns do not swamp the sentence view. The view was chosen by
+grouped cross-validation on the guard's rows alone (AUROC 0.923 sentence view, 0.932 + prompt_last, 0.942 +
+response_mean, 0.945 both), not on the benchmark pools.
+
+As in guard-student, a student then learns from the classifier's surest calls on the pool itself (its top
+`estimate * n` rows as harmful, its bottom half as safe): a logistic probe on the pool's principal components of
+the hidden states at the first position, which corrects errors the outside rows cannot (task data that looks
+nothing like them). The score is the sum of the two standardised scores.
+
+The contamination estimate is the packaged guard's (`GuardScorer`, on the sentence columns), whose adjusted count
+was tuned for its classifier; the same count from this classifier's fold models was no closer to the truth on the
+benchmark pools (BeaverTails 30%: 0.42 against the guard's 0.39, truth 0.32).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
+from sklearn.utils.validation import check_array, check_is_fitted
+
+from .guard import GuardScorer
+from .student import pseudo_labels
+
+
+class ModelGuardScorer(BaseEstimator):
+    """The guard's recipe trained on the guard's rows in the model's view, taught on to a student on the pool.
+
+    X is the "both" view with one hidden-state block per position: the sentence-encoder columns (768), then the
+    model's hidden states at each of `positions`, in that order (`saft.filter_dataset` builds it). `fit(X,
+    reference_X=, reference_y=)` needs the guard's rows in the same view (`saft.reference.reference_view`) and no
+    label from the pool.
+
+    Parameters
+    ----------
+    positions : tuple of str, default=("prompt_last", "response_mean")
+        The token positions of X's hidden-state blocks; the student reads the first.
+    C : float, default=1.0
+        The classifier's C (the packaged guard's).
+    student_C : float, default=0.1
+    safe_share : float, default=0.5
+    estimate_scale : float, default=1.0
+    min_harmful : int, default=10
+    n_components : int, default=64
+        The student's settings, as in `GuardStudentScorer`.
+    weights : str or None, default=None
+    kernel : {"rbf", "linear"}, default="rbf"
+        The packaged guard whose contamination estimate sizes the student's harmful rows and the estimate rule.
+    """
+
+    view = "both"
+    needs_reference = True
+
+    def __init__(self, positions: tuple[str, ...] = ("prompt_last", "response_mean"), C: float = 1.0,
+                 student_C: float = 0.1, safe_share: float = 0.5, estimate_scale: float = 1.0, min_harmful: int = 10,
+                 n_components: int = 64, weights: str | None = None, kernel: str = "rbf"):
+        self.positions = positions
+        self.C = C
+        self.student_C = student_C
+        self.safe_share = safe_share
+        self.estimate_scale = estimate_scale
+        self.min_harmful = min_harmful
+        self.n_components = n_components
+        self.weights = weights
+        self.kernel = kernel
+
+    def _split(self, X):
+        """(sentence-encoder columns, hidden states at the first position) of X."""
+        width = len(self.guard_.coef_)
+        hidden = X.shape[1] - width
+        if hidden <= 0 or hidden % len(self.positions):
+            raise ValueError(f"guard-model reads the sentence-encoder view ({width} columns) followed by the "
+                             f"model's hidden states at {len(self.positions)} positions ({', '.join(self.positions)}); "
+                             f"got {X.shape[1]} columns")
+        return X[:, :width], X[:, width:width + hidden // len(self.positions)]
+
+    def fit(self, X, y=None, *, reference_X=None, reference_y=None):
+        X = check_array(X, dtype=np.float64)
+        if reference_X is None or reference_y is None:
+            raise ValueError("guard-model trains on the guard's rows in the model's view: pass reference_X and "
+                             "reference_y from saft.reference.reference_view (saft filter does this)")
+        reference_X = check_array(reference_X, dtype=np.float64)
+        reference_y = np.asarray(reference_y)
+        if reference_X.shape[1] != X.shape[1]:
+            raise ValueError(f"the guard's rows have {reference_X.shape[1]} columns but the pool has {X.shape[1]}; "
+                             "compute both with the same model, layer and positions")
+        if set(np.unique(reference_y)) != {0, 1}:
+            raise ValueError("reference_y must hold both classes, 0 (safe) and 1 (harmful)")
+        if not 0 < self.safe_share < 1:
+            raise ValueError(f"safe_share must be between 0 and 1, got {self.safe_share}")
+        if min(self.C, self.student_C, self.estimate_scale) <= 0:
+            raise ValueError("C, student_C and estimate_scale must be positive")
+        if X.shape[0] < 2:
+            raise ValueError(f"guard-model needs at least 2 rows to teach its student, got {X.shape[0]}; "
+                             "to score a single sample, use the guard alone (--detector guard)")
+        self.guard_ = GuardScorer(weights=self.weights, kernel=self.kernel).load_weights()
+        S, H = self._split(X)
+        self.classifier_ = make_pipeline(StandardScaler(), SVC(C=self.C, kernel="rbf", gamma="scale",
+                                                               class_weight="balanced")).fit(reference_X, reference_y)
+        teacher = self.classifier_.decision_function(X)
+        estimate = self.guard_.contamination_estimate(S)
+        n_harmful = max(int(round(self.estimate_scale * estimate * X.shape[0])), self.min_harmful, 1)
+        self.pseudo_labels_ = pseudo_labels(teacher, n_harmful, safe_share=self.safe_share)
+        taught = self.pseudo_labels_ >= 0
+        k = max(min(self.n_components, X.shape[0] - 1, H.shape[1]), 1)
+        self.components_ = make_pipeline(StandardScaler(), PCA(n_components=k, random_state=0)).fit(H)
+        Z = self.components_.transform(H)
+        self.student_ = LogisticRegression(C=self.student_C, class_weight="balanced", max_iter=5000).fit(
+            Z[taught], self.pseudo_labels_[taught])
+        student = self.student_.decision_function(Z)
+        self.stats_ = (teacher.mean(), teacher.std() or 1.0, student.mean(), student.std() or 1.0)
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def score_samples(self, X) -> np.ndarray:
+        """Standardised classifier score + standardised student score: higher = more suspicious."""
+        check_is_fitted(self, "student_")
+        X = check_array(X, dtype=np.float64)
+        _, H = self._split(X)
+        tm, ts, sm, ss = self.stats_
+        return ((self.classifier_.decision_function(X) - tm) / ts
+                + (self.student_.decision_function(self.components_.transform(H)) - sm) / ss)
+
+    def contamination_estimate(self, X) -> float:
+        """The packaged guard's label-free estimate (from the sentence-encoder columns of X)."""
+        return self.contamination_estimate_with_se(X)[0]
+
+    def contamination_estimate_with_se(self, X) -> tuple[float, float]:
+        check_is_fitted(self, "student_")
+        return self.guard_.contamination_estimate_with_se(self._split(check_array(X, dtype=np.float64))[0])

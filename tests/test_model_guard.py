@@ -1,0 +1,144 @@
+"""guard-model: the guard's recipe trained on the guard's rows in the model's view, plus a student on the pool."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+import saft.reference as R
+from conftest import toy_rows, write_jsonl
+from test_guard import weights_file
+from saft import FilterConfig, extract_features, filter_dataset
+from saft.detectors import default_rule, detector_positions, detector_view, get_detector, needs_reference
+from saft.encoders import sentence_cache_path
+from saft.features import cache_key, feature_manifest
+
+
+def view(rng, n, *, harmful_every=4, shift=0.0):
+    """The "both" layout with a 1-column guard view and two 3-column hidden blocks. Harmful rows differ along
+    the first column of each block (more in the second, the response); the guard's column sees them only
+    through noise."""
+    y = (np.arange(n) % harmful_every == 0).astype(int)
+    S = (0.5 * y + rng.normal(size=n))[:, None]
+    H1, H2 = rng.normal(size=(n, 3)), rng.normal(size=(n, 3))
+    H1[:, 0] += 2.0 * y
+    H2[:, 0] += 3.0 * y
+    H1[:, 1] += shift  # a pool can differ from the reference rows in ways unrelated to harm
+    return y, np.hstack([S, H1, H2])
+
+
+def test_guard_model_learns_from_the_reference_rows(tmp_path):
+    rng = np.random.default_rng(0)
+    y_ref, X_ref = view(rng, 400, harmful_every=3)
+    y, X = view(rng, 300, shift=2.0)
+    w = weights_file(tmp_path, [1.0], -1.0, 0.8, 0.2)
+    det = get_detector("guard-model", weights=w, kernel="linear", n_components=2)
+    assert det.fit(X, reference_X=X_ref, reference_y=y_ref) is det
+    guard = get_detector("guard", weights=w, kernel="linear").fit(X[:, :1])
+    assert roc_auc_score(y, det.score_samples(X)) > 0.9 > 0.7 > roc_auc_score(y, guard.score_samples(X[:, :1]))
+    # the student's harmful pseudo-labels are sized by the packaged guard's estimate, reported unchanged
+    est = guard.contamination_estimate(X[:, :1])
+    assert det.contamination_estimate(X) == est
+    assert det.contamination_estimate_with_se(X) == guard.contamination_estimate_with_se(X[:, :1])
+    assert (det.pseudo_labels_ == 1).sum() == max(round(est * len(X)), 10) and (det.pseudo_labels_ == 0).sum() == 150
+    # the student reads the first position's block only (3 columns), the classifier every column
+    assert det.components_.n_features_in_ == 3 and det.classifier_.n_features_in_ == 7
+    assert detector_view("guard-model") == "both" and default_rule("guard-model") == "estimate"
+    assert needs_reference("guard-model") and not needs_reference("guard-student")
+
+
+def test_guard_model_explains_bad_input(tmp_path):
+    rng = np.random.default_rng(1)
+    y_ref, X_ref = view(rng, 60)
+    y, X = view(rng, 40)
+    w = weights_file(tmp_path, [1.0], 0.0, 0.8, 0.2)
+    det = get_detector("guard-model", weights=w, kernel="linear", n_components=2)
+    with pytest.raises(ValueError, match="pass reference_X and reference_y"):
+        det.fit(X)
+    with pytest.raises(ValueError, match="the guard's rows have 6 columns but the pool has 7"):
+        det.fit(X, reference_X=X_ref[:, :6], reference_y=y_ref)
+    with pytest.raises(ValueError, match="both classes"):
+        det.fit(X, reference_X=X_ref, reference_y=np.zeros(len(y_ref)))
+    with pytest.raises(ValueError, match=r"hidden states at 2 positions \(prompt_last, response_mean\); got 6 columns"):
+        det.fit(X[:, :6], reference_X=X_ref[:, :6], reference_y=y_ref)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        det.fit(X[:1], reference_X=X_ref, reference_y=y_ref)
+    for bad in ({"safe_share": 0.0}, {"C": 0.0}, {"student_C": -1.0}):
+        with pytest.raises(ValueError):
+            get_detector("guard-model", weights=w, kernel="linear", **bad).fit(X, reference_X=X_ref, reference_y=y_ref)
+    # one position: the student reads the only block
+    one = get_detector("guard-model", weights=w, kernel="linear", positions=("last",), n_components=2)
+    assert one.fit(X[:, :4], reference_X=X_ref[:, :4], reference_y=y_ref).components_.n_features_in_ == 3
+
+
+def test_detector_positions_put_the_configured_one_first():
+    assert detector_positions("guard-model", "prompt_last") == ["prompt_last", "response_mean"]
+    assert detector_positions("guard-model", "response_mean") == ["response_mean", "prompt_last"]
+    assert detector_positions("guard-model", "last") == ["last", "prompt_last", "response_mean"]
+    assert detector_positions("guard-student", "last") == ["last"]
+
+
+def test_shipped_guard_rows():
+    samples = R.reference_samples()
+    assert len(samples) == 2306 and sum(s.label for s in samples) == 718
+    sources = {s.meta["source"] for s in samples}
+    assert sources == {"bt_safe", "bt_unsafe", "refusal_llama2"}
+    assert all(s.label == 0 for s in samples if s.meta["source"] != "bt_unsafe")
+    with np.load(R.SHIPPED_FILE) as z:
+        meta = json.loads(str(z["meta"]))
+        assert z["sentence"].shape == (2306, 768) and z["hidden"].shape == (2306, 2, 1, 576)
+    assert meta["manifest"]["positions"] == ["prompt_last", "response_mean"] and meta["manifest"]["layers"] == [15]
+    assert meta["manifest"]["n_samples"] == 2306 and meta["manifest"]["max_length"] == 512
+
+
+def test_shipped_guard_rows_are_the_guard_training_rows():
+    from saft.pools import default_raw_dir, guard_training_rows
+
+    try:
+        raw = default_raw_dir()
+    except FileNotFoundError:
+        pytest.skip("shared/data/raw is not here")
+    rows = guard_training_rows(raw)
+    samples = R.reference_samples()
+    assert [(s.prompt, s.response, s.label) for s in samples] == [(r["prompt"], r["response"], r["harmful"]) for r in rows]
+
+
+def test_shipped_views_are_placed_only_for_their_manifest(tiny, tmp_path):
+    model, tok = tiny
+    samples = R.reference_samples()[::50]
+    cache = tmp_path / "features"
+    shipped = tmp_path / "shipped.npz"
+    manifest = feature_manifest(model, tok, samples, layers=[2], positions=["prompt_last", "response_mean"],
+                                max_length=64)
+    hidden = np.random.default_rng(0).normal(size=(len(samples), 2, 1, 32)).astype(np.float16)
+    sentence = np.random.default_rng(1).normal(size=(len(samples), 768)).astype(np.float16)
+    meta = {"encoder": R.ENCODER_VERSION, "n_rows": len(samples), "manifest": manifest}
+    np.savez_compressed(shipped, meta=json.dumps(meta), sentence=sentence, hidden=hidden)
+    kw = dict(layer=2, max_length=64, cache_dir=cache, shipped=shipped)
+    # another setting: the sentence view (model-free) is placed, the hidden states are not
+    assert not R.place_shipped_views(model, tok, samples, positions=["prompt_last", "last"], **kw)
+    np.testing.assert_array_equal(np.load(sentence_cache_path(samples, cache)), sentence.astype(np.float32))
+    assert not (cache / cache_key(manifest)).exists()
+    assert R.place_shipped_views(model, tok, samples, positions=["prompt_last", "response_mean"], **kw)
+    feats = extract_features(model, tok, samples, layers=[2], positions=["prompt_last", "response_mean"],
+                             max_length=64, cache_dir=cache, progress=False)
+    np.testing.assert_array_equal(feats.get(2, "response_mean"), hidden[:, 1, 0].astype(np.float32))
+
+
+def test_filter_with_guard_model(tiny_model_dir, tmp_path, monkeypatch, small_reference):
+    from saft import load_model
+
+    model, tok = load_model(str(tiny_model_dir), device="cpu")
+    data = write_jsonl(tmp_path / "data.jsonl", toy_rows(30))
+    cfg = FilterConfig(detector="guard-model", cache_dir=str(tmp_path / "c"), layer=2)
+    res = filter_dataset(data, output_dir=tmp_path / "out", config=cfg, model=model, tokenizer=tok, progress=False)
+    s = res.summary
+    assert (s["detector"], s["rule"], s["positions"]) == ("guard-model", "estimate", ["prompt_last", "response_mean"])
+    assert s["n_removed"] == round(s["rule_params"]["contamination_estimate"] * 30)
+    # the guard's rows' features are cached: a second run computes no hidden states at all
+    monkeypatch.setattr("saft.features._forward_batch", lambda *a, **k: pytest.fail("computed features again"))
+    again = filter_dataset(data, config=cfg, model=model, tokenizer=tok, progress=False)
+    np.testing.assert_allclose(again.scores, res.scores)
