@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from saft.data import atomic_open
-from saft.encoders import ENCODER_VERSION, sentence_features
+from saft.encoders import ENCODER_VERSION, sentence_cache_path, sentence_features
 from saft.features import POSITIONS, extract_features, feature_manifest
 from saft.models import load_model
 from saft.pools import guard_training_rows
@@ -57,7 +57,7 @@ def main() -> None:
     hidden = np.stack([feats.get(layer, p) for p in SHIPPED_POSITIONS], axis=1)[:, :, None, :]
     if np.abs(hidden).max() > 6e4:
         raise SystemExit("hidden states exceed float16's range; ship them as float32")
-    meta = {"encoder": ENCODER_VERSION, "n_rows": len(samples), "manifest": manifest}
+    meta = {"encoder": ENCODER_VERSION, "sentence_file": sentence_cache_path(samples, ".").name, "manifest": manifest}
     with atomic_open(SHIPPED_FILE, "wb") as f:
         np.savez_compressed(f, meta=json.dumps(meta), sentence=S.astype(np.float16), hidden=hidden.astype(np.float16))
     print(f"wrote {ROWS_FILE} ({len(rows)} rows, {sum(r['harmful'] for r in rows)} harmful) and {SHIPPED_FILE} "

@@ -13,7 +13,7 @@ from conftest import toy_rows, write_jsonl
 from test_guard import weights_file
 from saft import FilterConfig, extract_features, filter_dataset
 from saft.detectors import default_rule, detector_positions, detector_view, get_detector, needs_reference
-from saft.encoders import sentence_cache_path
+from saft.encoders import ENCODER_VERSION, sentence_cache_path
 from saft.features import cache_key, feature_manifest
 
 
@@ -115,12 +115,17 @@ def test_shipped_views_are_placed_only_for_their_manifest(tiny, tmp_path):
                                 max_length=64)
     hidden = np.random.default_rng(0).normal(size=(len(samples), 2, 1, 32)).astype(np.float16)
     sentence = np.random.default_rng(1).normal(size=(len(samples), 768)).astype(np.float16)
-    meta = {"encoder": R.ENCODER_VERSION, "n_rows": len(samples), "manifest": manifest}
+    meta = {"encoder": ENCODER_VERSION, "sentence_file": sentence_cache_path(samples, ".").name, "manifest": manifest}
     np.savez_compressed(shipped, meta=json.dumps(meta), sentence=sentence, hidden=hidden)
     kw = dict(layer=2, max_length=64, cache_dir=cache, shipped=shipped)
     # another setting: the sentence view (model-free) is placed, the hidden states are not
     assert not R.place_shipped_views(model, tok, samples, positions=["prompt_last", "last"], **kw)
     np.testing.assert_array_equal(np.load(sentence_cache_path(samples, cache)), sentence.astype(np.float32))
+    # other rows: nothing is placed for them
+    other = tmp_path / "other"
+    assert not R.place_shipped_views(model, tok, samples[1:], positions=["prompt_last", "response_mean"], layer=2,
+                                     max_length=64, cache_dir=other, shipped=shipped)
+    assert not other.exists() or not any(other.iterdir())
     assert not (cache / cache_key(manifest)).exists()
     assert R.place_shipped_views(model, tok, samples, positions=["prompt_last", "response_mean"], **kw)
     feats = extract_features(model, tok, samples, layers=[2], positions=["prompt_last", "response_mean"],

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .data import Sample, atomic_open, write_json
-from .encoders import ENCODER_VERSION, sentence_cache_path
+from .encoders import sentence_cache_path
 from .features import cache_key, feature_manifest
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ def place_shipped_views(model, tokenizer, samples: Sequence[Sample], *, layer, p
     with np.load(shipped) as z:
         meta = json.loads(str(z["meta"]))
         sentence_path = sentence_cache_path(samples, cache_dir)
-        if meta["encoder"] == ENCODER_VERSION and meta["n_rows"] == len(samples) and not sentence_path.exists():
+        # The cache file's name hashes the encoder and every text: equal names mean the same rows, same encoder.
+        if meta["sentence_file"] == sentence_path.name and not sentence_path.exists():
             sentence_path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_open(sentence_path, "wb") as f:
                 np.save(f, z["sentence"].astype(np.float32))
