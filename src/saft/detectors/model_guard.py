@@ -26,14 +26,13 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.decomposition import PCA
-from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from sklearn.utils.validation import check_array, check_is_fitted
 
 from .guard import GuardScorer
-from .student import pseudo_labels
+from .student import combine, teach_student
 
 
 class ModelGuardScorer(BaseEstimator):
@@ -110,18 +109,12 @@ class ModelGuardScorer(BaseEstimator):
         S, H = self._split(X)
         self.classifier_ = make_pipeline(StandardScaler(), SVC(C=self.C, kernel="rbf", gamma="scale",
                                                                class_weight="balanced")).fit(reference_X, reference_y)
-        teacher = self.classifier_.decision_function(X)
-        estimate = self.guard_.contamination_estimate(S)
-        n_harmful = max(int(round(self.estimate_scale * estimate * X.shape[0])), self.min_harmful, 1)
-        self.pseudo_labels_ = pseudo_labels(teacher, n_harmful, safe_share=self.safe_share)
-        taught = self.pseudo_labels_ >= 0
         k = max(min(self.n_components, X.shape[0] - 1, H.shape[1]), 1)
         self.components_ = make_pipeline(StandardScaler(), PCA(n_components=k, random_state=0)).fit(H)
-        Z = self.components_.transform(H)
-        self.student_ = LogisticRegression(C=self.student_C, class_weight="balanced", max_iter=5000).fit(
-            Z[taught], self.pseudo_labels_[taught])
-        student = self.student_.decision_function(Z)
-        self.stats_ = (teacher.mean(), teacher.std() or 1.0, student.mean(), student.std() or 1.0)
+        self.pseudo_labels_, self.student_, self.stats_ = teach_student(
+            self.classifier_.decision_function(X), self.components_.transform(H), self.guard_.contamination_estimate(S),
+            C=self.student_C, safe_share=self.safe_share, estimate_scale=self.estimate_scale,
+            min_harmful=self.min_harmful)
         self.n_features_in_ = X.shape[1]
         return self
 
@@ -130,9 +123,8 @@ class ModelGuardScorer(BaseEstimator):
         check_is_fitted(self, "student_")
         X = check_array(X, dtype=np.float64)
         _, H = self._split(X)
-        tm, ts, sm, ss = self.stats_
-        return ((self.classifier_.decision_function(X) - tm) / ts
-                + (self.student_.decision_function(self.components_.transform(H)) - sm) / ss)
+        return combine(self.classifier_.decision_function(X), self.student_.decision_function(self.components_.transform(H)),
+                       self.stats_)
 
     def contamination_estimate(self, X) -> float:
         """The packaged guard's label-free estimate (from the sentence-encoder columns of X)."""

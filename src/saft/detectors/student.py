@@ -42,6 +42,26 @@ def pseudo_labels(teacher_scores: np.ndarray, n_harmful: int, *, safe_share: flo
     return labels
 
 
+def teach_student(teacher: np.ndarray, Z: np.ndarray, estimate: float, *, C: float, safe_share: float,
+                  estimate_scale: float, min_harmful: int):
+    """The student step of guard-student and guard-model: pseudo-labels from the teacher's pool scores (the top
+    `estimate_scale * estimate` share harmful, at least `min_harmful` rows; the bottom `safe_share` safe), a
+    balanced logistic probe on the pool's components `Z` trained on them, and the pool's (mean, sd) of teacher and
+    student scores, for `combine`. Returns (pseudo_labels, student, stats)."""
+    n_harmful = max(int(round(estimate_scale * estimate * len(teacher))), min_harmful, 1)
+    labels = pseudo_labels(teacher, n_harmful, safe_share=safe_share)
+    taught = labels >= 0
+    student = LogisticRegression(C=C, class_weight="balanced", max_iter=5000).fit(Z[taught], labels[taught])
+    scores = student.decision_function(Z)
+    return labels, student, (teacher.mean(), teacher.std() or 1.0, scores.mean(), scores.std() or 1.0)
+
+
+def combine(teacher: np.ndarray, student: np.ndarray, stats: tuple) -> np.ndarray:
+    """Standardised teacher score + standardised student score, with the pool's statistics from `teach_student`."""
+    tm, ts, sm, ss = stats
+    return (teacher - tm) / ts + (student - sm) / ss
+
+
 class GuardStudentScorer(BaseEstimator):
     """guard-knn (teacher) + a logistic probe on the pool's principal components trained on its pseudo-labels.
 
@@ -92,15 +112,9 @@ class GuardStudentScorer(BaseEstimator):
         self.teacher_ = GuardKNNScorer(n_neighbors=self.n_neighbors, n_components=self.n_components,
                                        weights=self.weights, kernel=self.kernel).fit(X)
         teacher = self.teacher_.score_samples(X)
-        estimate = self.teacher_.contamination_estimate(X)
-        n_harmful = max(int(round(self.estimate_scale * estimate * X.shape[0])), self.min_harmful, 1)
-        self.pseudo_labels_ = pseudo_labels(teacher, n_harmful, safe_share=self.safe_share)
-        taught = self.pseudo_labels_ >= 0
-        Z = self._components(X)
-        self.student_ = LogisticRegression(C=self.C, class_weight="balanced", max_iter=5000).fit(
-            Z[taught], self.pseudo_labels_[taught])
-        student = self.student_.decision_function(Z)
-        self.stats_ = (teacher.mean(), teacher.std() or 1.0, student.mean(), student.std() or 1.0)
+        self.pseudo_labels_, self.student_, self.stats_ = teach_student(
+            teacher, self._components(X), self.teacher_.contamination_estimate(X), C=self.C,
+            safe_share=self.safe_share, estimate_scale=self.estimate_scale, min_harmful=self.min_harmful)
         self.n_features_in_ = X.shape[1]
         return self
 
@@ -108,8 +122,7 @@ class GuardStudentScorer(BaseEstimator):
         """Standardised teacher score + standardised student score: higher = more suspicious."""
         check_is_fitted(self, "student_")
         X = check_array(X, dtype=np.float64)
-        tm, ts, sm, ss = self.stats_
-        return (self.teacher_.score_samples(X) - tm) / ts + (self.student_.decision_function(self._components(X)) - sm) / ss
+        return combine(self.teacher_.score_samples(X), self.student_.decision_function(self._components(X)), self.stats_)
 
     def contamination_estimate(self, X) -> float:
         """The guard's label-free estimate (from the sentence-encoder columns of X)."""
