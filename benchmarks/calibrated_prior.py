@@ -10,7 +10,7 @@ labels; 0 = no prior, the rule before). Per pool and weight: the spread of the r
 a share of the pool (the issue's stability target is < 10%), mean F1, mean error of the rule's contamination
 estimate, and refusals kept (T and H). The weight of 0 is the baseline of the same run. Seed 0 (`--pools`)
 chooses the weight; seeds 1 and 2 are fresh draws (`--fresh-pools`) that check it (their hidden states cost 4 to 9
-minutes a B pool the first time with the CPU shared, cached under benchmarks/.cache/seeds as for pool_seeds.py).
+minutes a B pool the first time with the CPU shared, cached under benchmarks/.cache/seeds_all as for pool_seeds.py).
 Rewrites the calibrated-prior section of RESULTS.md and saves results/calibrated_prior.json.
 """
 

@@ -6,7 +6,8 @@ reports AUROC, and for the selection rules F1 and the removed count over 5 label
 of safe refusals kept (T and H pools), and the label-free contamination estimate against the truth. Ceiling rows
 train a logistic probe with every label (5-fold cross-validation) to show what the features hold at all; the
 last ones add the guard's training rows, in the sentence view alone and (on the B pools) beside the model's
-hidden states (of those rows too: about 15 minutes the first time, cached after).
+hidden states (of those rows too: about 15 minutes the first time, cached after). guard-model (label-free)
+trains on those rows in its own view (sentence view + hidden states at prompt_last and response_mean).
 The guard detectors are scored only on the rows whose prompt the guard never saw in training ("unseen rows":
 its BeaverTails prompts come from the judge half of the prompt split), so their pools are subsets, with their
 own size and true contamination rate.
@@ -43,6 +44,7 @@ from saft.features import POSITIONS  # noqa: E402
 from saft.metrics import detection_metrics  # noqa: E402
 from saft.pipeline import versions  # noqa: E402
 from saft.pools import guard_training_rows, to_samples  # noqa: E402
+from saft.reference import reference_samples  # noqa: E402
 from saft.select import PRIOR_WEIGHT, select_calibrated, select_estimate, select_mixture, select_threshold  # noqa: E402
 
 
@@ -103,6 +105,9 @@ def evaluate_pool(X: np.ndarray, labels: list, refusal: np.ndarray) -> dict:
     return rows
 
 
+MODEL_GUARD_POSITIONS = ("prompt_last", "response_mean")  # guard-model's hidden-state blocks, as `saft filter` stacks them
+
+
 def guard_training_prompts(raw_dir) -> set[str]:
     """Prompts the packaged guard was trained on: excluded from its evaluation."""
     return {r["prompt"] for r in guard_training_rows(raw_dir)}
@@ -124,6 +129,15 @@ def ceiling_with_guard_data(S: np.ndarray, y: np.ndarray, S_guard: np.ndarray, y
     return out
 
 
+def guard_reference(model, tok, *, layer: int = 15, positions: tuple[str, ...] = MODEL_GUARD_POSITIONS):
+    """The guard's rows (`saft.reference`) in guard-model's view: sentence view, hidden states at `layer` and
+    `positions` (every layer and position cached with detect.py's pools: 15 minutes the first time)."""
+    samples = reference_samples()
+    S = sentence_features(samples, cache_dir=HERE / ".cache" / "sentence", progress=False)
+    feats = pool_features(model, tok, samples, max_length=512, cache=HERE / ".cache", progress=True)
+    return np.hstack([S] + [feats.get(layer, p) for p in positions]), np.array([s.label for s in samples])
+
+
 def unseen_pools(layers, position: str = "prompt_last", raw_dir=None) -> dict:
     """The pools of detect.py restricted to the rows whose prompt the guard never saw, from the cached features:
     pool name -> (labels, sentence view, {layer: hidden states at `position`})."""
@@ -140,10 +154,11 @@ def unseen_pools(layers, position: str = "prompt_last", raw_dir=None) -> dict:
     return pools
 
 
-def evaluate_guard(S: np.ndarray, labels: list, refusal: np.ndarray, hidden: dict, layer: int) -> dict:
+def evaluate_guard(S: np.ndarray, labels: list, refusal: np.ndarray, hidden: dict, layer: int, reference=None) -> dict:
     """The guard on the sentence-encoder view: label-free rules, and the F1 rule on 100 labels for comparison;
     guard-knn and guard-student with the model's hidden states at `layer` (`hidden`: position -> matrix) as their
-    second view."""
+    second view; guard-model with those at MODEL_GUARD_POSITIONS, trained on `reference` (the guard's rows in
+    that view, `guard_reference`)."""
     y = np.array(labels)
     guard = GuardScorer().fit(S)
     z = guard.score_samples(S)
@@ -156,6 +171,11 @@ def evaluate_guard(S: np.ndarray, labels: list, refusal: np.ndarray, hidden: dic
         ("guard + flag rule (score > 0, label-free)", z, 0, lambda z, seed: select_threshold(z, threshold=0.0)),
         ("guard + F1 rule on 100 labels", z, 100, lambda z, seed: f1_rule({"guard": z}, labels, seed)),
     ]
+    if reference is not None:
+        view = np.hstack([S] + [hidden[p] for p in MODEL_GUARD_POSITIONS])
+        zm = get_detector("guard-model").fit(view, reference_X=reference[0], reference_y=reference[1]).score_samples(view)
+        variants.append((f"guard-model (layer {layer} {' + '.join(MODEL_GUARD_POSITIONS)}) + estimate rule (label-free)",
+                         zm, 0, lambda z, seed: select_estimate(z, estimate=est)))
     for pos, H in hidden.items():
         both = np.hstack([S, H])
         zk = get_detector("guard-knn").fit(both).score_samples(both)
@@ -237,6 +257,7 @@ def main(argv=None) -> int:
     guard_feats = pool_features(model, tok, to_samples(guard_rows, "guard"), max_length=512, cache=Path(args.cache),
                                 progress=False)
     y_guard = np.array([r["harmful"] for r in guard_rows])
+    reference = guard_reference(model, tok, layer=args.layer)  # the same rows, as guard-model reads them
     res = {"command": "python benchmarks/detect_plus.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "layer": args.layer, "versions": versions(), "date": time.strftime("%Y-%m-%d"), "pools": {}, "truth": {}}
     for name, build in POOLS.items():
@@ -251,7 +272,7 @@ def main(argv=None) -> int:
         S = sentence_features(samples, cache_dir=Path(args.cache) / "sentence")
         y_unseen = np.array(labels)[unseen]
         rows = evaluate_guard(S[unseen], list(y_unseen), refusal[unseen],
-                              {pos: feats.get(args.layer, pos)[unseen] for pos in POSITIONS}, args.layer)
+                              {pos: feats.get(args.layer, pos)[unseen] for pos in POSITIONS}, args.layer, reference)
         both = np.hstack([S, feats.get(args.layer, "response_mean")])[unseen]
         for view, F in [("sentence view", S[unseen]), (f"sentence view + layer {args.layer} response_mean", both)]:
             rows[f"ceiling: LR on all labels, {view} (5-fold CV)"] = {

@@ -1,14 +1,15 @@
 """The label-free detectors on fresh draws of every pool: does the ranking hold beyond the pools of seed 0?
 
-    python benchmarks/pool_seeds.py [--seeds 0 1 2] [--layer 15]
+    python benchmarks/pool_seeds.py [--seeds 0 1 2] [--fresh-pools T10 ... H30] [--layer 15]
 
 Pools T10..H30 as in detect.py, drawn with each seed, on the rows whose prompt the guard never saw. Hidden
-states of one layer at prompt_last (seed 0: detect.py's cache; other seeds: that layer only, cached under
-benchmarks/.cache/seeds, a few minutes a pool the first time), the sentence view as everywhere. For guard, guard-knn
-and guard-student, each with the guard's RBF classifier (the default) and with its linear one (the default
-before): AUROC, and F1 and the removed count under the estimate rule (the label-free default rule). guard-student
-with the linear guard, the label-free default before, is the baseline of the same run; the summary gives each
-detector's mean AUROC and F1 change against it.
+states of one layer (seed 0: detect.py's cache; other seeds: that layer at every position, computed once and
+cached under benchmarks/.cache/seeds_all), the sentence view as everywhere. For
+guard, guard-knn and guard-student, each with the guard's RBF classifier (the default) and with its linear one
+(the default before), at prompt_last; and guard-model at prompt_last and response_mean, trained on the guard's
+rows in that view (their hidden states are cached with detect.py's pools): AUROC, and F1 and the removed count
+under the estimate rule (the label-free default rule). guard-student, the label-free default before guard-model,
+is the baseline of the same run; the summary gives each detector's mean AUROC and F1 change against it.
 Rewrites the pool-seeds section of RESULTS.md and saves results/pool_seeds.json.
 """
 
@@ -23,12 +24,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from detect import HERE, SEEDED_POOLS, pool_features, write_results_md  # noqa: E402
-from detect_plus import guard_training_prompts  # noqa: E402
+from detect_plus import MODEL_GUARD_POSITIONS, guard_reference, guard_training_prompts  # noqa: E402
 
 from saft import extract_features, get_detector, load_model  # noqa: E402
 from saft.data import write_json  # noqa: E402
 from saft.detectors import own_estimate  # noqa: E402
 from saft.encoders import sentence_features  # noqa: E402
+from saft.features import POSITIONS  # noqa: E402
 from saft.metrics import detection_metrics  # noqa: E402
 from saft.pipeline import versions  # noqa: E402
 from saft.select import select_estimate  # noqa: E402
@@ -36,31 +38,40 @@ from saft.select import select_estimate  # noqa: E402
 # row name -> (registered detector, its parameters)
 DETECTORS = {name + suffix: (name, params) for suffix, params in (("", {}), (" (linear)", {"kernel": "linear"}))
              for name in ("guard", "guard-knn", "guard-student")}
-BASELINE = "guard-student (linear)"
+DETECTORS["guard-model"] = ("guard-model", {})
+BASELINE = "guard-student"
 
 
-def unseen_pool(name: str, seed: int, model, tok, seen: set[str], *, layer: int = 15, n: int = 1000):
+def unseen_pool(name: str, seed: int, model, tok, seen: set[str], *, layer: int = 15, n: int = 1000,
+                positions: tuple[str, ...] = ("prompt_last",)):
     """Pool `name` drawn with `seed`, restricted to the rows whose prompt the guard never saw: (labels, sentence
-    view, hidden states at `layer` prompt_last, safe-refusal mask). Seed 0 reads detect.py's cache (every layer);
-    other seeds compute that one layer once, cached under benchmarks/.cache/seeds."""
+    view, hidden states at `layer` and `positions` side by side, safe-refusal mask). Seed 0 reads detect.py's
+    cache (every layer); other seeds compute `layer` at every position once (one forward pass that stops there),
+    cached under benchmarks/.cache/seeds_all."""
     samples = SEEDED_POOLS[name](n, seed)
     unseen = np.array([s.prompt not in seen for s in samples])
     y = np.array([s.label for s in samples])[unseen]
     refusal = np.array([s.meta["source"] == "refusal" for s in samples])[unseen]
     S = sentence_features(samples, cache_dir=HERE / ".cache" / "sentence", progress=False)[unseen]
-    if seed == 0:  # detect.py's pools, whose every layer is cached already
+    if seed == 0:
         feats = pool_features(model, tok, samples, max_length=512, cache=HERE / ".cache", progress=True)
     else:
-        feats = extract_features(model, tok, samples, layers=[layer], positions="prompt_last", max_length=512,
-                                 batch_size=8, cache_dir=HERE / ".cache" / "seeds", progress=True)
-    return y, S, feats.get(layer, "prompt_last")[unseen], refusal
+        feats = extract_features(model, tok, samples, layers=[layer], positions=list(POSITIONS), max_length=512,
+                                 batch_size=8, cache_dir=HERE / ".cache" / "seeds_all", progress=True)
+    return y, S, np.hstack([feats.get(layer, p) for p in positions])[unseen], refusal
 
 
-def evaluate(y: np.ndarray, S: np.ndarray, H: np.ndarray) -> dict:
+def evaluate(y: np.ndarray, S: np.ndarray, H: np.ndarray, reference: tuple) -> dict:
+    """Every detector of DETECTORS on one pool; H holds the hidden states at MODEL_GUARD_POSITIONS side by side
+    (the others read the first, prompt_last), `reference` the guard's rows in guard-model's view."""
     out = {}
     for name, (detector, params) in DETECTORS.items():
-        X = S if detector == "guard" else np.hstack([S, H])
-        det = get_detector(detector, **params).fit(X)
+        if detector == "guard-model":
+            X = np.hstack([S, H])
+            det = get_detector(detector, **params).fit(X, reference_X=reference[0], reference_y=reference[1])
+        else:
+            X = S if detector == "guard" else np.hstack([S, H[:, :H.shape[1] // len(MODEL_GUARD_POSITIONS)]])
+            det = get_detector(detector, **params).fit(X)
         scores = det.score_samples(X)
         sel = select_estimate(scores, **own_estimate(det, X))
         m = detection_metrics(scores, y.tolist(), sel.removed)
@@ -94,6 +105,8 @@ def render(res: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="label-free detectors on fresh pool draws")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--fresh-pools", nargs="+", default=list(SEEDED_POOLS), choices=list(SEEDED_POOLS),
+                    help="pools drawn for the seeds other than 0 (seed 0: every pool)")
     ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--no-write", action="store_true")
@@ -103,11 +116,13 @@ def main(argv=None) -> int:
     seen = guard_training_prompts(None)
     res = {"command": "python benchmarks/pool_seeds.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "layer": args.layer, "seeds": args.seeds, "versions": versions(), "date": time.strftime("%Y-%m-%d"), "pools": {}}
+    reference = guard_reference(model, tok, layer=args.layer)
     for seed in args.seeds:
-        for name in SEEDED_POOLS:
-            y, S, H, _ = unseen_pool(name, seed, model, tok, seen, layer=args.layer, n=args.n)
-            res["pools"][f"{name} seed {seed}"] = {"pool": name, "seed": seed, "n": len(y),
-                                                   "n_harmful": int(y.sum()), "detectors": evaluate(y, S, H)}
+        for name in SEEDED_POOLS if seed == 0 else args.fresh_pools:
+            y, S, H, _ = unseen_pool(name, seed, model, tok, seen, layer=args.layer, n=args.n,
+                                     positions=MODEL_GUARD_POSITIONS)
+            res["pools"][f"{name} seed {seed}"] = {"pool": name, "seed": seed, "n": len(y), "n_harmful": int(y.sum()),
+                                                   "detectors": evaluate(y, S, H, reference)}
             print(name, seed, {d: round(v["auroc"], 3) for d, v in res["pools"][f"{name} seed {seed}"]["detectors"].items()}, flush=True)
     res["seconds"] = time.time() - t0
     text = render(res)

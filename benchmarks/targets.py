@@ -23,8 +23,8 @@ from detect import HERE, write_results_md  # noqa: E402
 
 from saft.select import PRIOR_WEIGHT  # noqa: E402
 
-LABEL_FREE_DEFAULT = "guard-student (layer {layer} prompt_last) + estimate rule (label-free)"
-LABEL_FREE_NAME = "guard-student"  # the same detector in pool_seeds.json
+LABEL_FREE_DEFAULT = "guard-model (layer {layer} prompt_last + response_mean) + estimate rule (label-free)"
+LABEL_FREE_NAME = "guard-model"  # the same detector in pool_seeds.json (saft.pipeline.LABEL_FREE)
 LABELLED_DEFAULT = "guard-probe (layer {layer} prompt_last, 100 labels) + calibrated rule"  # with the guard's prior
 GUARD_VIEW = "sentence view, unseen rows"
 
