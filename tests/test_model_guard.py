@@ -1,8 +1,6 @@
 """guard-model: the guard's recipe trained on the guard's rows in the model's view, plus a student on the pool."""
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest

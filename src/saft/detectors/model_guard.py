@@ -2,7 +2,8 @@
 not in the paper).
 
 The packaged guard learned harmful-vs-safe from 2306 public rows in a sentence encoder's view only; on
-BeaverTails, where safe and unsafe answers share their questions and topics, that view tops out near AUROC 0.80.
+BeaverTails, where safe and unsafe answers share their questions and topics, that view tops out at AUROC
+0.80-0.86 even with every label of the pool added (benchmarks/RESULTS.md, detect-plus ceilings).
 The model about to be fine-tuned reads the same rows differently: its hidden state at the last prompt token
 says what is asked, its mean over the response says what is answered. guard-model trains the guard's own recipe
 (an RBF support vector machine, C 1, gamma 'scale', balanced classes; settings fixed before any pool was
