@@ -128,18 +128,20 @@ def test_evaluate_needs_harmful_prompts(capsys):
     assert "--harmful-prompts" in capsys.readouterr().err
 
 
-def test_labels_file_for_the_f1_rule(tiny_model_dir, tmp_path, capsys):
+def test_labels_file_for_the_f1_rule(tiny_model_dir, tmp_path, capsys, small_reference):
     pool = write_jsonl(tmp_path / "pool.jsonl", [{k: v for k, v in r.items() if k != "is_safe"} for r in toy_rows(20)])
     labelled = write_jsonl(tmp_path / "lab.jsonl", toy_rows(12))
     out = tmp_path / "o"
     assert run(["filter", str(pool), "-o", str(out), "--labels-file", str(labelled)], tiny_model_dir, tmp_path) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["rule_params"]["n_labels"] == 12 and s["labeled_rows_used"] is None and s["metrics"] == {"n_labeled": 0}
-    # auto with a labels file: guard-probe, trained on the file's rows (both views computed for them too)
+    # auto with a labels file: guard-model-probe, trained on the file's rows (both views, both positions, computed for
+    # them too) and on the guard's rows
     assert run(["filter", str(pool), "-o", str(tmp_path / "a"), "--labels-file", str(labelled)], tiny_model_dir,
                tmp_path, detector=None) == 0
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert s["detector"] == "guard-probe" and s["rule"] == "calibrated" and s["rule_params"]["n_labels"] == 12
+    assert s["detector"] == "guard-model-probe" and s["rule"] == "calibrated" and s["rule_params"]["n_labels"] == 12
+    assert s["positions"] == ["prompt_last", "response_mean"]
     assert s["rule_params"]["prior_weight"] == 100 and 0 <= s["rule_params"]["prior_estimate"] <= 1
     assert f"label-free {s['rule_params']['prior_estimate']:.3f} as a prior worth 100 labels" in capsys.readouterr().out
     assert run(["filter", str(pool), "-o", str(tmp_path / "a0"), "--labels-file", str(labelled), "--prior-weight", "0"],

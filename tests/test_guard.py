@@ -171,11 +171,11 @@ def test_guard_ranks_harmful_compliance_above_benign_and_refusal():
     assert z[0] > 0 and z[0] > z[1] and z[0] > z[2]
 
 
-def test_run_demo_writes_default_and_paper_runs(tiny, tmp_path):
+def test_run_demo_writes_default_and_paper_runs(tiny, tmp_path, small_reference):
     model, tok = tiny
     cfg = FilterConfig(cache_dir=str(tmp_path / "cache"))
     main, paper = run_demo(tmp_path / "demo", config=cfg, progress=False, model=model, tokenizer=tok)
-    assert main.summary["detector"] == "guard-probe" and paper.summary["detector"] == "subspace"  # labelled demo
+    assert main.summary["detector"] == "guard-model-probe" and paper.summary["detector"] == "subspace"  # labelled demo
     assert main.summary["requested"] == {"detector": "auto", "rule": "auto"} and main.summary["rule"] == "calibrated"
     assert paper.summary["rule"] == "f1" and paper.summary["layer"] is not None
     assert (tmp_path / "demo" / "summary.json").exists() and (tmp_path / "demo" / "paper" / "kept.jsonl").exists()
@@ -288,10 +288,10 @@ def test_auto_uses_the_labels_when_there_are_enough():
     cfg = FilterConfig()
     assert (cfg.detector, cfg.rule) == ("auto", "auto")
     r = resolve_auto(cfg, n_labelled=100, labels_file=False)
-    assert (r.detector, r.rule) == ("guard-probe", "calibrated")
+    assert (r.detector, r.rule) == ("guard-model-probe", "calibrated")
     r = resolve_auto(cfg, n_labelled=99, labels_file=False)
     assert (r.detector, r.rule) == ("guard-model", "estimate")
-    assert resolve_auto(cfg, n_labelled=0, labels_file=True).detector == "guard-probe"
+    assert resolve_auto(cfg, n_labelled=0, labels_file=True).detector == "guard-model-probe"
     r = resolve_auto(FilterConfig(rule="estimate"), n_labelled=500, labels_file=False)
     assert (r.detector, r.rule) == ("guard-model", "estimate")
     r = resolve_auto(FilterConfig(detector="subspace"), n_labelled=0, labels_file=False)

@@ -145,3 +145,46 @@ def test_filter_with_guard_model(tiny_model_dir, tmp_path, monkeypatch, small_re
     monkeypatch.setattr("saft.features._forward_batch", lambda *a, **k: pytest.fail("computed features again"))
     again = filter_dataset(data, config=cfg, model=model, tokenizer=tok, progress=False)
     np.testing.assert_allclose(again.scores, res.scores)
+
+
+def test_guard_model_probe_weighs_guard_models_parts_with_labels(tmp_path):
+    rng = np.random.default_rng(2)
+    y_ref, X_ref = view(rng, 400, harmful_every=3)
+    y, X = view(rng, 300, shift=2.0)
+    w = weights_file(tmp_path, [1.0], -1.0, 0.8, 0.2)
+    semi = np.full(len(y), -1)
+    semi[:60] = y[:60]
+    det = get_detector("guard-model-probe", weights=w, kernel="linear", n_components=2)
+    assert det.fit(X, semi, reference_X=X_ref, reference_y=y_ref) is det
+    assert roc_auc_score(y, det.score_samples(X)) > 0.9
+    # two guide inputs beside the 2 components of the first block: guard-model's classifier and its student
+    assert det.n_guides_ == 2 and det.probe_.coef_.shape == (1, 4) and det.pca_.n_features_in_ == 3
+    guide = get_detector("guard-model", weights=w, kernel="linear").fit(X, reference_X=X_ref, reference_y=y_ref)
+    parts = guide.part_scores(X)
+    assert np.allclose(det.guide_.part_scores(X)[0], parts[0]) and np.allclose(det.guide_.part_scores(X)[1], parts[1])
+    # the calibrated rule's prior is guard-model's estimate, i.e. the packaged guard's
+    assert det.label_free_estimate_with_se(X) == guide.contamination_estimate_with_se(X)
+    assert not hasattr(det, "contamination_estimate")  # so that --rule auto stays calibrated
+    assert default_rule("guard-model-probe") == "calibrated" and needs_reference("guard-model-probe")
+    assert detector_positions("guard-model-probe", "response_mean") == ["response_mean", "prompt_last"]
+    with pytest.raises(ValueError, match="guard-model-probe needs labels"):
+        det.fit(X, reference_X=X_ref, reference_y=y_ref)
+    with pytest.raises(ValueError, match="pass reference_X and reference_y"):
+        det.fit(X, semi)
+    with pytest.raises(ValueError, match="guard_weight must be positive"):
+        get_detector("guard-model-probe", guard_weight=0.0).fit(X, semi, reference_X=X_ref, reference_y=y_ref)
+
+
+def test_guard_model_probe_guard_weight_is_a_prior_towards_guard_model(tmp_path):
+    # The hidden blocks carry the harm signal through the reference rows only (guard-model); with few, noisy labels
+    # a larger guard_weight keeps the score closer to guard-model's classifier.
+    rng = np.random.default_rng(4)
+    y_ref, X_ref = view(rng, 400, harmful_every=3)
+    y, X = view(rng, 300)
+    semi = np.full(len(y), -1)
+    semi[:20] = rng.permutation(y[:20])  # labels that carry no information
+    w = weights_file(tmp_path, [1.0], -1.0, 0.8, 0.2)
+    fit = lambda gw: get_detector("guard-model-probe", weights=w, kernel="linear", n_components=2,  # noqa: E731
+                                  guard_weight=gw).fit(X, semi, reference_X=X_ref, reference_y=y_ref)
+    aucs = {gw: roc_auc_score(y, fit(gw).score_samples(X)) for gw in (0.1, 10.0)}
+    assert aucs[10.0] > 0.9 and aucs[10.0] > aucs[0.1]

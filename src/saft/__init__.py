@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .data import DataError, Dataset, FieldOptions, Sample, load_samples, write_subset  # noqa: E402
-from .detectors import DETECTORS, GuardKNNScorer, GuardScorer, GuardStudentScorer, GuidedProbeScorer, ModelGuardScorer, ProbeScorer, SubspaceScorer, get_detector  # noqa: E402
+from .detectors import DETECTORS, GuardKNNScorer, GuardScorer, GuardStudentScorer, GuidedProbeScorer, ModelGuardScorer, ModelGuidedProbeScorer, ProbeScorer, SubspaceScorer, get_detector  # noqa: E402
 from .encoders import sentence_features  # noqa: E402
 from .features import Features, extract_features  # noqa: E402
 from .metrics import detection_metrics  # noqa: E402
@@ -16,7 +16,7 @@ from .select import (  # noqa: E402
 
 __all__ = [
     "DETECTORS", "EMBEDDED", "DataError", "Dataset", "Features", "FieldOptions", "FilterConfig", "FilterResult",
-    "GuardKNNScorer", "GuardScorer", "GuardStudentScorer", "GuidedProbeScorer", "ModelGuardScorer", "ProbeScorer", "Sample", "Selection", "SubspaceScorer", "detection_metrics", "draw_labeled", "extract_features",
+    "GuardKNNScorer", "GuardScorer", "GuardStudentScorer", "GuidedProbeScorer", "ModelGuardScorer", "ModelGuidedProbeScorer", "ProbeScorer", "Sample", "Selection", "SubspaceScorer", "detection_metrics", "draw_labeled", "extract_features",
     "filter_dataset", "get_detector", "load_model", "load_samples", "select_by_f1", "select_calibrated", "select_estimate",
     "select_fraction", "select_mixture", "select_threshold", "sentence_features", "write_subset",
 ]

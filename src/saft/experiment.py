@@ -9,7 +9,7 @@ Arms:
 - `oracle`: the safe rows only;
 - one arm per other registered detector, with the selection rule `saft filter --rule auto` gives it: the
   label-free estimate (guard, guard-knn, guard-student, guard-model), the calibrated rule on the same 100 labels (probe,
-  guard-probe), else the F1 rule;
+  guard-probe, guard-model-probe), else the F1 rule;
 - `base`: the model before any fine-tuning, for reference.
 Pools are BeaverTails pairs whose prompts fall in the 'experiment' half of `saft.pools.prompt_split` (the judge
 never saw them); evaluation prompts are drawn from the same half and never share a prompt with the pool.
@@ -150,7 +150,7 @@ def _select_arms(config: ExperimentConfig, pool: list[Sample], model, tok, seed:
         H = X if len(positions) == 1 else hidden(pool, positions)
         V = {"llm": H, "sentence": S}.get(view) if view != "both" else np.hstack([S, H])
         fit_kw = {}
-        if needs_reference(name):  # guard-model: the guard's rows in the same view, at the same settings
+        if needs_reference(name):  # guard-model(-probe): the guard's rows in the same view, at the same settings
             ref_X, ref_y = reference_view(lambda samples: np.hstack([sentence(samples), hidden(samples, positions)]),
                                           model, tok, layer=layer, positions=positions,
                                           max_length=config.feature_max_length, cache_dir=cache / "features")

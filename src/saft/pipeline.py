@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 RULES = ("auto", "f1", "calibrated", "estimate", "fraction", "threshold", "mixture", "none")
 LABEL_FREE = "guard-model"  # what `auto` runs without labels (benchmarks/RESULTS.md, pool-seeds)
+LABELLED = "guard-model-probe"  # what `auto` runs with labels (benchmarks/RESULTS.md, calibrated-prior)
 
 
 @dataclass
@@ -50,14 +51,14 @@ class FilterConfig:
     position: str = field(default="prompt_last", metadata={"help": f"token position: {', '.join(POSITIONS)} (prompt_last is the paper's)"})
     max_length: int = field(default=512, metadata={"help": "tokens per sample; longer samples are truncated and counted"})
     batch_size: int = field(default=8, metadata={"help": "samples per forward pass"})
-    detector: str = field(default="auto", metadata={"help": "auto (guard-probe when the data has n_labels labelled rows or a labels file is given, else guard-model), or a registered detector: guard-model (label-free: the guard's classifier retrained on the guard's rows in the model's own view, plus a probe on the pool trained on its surest calls), guard-student (label-free: guard-knn plus a probe on the model's features trained on guard-knn's surest calls), guard-knn (label-free: a packaged classifier on sentence embeddings, smoothed over the model's features), guard (the same classifier alone; the model is not loaded), subspace (the paper's), probe and guard-probe (semi-supervised: use the labels)"})
-    guard_kernel: str = field(default="rbf", metadata={"help": "classifier of the packaged guard (guard, guard-knn, guard-student, guard-probe; guard-model's estimate): rbf (a kernel SVM, the default: better on BeaverTails-like data) or linear (the logistic regression, the default before); each with its own contamination estimate"})
+    detector: str = field(default="auto", metadata={"help": "auto (guard-model-probe when the data has n_labels labelled rows or a labels file is given, else guard-model), or a registered detector: guard-model (label-free: the guard's classifier retrained on the guard's rows in the model's own view, plus a probe on the pool trained on its surest calls), guard-student (label-free: guard-knn plus a probe on the model's features trained on guard-knn's surest calls), guard-knn (label-free: a packaged classifier on sentence embeddings, smoothed over the model's features), guard (the same classifier alone; the model is not loaded), subspace (the paper's), probe, guard-probe and guard-model-probe (semi-supervised: use the labels; guard-model-probe is guard-probe guided by guard-model instead of guard-knn)"})
+    guard_kernel: str = field(default="rbf", metadata={"help": "classifier of the packaged guard (guard, guard-knn, guard-student, guard-probe; the estimate of guard-model and guard-model-probe): rbf (a kernel SVM, the default: better on BeaverTails-like data) or linear (the logistic regression, the default before); each with its own contamination estimate"})
     n_components: int | None = field(default=None, metadata={"help": "fix k; default: searched over k_candidates by the f1 rule, else 1"})
     k_candidates: tuple[int, ...] = field(default=(1, 2, 3, 4), metadata={"help": "k values the f1 rule searches"})
     weighted: bool = field(default=False, metadata={"help": "weight squared projections by singular values (HaloScope option)"})
     standardize: bool = field(default=False, metadata={"help": "scale features to unit variance before the SVD (not in the paper)"})
-    rule: str = field(default="auto", metadata={"help": f"selection rule: {', '.join(RULES)}; auto = estimate for a detector that estimates the contamination itself (guard, guard-knn, guard-student, guard-model), calibrated for one trained on labels (probe, guard-probe), else f1 (the paper's)"})
-    prior_weight: float = field(default=PRIOR_WEIGHT, metadata={"help": "calibrated rule: how many labels the detector's own label-free contamination estimate counts as (guard-probe: the guard's); it damps the removed count's dependence on which rows were labelled; 0 = the labels alone"})
+    rule: str = field(default="auto", metadata={"help": f"selection rule: {', '.join(RULES)}; auto = estimate for a detector that estimates the contamination itself (guard, guard-knn, guard-student, guard-model), calibrated for one trained on labels (probe, guard-probe, guard-model-probe), else f1 (the paper's)"})
+    prior_weight: float = field(default=PRIOR_WEIGHT, metadata={"help": "calibrated rule: how many labels the detector's own label-free contamination estimate counts as (guard-probe, guard-model-probe: the guard's); it damps the removed count's dependence on which rows were labelled; 0 = the labels alone"})
     n_labels: int = field(default=100, metadata={"help": "labelled samples drawn from the pool for the f1 rule"})
     labels_file: str | None = field(default=None, metadata={"help": "separate labelled file for the f1 rule (instead of drawing from the pool)"})
     n_thresholds: int = field(default=100, metadata={"help": "evenly spaced threshold candidates for the f1 rule"})
@@ -103,13 +104,14 @@ def resolve_auto(config: FilterConfig, *, n_labelled: int, labels_file: bool) ->
     """The concrete detector and rule for `auto`, given how many labelled rows the data has.
 
     With labels (n_labels labelled rows in the pool, or a labels file) the benchmark's best use of them is
-    guard-probe with the calibrated rule; without, the label-free guard-model with its own contamination estimate.
+    guard-model-probe with the calibrated rule; without, the label-free guard-model with its own contamination
+    estimate.
     """
     detector = config.detector
     if detector == "auto":
-        detector = "guard-probe" if labels_file or n_labelled >= config.n_labels else LABEL_FREE
+        detector = LABELLED if labels_file or n_labelled >= config.n_labels else LABEL_FREE
     rule = config.rule
-    if config.detector == "auto" and rule == "estimate" and detector == "guard-probe":
+    if config.detector == "auto" and rule == "estimate" and detector == LABELLED:
         detector = LABEL_FREE  # an explicit label-free rule keeps the detector label-free
     return dataclasses.replace(config, detector=detector, rule=rule)
 
@@ -300,17 +302,19 @@ def _fit_scorers(config: FilterConfig, X, Xv, val_labels, labeled_idx, *, refere
         detector.set_params(kernel=config.guard_kernel)
     if "positions" in detector.get_params():  # the hidden-state blocks of X, in the order they were stacked
         detector.set_params(positions=tuple(detector_positions(config.detector, config.position)))
+    fit_kw = {}
     if reference is not None:
         reference_X, reference_y = reference()
-        return {config.detector: detector.fit(X, reference_X=reference_X, reference_y=reference_y)}
+        fit_kw = {"reference_X": reference_X, "reference_y": reference_y}
     if config.detector not in NEEDS_LABELS:
-        return {config.detector: detector.fit(X)}
+        return {config.detector: detector.fit(X, **fit_kw)}
     # Semi-supervised: the pool shapes the detector, the labelled rows (pool rows or a labels file) train it.
     if labeled_idx is not None:
         y = np.full(len(X), -1)
         y[labeled_idx] = val_labels
-        return {config.detector: detector.fit(X, y)}
-    return {config.detector: detector.fit(np.vstack([X, Xv]), np.concatenate([np.full(len(X), -1), val_labels]))}
+        return {config.detector: detector.fit(X, y, **fit_kw)}
+    return {config.detector: detector.fit(np.vstack([X, Xv]), np.concatenate([np.full(len(X), -1), val_labels]),
+                                          **fit_kw)}
 
 
 def _write_outputs(dataset: Dataset, scores: np.ndarray, selection: Selection, summary: dict, out: Path,

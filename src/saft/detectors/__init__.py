@@ -4,7 +4,8 @@ Every detector is a scikit-learn estimator with `fit(X, y=None)` and `score_samp
 means more likely harmful. Detectors import no torch. A detector's class attribute `view` names the features it
 reads: "llm" (hidden states of the model being fine-tuned, `saft.features`; the default), "sentence" (the
 sentence-encoder view, `saft.encoders`) or "both" (the sentence view's columns, then the hidden states). Detectors with `contamination_estimate(X)` can pick their own
-threshold without labels (the "estimate" selection rule). A detector with `needs_reference` (guard-model) also
+threshold without labels (the "estimate" selection rule). A detector with `needs_reference` (guard-model,
+guard-model-probe) also
 trains on the guard's labelled rows in the same view (`fit(X, reference_X=, reference_y=)`, `saft.reference`),
 and one with a `positions` parameter reads hidden states at several positions, one block each.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import difflib
 
 from .guard import GuardKNNScorer, GuardScorer
-from .guided import GuidedProbeScorer
+from .guided import GuidedProbeScorer, ModelGuidedProbeScorer
 from .model_guard import ModelGuardScorer
 from .probe import ProbeScorer
 from .student import GuardStudentScorer
@@ -28,9 +29,10 @@ DETECTORS = {
     "guard-student": GuardStudentScorer,
     "guard-probe": GuidedProbeScorer,
     "guard-model": ModelGuardScorer,
+    "guard-model-probe": ModelGuidedProbeScorer,
 }
 # Detectors whose fit needs labels (y with -1 for unlabelled rows).
-NEEDS_LABELS = {"probe", "guard-probe"}
+NEEDS_LABELS = {"probe", "guard-probe", "guard-model-probe"}
 
 
 def detector_view(name: str) -> str:
@@ -40,7 +42,7 @@ def detector_view(name: str) -> str:
 
 def detector_positions(name: str, position: str) -> list[str]:
     """The token positions whose hidden states the named detector reads, given the configured `position`: that
-    one, then (guard-model) the others its `positions` parameter names by default, once each."""
+    one, then (guard-model, guard-model-probe) the others its `positions` parameter names by default, once each."""
     defaults = DETECTORS[name]().get_params().get("positions", ()) if name in DETECTORS else ()
     return [position] + [p for p in defaults if p != position]
 
@@ -87,5 +89,5 @@ def get_detector(name: str, **params):
 
 
 __all__ = ["DETECTORS", "NEEDS_LABELS", "GuardKNNScorer", "GuardScorer", "GuardStudentScorer", "GuidedProbeScorer",
-           "ModelGuardScorer", "ProbeScorer", "SubspaceScorer", "calibrated_prior", "default_rule", "detector_positions",
+           "ModelGuardScorer", "ModelGuidedProbeScorer", "ProbeScorer", "SubspaceScorer", "calibrated_prior", "default_rule", "detector_positions",
            "detector_view", "get_detector", "needs_reference", "own_estimate"]

@@ -13,6 +13,16 @@ regression's L2 penalty is a prior: the guard's direction costs 1/guard_weight**
 the labels must bring evidence to move away from it. The default 3 was chosen on the seed-0 T and B pools (1, 3
 and 10 tried; 10 lost up to 0.01 on T and H) and confirmed on pool seeds 1 and 2 (benchmarks/RESULTS.md,
 detect-plus and the targets reading).
+
+guard-model-probe (`ModelGuidedProbeScorer`, the labelled default since session 8) is the same probe guided by
+guard-model instead: its classifier (the guard's recipe retrained on the guard's rows in the model's view) and
+its student (a probe on the pool taught by the classifier's surest calls) enter as two inputs, each with the same
+prior weight, so the labels decide between the classifier, which is best where safe and unsafe rows share their
+questions (BeaverTails), and the student, which is best on task data. On the benchmark pools (seed 0, and fresh
+draws of T and B) it is above guard-probe on every B draw (+0.02 to +0.07 AUROC) and on the H pools, and within
+0.004 of it on T (benchmarks/RESULTS.md, detect-plus and pool-seeds-labelled). Feeding guard-model's summed
+score as one input instead was 0.013-0.021 lower on B; adding guard-knn as a third input changed nothing
+above 0.005 (an ad hoc comparison on the same pools, not committed).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_array, check_is_fitted
 
 from .guard import GuardKNNScorer
+from .model_guard import ModelGuardScorer
 from .probe import semi_supervised_labels
 
 
@@ -56,22 +67,32 @@ class GuidedProbeScorer(BaseEstimator):
         self.weights = weights
         self.kernel = kernel
 
-    def _inputs(self, X):
-        _, H = self.guard_.split_views(X)
-        Z = self.pca_.transform(self.scaler_.transform(H))
-        return np.column_stack([Z, self.guard_.score_samples(X)])
+    name = "guard-probe"
 
-    def fit(self, X, y=None):
+    def _fit_guide(self, X):
+        """Fit the label-free guide on the pool; return the hidden states whose components the probe reads."""
+        self.guard_ = GuardKNNScorer(n_neighbors=self.n_neighbors, weights=self.weights, kernel=self.kernel).fit(X)
+        return self.guard_.split_views(X)[1]
+
+    def _guide(self, X) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(hidden states for the components, the guide's score columns) of X."""
+        return self.guard_.split_views(X)[1], [self.guard_.score_samples(X)]
+
+    def _inputs(self, X):
+        H, guides = self._guide(X)
+        return np.column_stack([self.pca_.transform(self.scaler_.transform(H))] + guides)
+
+    def fit(self, X, y=None, **fit_kw):
         X = check_array(X, dtype=np.float64)
         if not self.guard_weight > 0:
             raise ValueError(f"guard_weight must be positive, got {self.guard_weight}")
-        y, labelled = semi_supervised_labels(y, "guard-probe")
-        self.guard_ = GuardKNNScorer(n_neighbors=self.n_neighbors, weights=self.weights, kernel=self.kernel).fit(X)
-        _, H = self.guard_.split_views(X)
+        y, labelled = semi_supervised_labels(y, self.name)
+        H = self._fit_guide(X, **fit_kw)
         self.scaler_ = StandardScaler().fit(H)
         k = min(self.n_components, X.shape[0] - 1, H.shape[1])
         self.pca_ = PCA(n_components=k, random_state=0).fit(self.scaler_.transform(H))
         F = self._inputs(X)
+        self.n_guides_ = F.shape[1] - k
         self.input_scaler_ = StandardScaler().fit(F)
         self.probe_ = LogisticRegression(C=self.C, class_weight="balanced", max_iter=5000).fit(
             self._scaled(F[labelled]), y[labelled])
@@ -80,7 +101,7 @@ class GuidedProbeScorer(BaseEstimator):
 
     def _scaled(self, F):
         F = self.input_scaler_.transform(F)
-        F[:, -1] *= self.guard_weight  # the prior towards the guard (see the module's docstring)
+        F[:, -self.n_guides_:] *= self.guard_weight  # the prior towards the guide (see the module's docstring)
         return F
 
     def score_samples(self, X) -> np.ndarray:
@@ -95,3 +116,51 @@ class GuidedProbeScorer(BaseEstimator):
         by default instead of the label-free estimate rule."""
         check_is_fitted(self, "probe_")
         return self.guard_.contamination_estimate_with_se(X)
+
+
+class ModelGuidedProbeScorer(GuidedProbeScorer):
+    """Logistic regression on [top principal components of the model's features, guard-model's classifier score,
+    guard-model's student score].
+
+    X is guard-model's view (sentence-encoder columns, then the hidden states at each of `positions`); the
+    components are those of the first position's block. `fit(X, y, reference_X=, reference_y=)`: y holds 1, 0 or
+    -1 (unlabelled), and guard-model is fitted on the pool and the guard's rows (`saft.reference`) first.
+
+    Parameters
+    ----------
+    positions : tuple of str, default=("prompt_last", "response_mean")
+        The token positions of X's hidden-state blocks (guard-model's).
+    n_components : int, default=32
+    C : float, default=0.1
+    guard_weight : float, default=3.0
+        Scale of each standardised guide input (a prior towards guard-model; 1 = no prior).
+    weights, kernel
+        The packaged guard whose label-free estimate sizes guard-model's student and is the calibrated rule's prior.
+    """
+
+    view = "both"
+    needs_reference = True
+    name = "guard-model-probe"
+
+    def __init__(self, positions: tuple[str, ...] = ("prompt_last", "response_mean"), n_components: int = 32,
+                 C: float = 0.1, guard_weight: float = 3.0, weights: str | None = None, kernel: str = "rbf"):
+        self.positions = positions
+        self.n_components = n_components
+        self.C = C
+        self.guard_weight = guard_weight
+        self.weights = weights
+        self.kernel = kernel
+
+    def _fit_guide(self, X, *, reference_X=None, reference_y=None):
+        self.guide_ = ModelGuardScorer(positions=self.positions, weights=self.weights, kernel=self.kernel).fit(
+            X, reference_X=reference_X, reference_y=reference_y)
+        return self.guide_.hidden_block(X)
+
+    def _guide(self, X):
+        return self.guide_.hidden_block(X), list(self.guide_.part_scores(X))
+
+    def label_free_estimate_with_se(self, X) -> tuple[float, float]:
+        """guard-model's (the packaged guard's) label-free estimate of X and its standard error: the calibrated
+        rule's prior."""
+        check_is_fitted(self, "probe_")
+        return self.guide_.contamination_estimate_with_se(X)

@@ -119,13 +119,20 @@ class ModelGuardScorer(BaseEstimator):
         self.n_features_in_ = X.shape[1]
         return self
 
-    def score_samples(self, X) -> np.ndarray:
-        """Standardised classifier score + standardised student score: higher = more suspicious."""
+    def part_scores(self, X) -> tuple[np.ndarray, np.ndarray]:
+        """(classifier score, student score) of X, unscaled: guard-model-probe weighs the two with labels."""
         check_is_fitted(self, "student_")
         X = check_array(X, dtype=np.float64)
         _, H = self._split(X)
-        return combine(self.classifier_.decision_function(X), self.student_.decision_function(self.components_.transform(H)),
-                       self.stats_)
+        return self.classifier_.decision_function(X), self.student_.decision_function(self.components_.transform(H))
+
+    def hidden_block(self, X) -> np.ndarray:
+        """The hidden states at the first position (the student's input) of X."""
+        return self._split(check_array(X, dtype=np.float64))[1]
+
+    def score_samples(self, X) -> np.ndarray:
+        """Standardised classifier score + standardised student score: higher = more suspicious."""
+        return combine(*self.part_scores(X), self.stats_)
 
     def contamination_estimate(self, X) -> float:
         """The packaged guard's label-free estimate (from the sentence-encoder columns of X)."""
