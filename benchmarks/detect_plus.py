@@ -7,7 +7,8 @@ of safe refusals kept (T and H pools), and the label-free contamination estimate
 train a logistic probe with every label (5-fold cross-validation) to show what the features hold at all; the
 last ones add the guard's training rows, in the sentence view alone and (on the B pools) beside the model's
 hidden states (of those rows too: about 15 minutes the first time, cached after). guard-model (label-free)
-trains on those rows in its own view (sentence view + hidden states at prompt_last and response_mean).
+trains on those rows in its own view (sentence view + hidden states at prompt_last and response_mean), and
+guard-model-probe (the labelled default) is guard-probe guided by it.
 The guard detectors are scored only on the rows whose prompt the guard never saw in training ("unseen rows":
 its BeaverTails prompts come from the judge half of the prompt split), so their pools are subsets, with their
 own size and true contamination rate.
@@ -158,7 +159,7 @@ def evaluate_guard(S: np.ndarray, labels: list, refusal: np.ndarray, hidden: dic
     """The guard on the sentence-encoder view: label-free rules, and the F1 rule on 100 labels for comparison;
     guard-knn and guard-student with the model's hidden states at `layer` (`hidden`: position -> matrix) as their
     second view; guard-model with those at MODEL_GUARD_POSITIONS, trained on `reference` (the guard's rows in
-    that view, `guard_reference`)."""
+    that view, `guard_reference`), and guard-model-probe (guard-probe guided by guard-model) on 100 labels."""
     y = np.array(labels)
     guard = GuardScorer().fit(S)
     z = guard.score_samples(S)
@@ -176,6 +177,20 @@ def evaluate_guard(S: np.ndarray, labels: list, refusal: np.ndarray, hidden: dic
         zm = get_detector("guard-model").fit(view, reference_X=reference[0], reference_y=reference[1]).score_samples(view)
         variants.append((f"guard-model (layer {layer} {' + '.join(MODEL_GUARD_POSITIONS)}) + estimate rule (label-free)",
                          zm, 0, lambda z, seed: select_estimate(z, estimate=est)))
+
+        @functools.lru_cache(maxsize=None)  # one fit per label draw, shared by the rows below
+        def model_guided(seed):
+            semi = np.full(len(y), -1)
+            idx = draw_labeled(labels, 100, seed=seed)
+            semi[idx] = y[idx]
+            det = get_detector("guard-model-probe").fit(view, semi, reference_X=reference[0], reference_y=reference[1])
+            return det.score_samples(view)
+
+        name = f"guard-model-probe (layer {layer} {' + '.join(MODEL_GUARD_POSITIONS)}, 100 labels)"
+        # The labelled default since session 8: its prior is guard-model's estimate, the packaged guard's (`est`).
+        variants.append((f"{name} + calibrated rule", model_guided, 100,
+                         lambda z, seed: calibrated_rule(z, labels, seed, prior=est, prior_weight=PRIOR_WEIGHT)))
+        variants.append((f"{name} + F1 rule", model_guided, 100, lambda z, seed: f1_rule({"p": z}, labels, seed)))
     for pos, H in hidden.items():
         both = np.hstack([S, H])
         zk = get_detector("guard-knn").fit(both).score_samples(both)
