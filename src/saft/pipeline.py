@@ -249,8 +249,8 @@ def run_demo(output_dir, *, config: FilterConfig | None = None, progress: bool =
 def _feature_view(config: FilterConfig, dataset: Dataset, model, tokenizer, *, progress: bool):
     """(embed, info): `embed(ds)` gives the detector's view of a dataset (the pool's is computed here, once);
     `info` holds layer, positions, truncation count, model name and feature-cache path for the summary, and
-    `reference`: None, or for a detector that trains on the guard's rows (guard-model) a function giving their
-    (view, labels)."""
+    `reference`: None, or for a detector that trains on the guard's rows (guard-model, guard-model-probe) a
+    function giving their (view, labels)."""
     feature_cache = Path(config.cache_dir or default_cache_dir()) / "features"
     view = detector_view(config.detector)
 

@@ -58,6 +58,7 @@ class GuidedProbeScorer(BaseEstimator):
     """
 
     view = "both"
+    name = "guard-probe"  # in error messages
 
     def __init__(self, n_components: int = 32, C: float = 0.1, guard_weight: float = 3.0, n_neighbors: int = 10,
                  weights: str | None = None, kernel: str = "rbf"):
@@ -67,8 +68,6 @@ class GuidedProbeScorer(BaseEstimator):
         self.n_neighbors = n_neighbors
         self.weights = weights
         self.kernel = kernel
-
-    name = "guard-probe"
 
     def _fit_guide(self, X):
         """Fit the label-free guide on the pool; return the hidden states whose components the probe reads."""
