@@ -18,9 +18,9 @@ guard-model-probe (`ModelGuidedProbeScorer`, the labelled default since session 
 guard-model instead: its classifier (the guard's recipe retrained on the guard's rows in the model's view) and
 its student (a probe on the pool taught by the classifier's surest calls) enter as two inputs, each with the same
 prior weight, so the labels decide between the classifier, which is best where safe and unsafe rows share their
-questions (BeaverTails), and the student, which is best on task data. On the benchmark pools (seed 0, and fresh
-draws of T and B) it is above guard-probe on every B draw (+0.038 to +0.069 AUROC) and on the H pools, and below
-it on one T draw of six, by 0.004 (benchmarks/RESULTS.md, detect-plus and calibrated-prior). Feeding
+questions (BeaverTails), and the student, which is best on task data. On three draws of every benchmark pool it
+is above guard-probe on every B draw (+0.038 to +0.069 AUROC), level with it on the held-out H pools (-0.001 to
++0.014) and below it on one T draw of six, by 0.004 (benchmarks/RESULTS.md, detect-plus and calibrated-prior). Feeding
 guard-model's summed score as one input instead was 0.012-0.021 lower on B; adding guard-knn as a third input
 was better on one pool (+0.004) and worse by up to 0.011 elsewhere (an ad hoc comparison on the same pools, not
 committed).
