@@ -1,7 +1,8 @@
-"""The calibrated rule with the guard's label-free estimate as a prior: how much weight should it get?
+"""The calibrated rule with the guard's label-free estimate as a prior: how much weight should it get? And the
+labelled default against the one before it, on the same label draws.
 
     python benchmarks/calibrated_prior.py [--seeds 0 1 2] [--pools T10 ... H30] [--fresh-pools T10 ... H30]
-                                          [--weights 0 25 50 100 200 400]
+                                          [--weights 0 25 50 100 200 400] [--detector D] [--baseline D]
 
 --detector (default guard-model-probe, the labelled default since session 8: layer 15 prompt_last +
 response_mean; guard-probe reads prompt_last) on the pools of pool_seeds.py (rows whose prompt the guard never
@@ -10,9 +11,10 @@ the guard's label-free estimate of the pool and each `prior_weight` (in labels; 
 Per pool and weight: the spread of the removed count over the 5 draws as a share of the pool (the issue's
 stability target is < 10%), mean F1, mean error of the rule's contamination estimate, and refusals kept (T and
 H). The weight of 0 is the baseline of the same run. Per pool, the detector's mean AUROC over the 5 draws beside
-that of --baseline (default guard-probe, the labelled default before), trained on the same draws in the same run. Seed 0 (`--pools`)
-chooses the weight; seeds 1 and 2 are fresh draws (`--fresh-pools`) that check it (their hidden states cost 4 to 9
-minutes a B pool the first time with the CPU shared, cached under benchmarks/.cache/seeds_all as for pool_seeds.py).
+that of --baseline (default guard-probe, the labelled default before), trained on the same draws in the same
+run. Seed 0 (`--pools`) chooses the weight; seeds 1 and 2 are fresh draws (`--fresh-pools`) that check it (their
+hidden states cost 4 to 9 minutes a B pool the first time with the CPU shared, cached under
+benchmarks/.cache/seeds_all as for pool_seeds.py).
 Rewrites the calibrated-prior section of RESULTS.md and saves results/calibrated_prior.json.
 """
 
