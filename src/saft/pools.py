@@ -98,6 +98,13 @@ def prompt_split(prompt: str) -> str:
     return "judge" if hashlib.sha1(prompt.encode("utf-8")).digest()[0] % 2 == 0 else "experiment"
 
 
+def judge_reserved(prompt: str) -> bool:
+    """Whether a prompt is reserved for the evaluation judge (version 1: one prompt in five, by a second byte of
+    the prompt's hash, independent of `prompt_split`). Detectors and their guards never train on reserved rows, so
+    the judge that scores fine-tuned models shares no training row with what filtered their data."""
+    return hashlib.sha1(prompt.encode("utf-8")).digest()[1] % 5 == 0
+
+
 def guard_training_rows(raw_dir: str | Path | None = None) -> list[dict]:
     """The packaged guard's training rows (scripts/train_guard.py): BeaverTails safe and unsafe pairs whose prompt
     is in the 'judge' half of the prompt split, then the safety-tuned Llama-2-chat refusals (safe)."""
