@@ -23,4 +23,4 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) benchmarks/detect.py
+	$(PY) benchmarks/run.py detection

@@ -1,4 +1,4 @@
-"""Write the guard's training rows and the embedded model's features of them into the package (for guard-model).
+"""Write the guard's training rows and the embedded model's features of them into the package (for the label-free detector).
 
     python scripts/build_reference.py [--raw-dir ../shared/data/raw] [--cache benchmarks/.cache]
 
@@ -6,10 +6,10 @@
   (`saft.pools.guard_training_rows`), one JSON object per line {prompt, response, harmful, source, category},
   gzip without a timestamp so that a rebuild from the same raw files gives the same bytes.
 - src/saft/guard_rows_v1_embedded.npz: their sentence view, and the embedded model's hidden states at its
-  default layer ("middle") and guard-model's default positions (prompt_last, response_mean; max length 512), as
+  default layer ("middle") and the label-free detector's default positions (prompt_last, response_mean; max length 512), as
   float16, with the feature manifest they were computed under (`saft.reference` uses them only when a run's
-  manifest is the same). The hidden states are computed for every layer and position, like
-  benchmarks/detect.py's pools, so that its cache (`--cache`) serves them: about 15 CPU minutes otherwise.
+  manifest is the same). The hidden states are computed for every layer and position, so that
+  a feature cache of any earlier run (`--cache`) serves them: about 15 CPU minutes otherwise.
 """
 
 from __future__ import annotations

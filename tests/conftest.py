@@ -73,7 +73,7 @@ def toy_rows(n: int = 30, harmful_every: int = 3) -> list[dict]:
 
 @pytest.fixture
 def small_reference(monkeypatch):
-    """guard-model's reference rows cut to every 20th of the guard's 2306 (both classes and every source): the
+    """The label-free detector's reference rows cut to every 20th of the guard's 2306 (both classes and every source): the
     tiny model would take about a minute on all of them, in every test that uses the label-free default."""
     import saft.reference as R
 

@@ -1,5 +1,6 @@
 import csv
 import json
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -135,12 +136,12 @@ def test_labels_file_for_the_f1_rule(tiny_model_dir, tmp_path, capsys, small_ref
     assert run(["filter", str(pool), "-o", str(out), "--labels-file", str(labelled)], tiny_model_dir, tmp_path) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["rule_params"]["n_labels"] == 12 and s["labeled_rows_used"] is None and s["metrics"] == {"n_labeled": 0}
-    # auto with a labels file: guard-model-probe, trained on the file's rows (both views, both positions, computed for
+    # auto with a labels file: labelled, trained on the file's rows (both views, both positions, computed for
     # them too) and on the guard's rows
     assert run(["filter", str(pool), "-o", str(tmp_path / "a"), "--labels-file", str(labelled)], tiny_model_dir,
                tmp_path, detector=None) == 0
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert s["detector"] == "guard-model-probe" and s["rule"] == "calibrated" and s["rule_params"]["n_labels"] == 12
+    assert s["detector"] == "labelled" and s["rule"] == "calibrated" and s["rule_params"]["n_labels"] == 12
     assert s["positions"] == ["prompt_last", "response_mean"]
     assert s["rule_params"]["prior_weight"] == 100 and 0 <= s["rule_params"]["prior_estimate"] <= 1
     assert f"label-free {s['rule_params']['prior_estimate']:.3f} as a prior worth 100 labels" in capsys.readouterr().out
@@ -152,24 +153,33 @@ def test_labels_file_for_the_f1_rule(tiny_model_dir, tmp_path, capsys, small_ref
     assert "bad.jsonl, row 2: no label" in capsys.readouterr().err
 
 
-def test_probe_detector_and_mixture_rule(tiny_model_dir, tmp_path, capsys):
-    data = write_jsonl(tmp_path / "d.jsonl", toy_rows(30))
-    out = tmp_path / "probe"
-    assert run(["filter", str(data), "-o", str(out), "--detector", "probe", "--n-labels", "15"], tiny_model_dir, tmp_path) == 0
-    s = json.loads((out / "summary.json").read_text())
-    assert s["detector"] == "probe" and s["k"] is None and len(s["labeled_rows_used"]) == 15
-    assert s["metrics_unused_labels"]["n_labeled"] == s["metrics"]["n_labeled"] - 15  # labelled rows not drawn
-    assert "detector probe" in capsys.readouterr().out
-    assert s["metrics"]["auroc"] > 0.9  # the toy harmful rows are easy once a few labels are seen
-    out = tmp_path / "mix"
-    assert run(["filter", str(data), "-o", str(out), "--rule", "mixture", "--standardize"], tiny_model_dir, tmp_path) == 0
-    s = json.loads((out / "summary.json").read_text())
-    assert s["rule"] == "mixture" and 0 < s["rule_params"]["contamination_estimate"] < 1
-    assert s["labeled_rows_used"] is None and s["config"]["standardize"] is True
-    assert "estimated contamination (label-free)" in capsys.readouterr().out
+def test_retired_detector_and_rule_names_are_explained(tiny_model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", toy_rows(10))
+    assert run(["filter", str(data), "-o", str(tmp_path / "o"), "--detector", "guard-model"], tiny_model_dir, tmp_path) == 2
+    assert "no longer available; use 'label-free'" in capsys.readouterr().err
+    assert run(["filter", str(data), "-o", str(tmp_path / "o"), "--rule", "mixture"], tiny_model_dir, tmp_path) == 2
+    assert "rule must be auto or one of" in capsys.readouterr().err
 
 
-def test_default_filter_is_the_label_free_guard_model(tiny_model_dir, tmp_path, capsys, small_reference):
+@pytest.mark.parametrize("command", ["filter", "score", "demo", "finetune", "evaluate", "experiment"])
+def test_help_is_short_and_grouped(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    # every option's help fits in two lines: the lines after its flag, before the next flag or group
+    body = text.split("options:", 1)[1].split("\nexample", 1)[0]
+    if command in ("filter", "score", "demo"):
+        assert "advanced:" in body and body.index("--detector") < body.index("advanced:") < body.index("--layer")
+    blocks = [b for b in re.split(r"\n(?=  -)|\n\n", body) if b.strip().startswith("-")]
+    for b in blocks:
+        lines = b.splitlines()
+        inline = re.search(r"\S\s{2,}\S", lines[0].strip()) is not None  # help text on the flag's own line
+        help_lines = [ln for ln in lines[1:] if ln.strip()] + (["inline"] if inline else [])
+        assert len(help_lines) <= 2, f"{command}: help longer than two lines:\n{b}"
+
+
+def test_default_filter_is_the_label_free_detector(tiny_model_dir, tmp_path, capsys, small_reference):
     # Real pairs (the packaged demo set's first 60: 15 harmful), labels hidden from the tool: the guard's
     # estimate counts rows above a high threshold, which toy sentences do not reach.
     rows = read_jsonl(Path(str(resources.files("saft") / "demo" / "demo.jsonl")))[:60]
@@ -178,14 +188,14 @@ def test_default_filter_is_the_label_free_guard_model(tiny_model_dir, tmp_path, 
     out = tmp_path / "out"
     assert run(["filter", str(data), "-o", str(out)], tiny_model_dir, tmp_path, detector=None) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["detector"] == "guard-model" and summary["rule"] == "estimate" and summary["layer"] == 2
+    assert summary["detector"] == "label-free" and summary["rule"] == "estimate" and summary["layer"] == 2
     assert summary["positions"] == ["prompt_last", "response_mean"]
     est = summary["rule_params"]["contamination_estimate"]
     assert 0 < est <= 1 and summary["n_removed"] == round(est * 60)
     removed = {r["id"] for r in read_jsonl(out / "removed.jsonl")}
     assert len(removed & harmful) / len(removed) >= 0.6  # mostly harmful rows go (a quarter of the input is)
     text = capsys.readouterr().out
-    assert "detector guard-model" in text and "estimated contamination (label-free)" in text
+    assert "detector label-free" in text and "estimated contamination (label-free)" in text
     assert "positions prompt_last + response_mean" in text
     se = summary["rule_params"]["contamination_estimate_se"]
     assert 0 < se < 0.5 and f"(standard error {se:.3f})" in text

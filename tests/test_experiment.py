@@ -38,18 +38,15 @@ def test_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypatch,
     out = tmp_path / "exp"
     res = run_experiment(cfg, output_dir=out, progress=False)
     rows = {r["arm"]: r for r in res["rows"]}
-    assert set(rows) == set(E.BASE_ARMS) | {"probe", "guard", "guard-knn", "guard-student", "guard-probe",
-                                            "guard-model", "guard-model-probe"} == set(cfg.all_arms())
-    assert rows["probe"]["detection_auroc"] is not None
+    assert set(rows) == set(E.BASE_ARMS) | {"guard", "label-free", "labelled"} == set(cfg.all_arms())
     # the guard picks its own threshold without labels and removes that share of the pool
     g = rows["guard"]
     assert g["kept"] == 30 - round(g["contamination_estimate"] * 30) and g["detection_auroc"] is not None
-    assert (rows["guard-knn"]["contamination_estimate"] == rows["guard-student"]["contamination_estimate"]
-            == rows["guard-model"]["contamination_estimate"] == g["contamination_estimate"])
-    assert rows["guard-model"]["detection_auroc"] is not None
-    # guard-model-probe: the calibrated rule on the same 12 labels, with the guard's estimate as its prior
-    assert rows["guard-model-probe"]["rule"] == "calibrated" and rows["guard-model-probe"]["detection_auroc"] is not None
-    assert rows["guard-model-probe"]["prior_estimate"] == g["contamination_estimate"]
+    assert rows["label-free"]["contamination_estimate"] == g["contamination_estimate"]
+    assert rows["label-free"]["detection_auroc"] is not None
+    # labelled: the calibrated rule on the same 12 labels, with the guard's estimate as its prior
+    assert rows["labelled"]["rule"] == "calibrated" and rows["labelled"]["detection_auroc"] is not None
+    assert rows["labelled"]["prior_estimate"] == g["contamination_estimate"]
     assert rows["oracle"]["harmful_kept"] == 0 and rows["oracle"]["kept"] == 21
     assert rows["sft"]["kept"] == 30 and rows["sft"]["harmful_kept"] == 9
     assert rows["random"]["kept"] == rows["saft"]["kept"]

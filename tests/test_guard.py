@@ -8,7 +8,7 @@ import pytest
 from conftest import toy_rows, write_jsonl
 from saft import (FilterConfig, GuardScorer, Sample, filter_dataset, select_calibrated, select_estimate,
                   sentence_features)
-from saft.detectors import detector_view, get_detector
+from saft.detectors import ContaminationEstimate, get_detector, get_spec
 from saft.detectors.guard import GUARD_FILE
 from saft.encoders import DIM, sample_text
 from saft.pipeline import run_demo
@@ -31,7 +31,7 @@ def test_packaged_guard_weights_and_meta():
     for f in data["estimate_folds"]:
         assert len(f["coef"]) == DIM and f["threshold"] > 0
         assert 0 <= f["fpr"] < 0.05 < f["tpr"] <= 1 - m["estimate_level"] + 0.02
-    assert detector_view("guard") == "sentence" and detector_view("subspace") == "llm"
+    assert get_spec("guard").view == "sentence" and get_spec("subspace").view == "llm"
 
 
 def test_guard_scores_are_log_odds_and_estimate_is_adjusted_count(tmp_path):
@@ -40,9 +40,9 @@ def test_guard_scores_are_log_odds_and_estimate_is_adjusted_count(tmp_path):
     g = GuardScorer(weights=weights_file(tmp_path, [1, 0, 0, 0], -0.5, tpr=0.8, fpr=0.2), kernel="linear").fit(X)
     np.testing.assert_allclose(g.score_samples(X), X[:, 0] - 0.5)
     flagged = (X[:, 0] > 0.5).mean()
-    assert g.contamination_estimate(X) == pytest.approx(np.clip((flagged - 0.2) / 0.6, 0, 1))
+    assert g.contamination_estimate(X).value == pytest.approx(np.clip((flagged - 0.2) / 0.6, 0, 1))
     # clipped at 0 when fewer are flagged than the false-positive rate predicts
-    assert GuardScorer(weights=weights_file(tmp_path, [0, 0, 0, 0], -1, 0.8, 0.2), kernel="linear").fit(X).contamination_estimate(X) == 0
+    assert GuardScorer(weights=weights_file(tmp_path, [0, 0, 0, 0], -1, 0.8, 0.2), kernel="linear").fit(X).contamination_estimate(X).value == 0
 
 
 def test_guard_estimate_averages_its_fold_models_above_their_thresholds(tmp_path):
@@ -51,10 +51,11 @@ def test_guard_estimate_averages_its_fold_models_above_their_thresholds(tmp_path
              {"coef": [0, 1, 0, 0], "intercept": 0.0, "threshold": 0.5, "tpr": 0.6, "fpr": 0.1}]
     g = GuardScorer(weights=weights_file(tmp_path, [1, 0, 0, 0], 0.0, 0.9, 0.4, estimate_folds=folds), kernel="linear").fit(X)
     expected = np.mean([((X[:, 0] > 1.0).mean() - 0.05) / 0.45, ((X[:, 1] > 0.5).mean() - 0.1) / 0.5])
-    assert g.contamination_estimate(X) == pytest.approx(expected)
+    assert g.contamination_estimate(X).value == pytest.approx(expected)
     f = [(X[:, 0] > 1.0).mean(), (X[:, 1] > 0.5).mean()]
     se = np.mean([np.sqrt(f[0] * (1 - f[0]) / 300) / 0.45, np.sqrt(f[1] * (1 - f[1]) / 300) / 0.5])
-    assert g.contamination_estimate_with_se(X) == pytest.approx((expected, se))
+    est = g.contamination_estimate(X)
+    assert (est.value, est.se) == pytest.approx((expected, se))
     # the final model's scores are not what the estimate counts
     np.testing.assert_allclose(g.score_samples(X), X[:, 0])
     bad = weights_file(tmp_path, [1, 0, 0, 0], 0.0, 0.9, 0.4, estimate_folds=[{**folds[0], "coef": [1, 0]}])
@@ -88,15 +89,13 @@ def test_rbf_guard_reproduces_the_fitted_svm(tmp_path):
              fold0_threshold=0.5, fold0_tpr=0.7, fold0_fpr=0.1)
     g = GuardScorer(weights=w).fit(X)
     flagged = (svc.decision_function(X) > 0.5).mean()
-    assert g.contamination_estimate(X) == pytest.approx(np.clip((flagged - 0.1) / 0.6, 0, 1), abs=1e-6)
+    assert g.contamination_estimate(X).value == pytest.approx(np.clip((flagged - 0.1) / 0.6, 0, 1), abs=1e-6)
     with pytest.raises(ValueError, match="no RBF model"):
         GuardScorer(weights=weights_file(tmp_path, [1, 0, 0, 0], 0.0, 0.8, 0.2)).fit(X)
     with pytest.raises(ValueError, match="does not exist"):
         GuardScorer(weights=weights_file(tmp_path, [1, 0, 0, 0], 0.0, 0.8, 0.2, kernel_model="gone.npz")).fit(X)
     with pytest.raises(ValueError, match="kernel must be one of rbf, linear"):
         GuardScorer(weights=w, kernel="poly").fit(X)
-    with pytest.raises(ValueError, match="kernel must be one of"):
-        FilterConfig(guard_kernel="poly")
 
 
 def test_packaged_rbf_guard_matches_its_meta():
@@ -122,12 +121,15 @@ def test_guard_rejects_the_wrong_view():
 
 def test_select_estimate_removes_the_estimated_share():
     s = np.arange(10.0)
-    sel = select_estimate(s, estimate=0.3)
+    sel = select_estimate(s, estimate=ContaminationEstimate(0.3))
     assert sel.removed.tolist() == [False] * 7 + [True] * 3 and sel.rule == "estimate"
     assert sel.params["contamination_estimate"] == 0.3 and sel.threshold == 6.0
-    assert select_estimate(s, estimate=0.0).n_removed == 0
+    assert select_estimate(s, estimate=ContaminationEstimate(0.0)).n_removed == 0
+    # never more than the upper end of the estimate's interval
+    capped = select_estimate(s, estimate=ContaminationEstimate(0.5, interval=(0.1, 0.2), level=0.9))
+    assert capped.n_removed == 2 and capped.params["contamination_interval"] == [0.1, 0.2]
     with pytest.raises(ValueError):
-        select_estimate(s, estimate=1.5)
+        select_estimate(s, estimate=ContaminationEstimate(1.5))
 
 
 def test_sentence_features_cache_and_multi_turn(tmp_path):
@@ -175,7 +177,7 @@ def test_run_demo_writes_default_and_paper_runs(tiny, tmp_path, small_reference)
     model, tok = tiny
     cfg = FilterConfig(cache_dir=str(tmp_path / "cache"))
     main, paper = run_demo(tmp_path / "demo", config=cfg, progress=False, model=model, tokenizer=tok)
-    assert main.summary["detector"] == "guard-model-probe" and paper.summary["detector"] == "subspace"  # labelled demo
+    assert main.summary["detector"] == "labelled" and paper.summary["detector"] == "subspace"  # labelled demo
     assert main.summary["requested"] == {"detector": "auto", "rule": "auto"} and main.summary["rule"] == "calibrated"
     assert paper.summary["rule"] == "f1" and paper.summary["layer"] is not None
     assert (tmp_path / "demo" / "summary.json").exists() and (tmp_path / "demo" / "paper" / "kept.jsonl").exists()
@@ -198,102 +200,18 @@ def test_default_filter_needs_no_language_model(tmp_path, monkeypatch):
     assert res.summary["model"].startswith("all-MiniLM-L6-v2") and res.summary["metrics"]["auroc"] > 0.9
 
 
-def test_filter_passes_the_guard_kernel(tmp_path):
-    data = write_jsonl(tmp_path / "d.jsonl", toy_rows(12))
-    scores = {}
-    for kernel in ("rbf", "linear"):
-        cfg = FilterConfig(detector="guard", guard_kernel=kernel, cache_dir=str(tmp_path / "c"))
-        res = filter_dataset(data, output_dir=tmp_path / kernel, config=cfg, progress=False)
-        assert res.summary["config"]["guard_kernel"] == kernel
-        scores[kernel] = res.scores
-    S = sentence_features(res.dataset.samples)
-    np.testing.assert_allclose(scores["linear"], GuardScorer(kernel="linear").fit(S).score_samples(S), rtol=1e-5)
-    np.testing.assert_allclose(scores["rbf"], GuardScorer().fit(S).score_samples(S), rtol=1e-5)
-    assert not np.allclose(scores["rbf"], scores["linear"])
-
-
-def test_guard_knn_smooths_the_guard_over_the_model_view(tmp_path):
-    rng = np.random.default_rng(0)
-    n = 60
-    cluster = np.repeat([0, 1], n // 2)  # two groups in the model's view; the guard is noisy within each
-    H = rng.normal(size=(n, 8)) * 0.1 + cluster[:, None] * 5.0
-    truth = cluster.astype(float)
-    noisy = truth + rng.normal(scale=1.5, size=n)
-    S = noisy[:, None] * np.array([[1.0, 0, 0]])
-    w = weights_file(tmp_path, [1, 0, 0], 0.0, 0.8, 0.2)
-    X = np.hstack([S, H])
-    knn = get_detector("guard-knn", n_neighbors=5, n_components=4, weights=w, kernel="linear").fit(X)
-    from sklearn.metrics import roc_auc_score
-
-    plain = GuardScorer(weights=w, kernel="linear").fit(S).score_samples(S)
-    assert roc_auc_score(truth, knn.score_samples(X)) > roc_auc_score(truth, plain)
-    assert knn.contamination_estimate(X) == GuardScorer(weights=w, kernel="linear").fit(S).contamination_estimate(S)
-    with pytest.raises(ValueError, match="followed by the model's hidden states"):
-        knn.fit(S)
-
-
-def test_filter_with_guard_knn_uses_both_views(tiny, tmp_path):
-    model, tok = tiny
-    data = write_jsonl(tmp_path / "d.jsonl", toy_rows(24))
-    res = filter_dataset(data, output_dir=tmp_path / "o", model=model, tokenizer=tok, progress=False,
-                         config=FilterConfig(detector="guard-knn", n_components=None, cache_dir=str(tmp_path / "c")))
-    s = res.summary
-    assert s["rule"] == "estimate" and s["layer"] is not None and "all-MiniLM-L6-v2" in s["model"]
-    assert res.selection.n_removed == round(s["rule_params"]["contamination_estimate"] * 24)
-
-
-def test_guard_probe_learns_from_labels_on_top_of_the_guard(tmp_path):
-    rng = np.random.default_rng(1)
-    n = 80
-    truth = (np.arange(n) % 4 == 0).astype(int)
-    H = rng.normal(size=(n, 6))
-    H[:, 0] += 3.0 * truth  # the model's features separate the classes; the guard knows nothing here
-    X = np.hstack([np.zeros((n, DIM)), H])
-    y = np.full(n, -1)
-    y[:40] = truth[:40]
-    det = get_detector("guard-probe", n_components=4).fit(X, y)
-    from sklearn.metrics import roc_auc_score
-
-    assert roc_auc_score(truth, det.score_samples(X)) > 0.9
-    # the calibrated rule's prior is the guard's label-free estimate
-    assert det.label_free_estimate_with_se(X) == det.guard_.guard_.contamination_estimate_with_se(X[:, :DIM])
-    assert not hasattr(det, "contamination_estimate")  # so that --rule auto stays calibrated
-    with pytest.raises(ValueError, match="needs labels"):
-        get_detector("guard-probe").fit(X)
-    with pytest.raises(ValueError, match="at least one harmful"):
-        get_detector("guard-probe").fit(X, np.where(np.arange(n) < 10, 0, -1))
-
-
-def test_guard_probe_guard_weight_is_a_prior_towards_the_guard(tmp_path):
-    rng = np.random.default_rng(3)
-    n = 200
-    truth = (np.arange(n) % 5 == 0).astype(int)
-    S = (truth + rng.normal(scale=0.7, size=n))[:, None] * np.array([[1.0, 0, 0]])  # the guard knows
-    H = rng.normal(size=(n, 12))  # the model's features are noise
-    X = np.hstack([S, H])
-    y = np.full(n, -1)
-    y[:30] = truth[:30]
-    w = weights_file(tmp_path, [1, 0, 0], 0.0, 0.8, 0.2)
-    knn = get_detector("guard-knn", weights=w, kernel="linear").fit(X).score_samples(X)  # as guard-probe builds it
-    corr = {gw: np.corrcoef(knn, get_detector("guard-probe", n_components=8, guard_weight=gw, weights=w,
-                                              kernel="linear").fit(X, y).score_samples(X))[0, 1] for gw in (1.0, 3.0, 10.0)}
-    assert corr[1.0] < corr[3.0] < corr[10.0] and corr[10.0] > 0.95
-    with pytest.raises(ValueError, match="guard_weight must be positive"):
-        get_detector("guard-probe", guard_weight=0).fit(X, y)
-
-
 def test_auto_uses_the_labels_when_there_are_enough():
     from saft.pipeline import resolve_auto
 
     cfg = FilterConfig()
     assert (cfg.detector, cfg.rule) == ("auto", "auto")
     r = resolve_auto(cfg, n_labelled=100, labels_file=False)
-    assert (r.detector, r.rule) == ("guard-model-probe", "calibrated")
+    assert (r.detector, r.rule) == ("labelled", "calibrated")
     r = resolve_auto(cfg, n_labelled=99, labels_file=False)
-    assert (r.detector, r.rule) == ("guard-model", "estimate")
-    assert resolve_auto(cfg, n_labelled=0, labels_file=True).detector == "guard-model-probe"
+    assert (r.detector, r.rule) == ("label-free", "estimate")
+    assert resolve_auto(cfg, n_labelled=0, labels_file=True).detector == "labelled"
     r = resolve_auto(FilterConfig(rule="estimate"), n_labelled=500, labels_file=False)
-    assert (r.detector, r.rule) == ("guard-model", "estimate")
+    assert (r.detector, r.rule) == ("label-free", "estimate")
     r = resolve_auto(FilterConfig(detector="subspace"), n_labelled=0, labels_file=False)
     assert (r.detector, r.rule) == ("subspace", "f1")
 

@@ -1,4 +1,4 @@
-"""guard-model: the guard's recipe trained on the guard's rows in the model's view, plus a student on the pool."""
+"""label-free: the guard's recipe trained on the guard's rows in the model's view, plus a student on the pool."""
 
 import json
 
@@ -10,7 +10,7 @@ import saft.reference as R
 from conftest import toy_rows, write_jsonl
 from test_guard import weights_file
 from saft import FilterConfig, extract_features, filter_dataset
-from saft.detectors import default_rule, detector_positions, detector_view, get_detector, needs_reference
+from saft.detectors import detector_positions, get_detector, get_spec
 from saft.encoders import ENCODER_VERSION, sentence_cache_path
 from saft.features import cache_key, feature_manifest
 
@@ -33,19 +33,19 @@ def test_guard_model_learns_from_the_reference_rows(tmp_path):
     y_ref, X_ref = view(rng, 400, harmful_every=3)
     y, X = view(rng, 300, shift=2.0)
     w = weights_file(tmp_path, [1.0], -1.0, 0.8, 0.2)
-    det = get_detector("guard-model", weights=w, kernel="linear", n_components=2)
+    det = get_detector("label-free", weights=w, kernel="linear", n_components=2)
     assert det.fit(X, reference_X=X_ref, reference_y=y_ref) is det
     guard = get_detector("guard", weights=w, kernel="linear").fit(X[:, :1])
     assert roc_auc_score(y, det.score_samples(X)) > 0.9 > 0.7 > roc_auc_score(y, guard.score_samples(X[:, :1]))
     # the student's harmful pseudo-labels are sized by the packaged guard's estimate, reported unchanged
     est = guard.contamination_estimate(X[:, :1])
     assert det.contamination_estimate(X) == est
-    assert det.contamination_estimate_with_se(X) == guard.contamination_estimate_with_se(X[:, :1])
-    assert (det.pseudo_labels_ == 1).sum() == max(round(est * len(X)), 10) and (det.pseudo_labels_ == 0).sum() == 150
+    assert (det.pseudo_labels_ == 1).sum() == max(round(est.value * len(X)), 10) and (det.pseudo_labels_ == 0).sum() == 150
     # the student reads the first position's block only (3 columns), the classifier every column
     assert det.components_.n_features_in_ == 3 and det.classifier_.n_features_in_ == 7
-    assert detector_view("guard-model") == "both" and default_rule("guard-model") == "estimate"
-    assert needs_reference("guard-model") and not needs_reference("guard-student")
+    spec = get_spec("label-free")
+    assert (spec.view, spec.rule, spec.reference, spec.labels) == ("both", "estimate", True, False)
+    assert not get_spec("guard").reference
 
 
 def test_guard_model_explains_bad_input(tmp_path):
@@ -53,7 +53,7 @@ def test_guard_model_explains_bad_input(tmp_path):
     y_ref, X_ref = view(rng, 60)
     y, X = view(rng, 40)
     w = weights_file(tmp_path, [1.0], 0.0, 0.8, 0.2)
-    det = get_detector("guard-model", weights=w, kernel="linear", n_components=2)
+    det = get_detector("label-free", weights=w, kernel="linear", n_components=2)
     with pytest.raises(ValueError, match="pass reference_X and reference_y"):
         det.fit(X)
     with pytest.raises(ValueError, match="the guard's rows have 6 columns but the pool has 7"):
@@ -66,17 +66,19 @@ def test_guard_model_explains_bad_input(tmp_path):
         det.fit(X[:1], reference_X=X_ref, reference_y=y_ref)
     for bad in ({"safe_share": 0.0}, {"C": 0.0}, {"student_C": -1.0}):
         with pytest.raises(ValueError):
-            get_detector("guard-model", weights=w, kernel="linear", **bad).fit(X, reference_X=X_ref, reference_y=y_ref)
+            get_detector("label-free", weights=w, kernel="linear", **bad).fit(X, reference_X=X_ref, reference_y=y_ref)
     # one position: the student reads the only block
-    one = get_detector("guard-model", weights=w, kernel="linear", positions=("last",), n_components=2)
+    one = get_detector("label-free", weights=w, kernel="linear", positions=("last",), n_components=2)
     assert one.fit(X[:, :4], reference_X=X_ref[:, :4], reference_y=y_ref).components_.n_features_in_ == 3
 
 
 def test_detector_positions_put_the_configured_one_first():
-    assert detector_positions("guard-model", "prompt_last") == ["prompt_last", "response_mean"]
-    assert detector_positions("guard-model", "response_mean") == ["response_mean", "prompt_last"]
-    assert detector_positions("guard-model", "last") == ["last", "prompt_last", "response_mean"]
-    assert detector_positions("guard-student", "last") == ["last"]
+    assert detector_positions("label-free", "prompt_last") == ["prompt_last", "response_mean"]
+    assert detector_positions("label-free", "response_mean") == ["response_mean", "prompt_last"]
+    assert detector_positions("label-free", "last") == ["last", "prompt_last", "response_mean"]
+    assert detector_positions("guard", "last") == ["last"]
+    with pytest.raises(ValueError, match="no longer available; use 'label-free'"):
+        get_spec("label-free")
 
 
 def test_shipped_guard_rows():
@@ -136,10 +138,10 @@ def test_filter_with_guard_model(tiny_model_dir, tmp_path, monkeypatch, small_re
 
     model, tok = load_model(str(tiny_model_dir), device="cpu")
     data = write_jsonl(tmp_path / "data.jsonl", toy_rows(30))
-    cfg = FilterConfig(detector="guard-model", cache_dir=str(tmp_path / "c"), layer=2)
+    cfg = FilterConfig(detector="label-free", cache_dir=str(tmp_path / "c"), layer=2)
     res = filter_dataset(data, output_dir=tmp_path / "out", config=cfg, model=model, tokenizer=tok, progress=False)
     s = res.summary
-    assert (s["detector"], s["rule"], s["positions"]) == ("guard-model", "estimate", ["prompt_last", "response_mean"])
+    assert (s["detector"], s["rule"], s["positions"]) == ("label-free", "estimate", ["prompt_last", "response_mean"])
     assert s["n_removed"] == round(s["rule_params"]["contamination_estimate"] * 30)
     # the guard's rows' features are cached: a second run computes no hidden states at all
     monkeypatch.setattr("saft.features._forward_batch", lambda *a, **k: pytest.fail("computed features again"))
@@ -154,37 +156,37 @@ def test_guard_model_probe_weighs_guard_models_parts_with_labels(tmp_path):
     w = weights_file(tmp_path, [1.0], -1.0, 0.8, 0.2)
     semi = np.full(len(y), -1)
     semi[:60] = y[:60]
-    det = get_detector("guard-model-probe", weights=w, kernel="linear", n_components=2)
+    det = get_detector("labelled", weights=w, kernel="linear", n_components=2)
     assert det.fit(X, semi, reference_X=X_ref, reference_y=y_ref) is det
     assert roc_auc_score(y, det.score_samples(X)) > 0.9
-    # two guide inputs beside the 2 components of the first block: guard-model's classifier and its student
+    # two guide inputs beside the 2 components of the first block: label-free's classifier and its student
     assert det.n_guides_ == 2 and det.probe_.coef_.shape == (1, 4) and det.pca_.n_features_in_ == 3
-    guide = get_detector("guard-model", weights=w, kernel="linear").fit(X, reference_X=X_ref, reference_y=y_ref)
+    guide = get_detector("label-free", weights=w, kernel="linear").fit(X, reference_X=X_ref, reference_y=y_ref)
     parts = guide.part_scores(X)
     assert np.allclose(det.guide_.part_scores(X)[0], parts[0]) and np.allclose(det.guide_.part_scores(X)[1], parts[1])
-    # the calibrated rule's prior is guard-model's estimate, i.e. the packaged guard's
-    assert det.label_free_estimate_with_se(X) == guide.contamination_estimate_with_se(X)
-    assert not hasattr(det, "contamination_estimate")  # so that --rule auto stays calibrated
-    assert default_rule("guard-model-probe") == "calibrated" and needs_reference("guard-model-probe")
-    assert detector_positions("guard-model-probe", "response_mean") == ["response_mean", "prompt_last"]
-    with pytest.raises(ValueError, match="guard-model-probe needs labels"):
+    # the calibrated rule's prior is label-free's estimate, i.e. the packaged guard's
+    assert det.contamination_estimate(X) == guide.contamination_estimate(X)
+    spec = get_spec("labelled")
+    assert (spec.rule, spec.reference, spec.labels) == ("calibrated", True, True)
+    assert detector_positions("labelled", "response_mean") == ["response_mean", "prompt_last"]
+    with pytest.raises(ValueError, match="labelled detector needs labels"):
         det.fit(X, reference_X=X_ref, reference_y=y_ref)
     with pytest.raises(ValueError, match="pass reference_X and reference_y"):
         det.fit(X, semi)
     with pytest.raises(ValueError, match="guard_weight must be positive"):
-        get_detector("guard-model-probe", guard_weight=0.0).fit(X, semi, reference_X=X_ref, reference_y=y_ref)
+        get_detector("labelled", guard_weight=0.0).fit(X, semi, reference_X=X_ref, reference_y=y_ref)
 
 
 def test_guard_model_probe_guard_weight_is_a_prior_towards_guard_model(tmp_path):
-    # The hidden blocks carry the harm signal through the reference rows only (guard-model); with few, noisy labels
-    # a larger guard_weight keeps the score closer to guard-model's classifier.
+    # The hidden blocks carry the harm signal through the reference rows only (label-free); with few, noisy labels
+    # a larger guard_weight keeps the score closer to label-free's classifier.
     rng = np.random.default_rng(4)
     y_ref, X_ref = view(rng, 400, harmful_every=3)
     y, X = view(rng, 300)
     semi = np.full(len(y), -1)
     semi[:20] = rng.permutation(y[:20])  # labels that carry no information
     w = weights_file(tmp_path, [1.0], -1.0, 0.8, 0.2)
-    fit = lambda gw: get_detector("guard-model-probe", weights=w, kernel="linear", n_components=2,  # noqa: E731
+    fit = lambda gw: get_detector("labelled", weights=w, kernel="linear", n_components=2,  # noqa: E731
                                   guard_weight=gw).fit(X, semi, reference_X=X_ref, reference_y=y_ref)
     aucs = {gw: roc_auc_score(y, fit(gw).score_samples(X)) for gw in (0.1, 10.0)}
     assert aucs[10.0] > 0.9 and aucs[10.0] > aucs[0.1]

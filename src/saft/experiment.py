@@ -7,9 +7,8 @@ Arms:
 - `saft`: the paper's rule (subspace score at the middle layer, last prompt token, k and tau by F1 on 100
   labels drawn from the pool);
 - `oracle`: the safe rows only;
-- one arm per other registered detector, with the selection rule `saft filter --rule auto` gives it: the
-  label-free estimate (guard, guard-knn, guard-student, guard-model), the calibrated rule on the same 100 labels (probe,
-  guard-probe, guard-model-probe), else the F1 rule;
+- one arm per other registered detector (guard, label-free, labelled), with the selection rule `saft filter
+  --rule auto` gives it: the label-free estimate, or the calibrated rule on the same 100 labels;
 - `base`: the model before any fine-tuning, for reference.
 Pools are BeaverTails pairs whose prompts fall in the 'experiment' half of `saft.pools.prompt_split` (the judge
 never saw them); evaluation prompts are drawn from the same half and never share a prompt with the pool.
@@ -29,22 +28,17 @@ from pathlib import Path
 import numpy as np
 
 from .data import Sample, write_json, write_jsonl
-from .detectors import (
-    DETECTORS, calibrated_prior, default_rule, detector_positions, detector_view, get_detector, needs_reference,
-    own_estimate,
-)
-from .encoders import sentence_features
+from .detectors import DETECTORS, get_spec
 from .evaluate import evaluate_model
-from .features import extract_features
 from .finetune import FinetuneConfig, finetune
 from .judges import get_judge
 from .metrics import detection_metrics
 from .models import EMBEDDED, default_cache_dir, load_model
 from .pools import load_source, prompt_split
-from .pipeline import versions
+from .pipeline import FilterConfig, detector_view, score_and_select, versions
 from .prompting import harmful_by_prompting
 from .reference import reference_view
-from .select import PRIOR_WEIGHT, draw_labeled, select_by_f1, select_calibrated, select_estimate
+from .select import draw_labeled
 
 logger = logging.getLogger(__name__)
 BASE_ARMS = ("base", "sft", "random", "prompting", "saft", "oracle")
@@ -120,52 +114,28 @@ def build_split(config: ExperimentConfig, rate: float, seed: int):
 
 def _select_arms(config: ExperimentConfig, pool: list[Sample], model, tok, seed: int, cache: Path,
                  pending: set[str]) -> dict:
-    """Removal mask and detector scores of every filtering arm (the Prompting pass only if that arm is pending)."""
+    """Removal mask and detector scores of every filtering arm (the Prompting pass only if that arm is pending).
+    SAFT and every detector arm run through `saft.pipeline.score_and_select`, as `saft filter` runs them, on the
+    same 100 labels drawn from the pool."""
     labels = [s.label for s in pool]
-    feats = extract_features(model, tok, pool, layers=[config.layer], positions=[config.position],
-                             max_length=config.feature_max_length, cache_dir=cache / "features", progress=False)
-    layer = feats.layers[0]
-    X = feats.get(layer, config.position)
-
-    def hidden(samples, positions):  # hidden states at several positions, one block each (guard-model)
-        f = extract_features(model, tok, samples, layers=[layer], positions=positions,
-                             max_length=config.feature_max_length, cache_dir=cache / "features", progress=False)
-        return np.hstack([f.get(layer, p) for p in positions])
-
-    def sentence(samples):
-        return sentence_features(samples, cache_dir=cache / "features", device=config.device or "cpu")
     idx = draw_labeled(labels, config.n_labels, seed=seed)
     out = {}
-    scores = {k: get_detector("subspace", n_components=k).fit(X).score_samples(X) for k in (1, 2, 3, 4)}
-    sel = select_by_f1(scores, {k: v[idx] for k, v in scores.items()}, [labels[i] for i in idx])
-    out["saft"] = (sel.removed, scores[sel.params["candidate"]], {"k": sel.params["candidate"], "threshold": sel.threshold})
-    y_semi = np.full(len(pool), -1)
-    y_semi[idx] = [labels[i] for i in idx]
-    S = None  # the sentence-encoder view, computed once if any arm reads it
-    for name in (a for a in config.all_arms() if a in DETECTORS):
-        view = detector_view(name)
-        if view != "llm" and S is None:
-            S = sentence(pool)
-        positions = detector_positions(name, config.position)
-        H = X if len(positions) == 1 else hidden(pool, positions)
-        V = {"llm": H, "sentence": S}.get(view) if view != "both" else np.hstack([S, H])
-        fit_kw = {}
-        if needs_reference(name):  # guard-model(-probe): the guard's rows in the same view, at the same settings
-            ref_X, ref_y = reference_view(lambda samples: np.hstack([sentence(samples), hidden(samples, positions)]),
-                                          model, tok, layer=layer, positions=positions,
-                                          max_length=config.feature_max_length, cache_dir=cache / "features")
-            fit_kw = {"reference_X": ref_X, "reference_y": ref_y}
-        det = get_detector(name).fit(V, y_semi, **fit_kw)  # label-free detectors ignore y
-        s = det.score_samples(V)
-        rule = default_rule(name)  # as `saft filter --rule auto` would choose
-        if rule == "estimate":
-            sel = select_estimate(s, **own_estimate(det, V))
-        elif rule == "calibrated":
-            sel = select_calibrated(s, s[idx], [labels[i] for i in idx], **calibrated_prior(det, V, PRIOR_WEIGHT))
-        else:
-            sel = select_by_f1({name: s}, {name: s[idx]}, [labels[i] for i in idx])
-        out[name] = (sel.removed, s, {"threshold": sel.threshold, "rule": sel.rule,
-                                      **{k: v for k, v in sel.params.items() if k != "candidate"}})
+    for arm in ("saft", *(a for a in config.all_arms() if a in DETECTORS)):
+        fc = FilterConfig(detector="subspace" if arm == "saft" else arm, layer=config.layer, position=config.position,
+                          max_length=config.feature_max_length, n_labels=config.n_labels, seed=seed,
+                          device=config.device, cache_dir=config.cache_dir)
+        view, positions = detector_view(fc, model, tok, feature_cache=cache / "features")
+        X = view(pool)
+        reference = None
+        if get_spec(fc.detector).reference:  # the guard's rows in the same view, at the same settings
+            reference = lambda: reference_view(view, model, tok, layer=config.layer, positions=positions,  # noqa: E731
+                                               max_length=config.feature_max_length, cache_dir=cache / "features")
+        scores, sel, k = score_and_select(fc, X, labelled_X=X[idx], labels=[labels[i] for i in idx],
+                                          labelled_idx=idx, reference=reference)
+        info = {"threshold": sel.threshold, "rule": sel.rule, **sel.params}
+        if k is not None:
+            info["k"] = k
+        out[arm] = (sel.removed, scores, info)
     y = np.array(labels, dtype=bool)
     out["oracle"] = (y, y.astype(float), {})
     out["sft"] = (np.zeros(len(pool), dtype=bool), None, {})

@@ -20,69 +20,81 @@ from pathlib import Path
 import numpy as np
 
 from .data import Dataset, FieldOptions, load_samples, output_name, write_json, write_jsonl, write_subset
-from .detectors import (
-    DETECTORS, NEEDS_LABELS, calibrated_prior, default_rule, detector_positions, detector_view, get_detector,
-    needs_reference, own_estimate,
-)
-from .detectors.guard import check_kernel
+from .detectors import DETECTORS, detector_positions, get_detector, get_spec
 from .encoders import ENCODER_VERSION, sentence_features
 from .features import POSITIONS, extract_features
 from .metrics import detection_metrics
 from .models import EMBEDDED, default_cache_dir, load_model
 from .reference import reference_view
-from .select import (
-    PRIOR_WEIGHT, Selection, draw_labeled, select_by_f1, select_calibrated, select_estimate, select_fraction, select_mixture,
-    select_threshold,
-)
+from .select import PRIOR_WEIGHT, RULES, RuleInputs, Selection, draw_labeled, select
 
 logger = logging.getLogger(__name__)
 
-RULES = ("auto", "f1", "calibrated", "estimate", "fraction", "threshold", "mixture", "none")
-LABEL_FREE = "guard-model"  # what `auto` runs without labels (benchmarks/RESULTS.md, pool-seeds)
-LABELLED = "guard-model-probe"  # what `auto` runs with labels (benchmarks/RESULTS.md, calibrated-prior)
+LABEL_FREE = "label-free"  # what `auto` runs without labels (docs/detectors.md)
+LABELLED = "labelled"  # what `auto` runs with labels (docs/detectors.md)
+
+
+def _help(text: str, *, advanced: bool = False) -> dict:
+    return {"help": text, "advanced": advanced}
 
 
 @dataclass
 class FilterConfig:
-    """Settings of a scoring/filtering run; saved resolved in summary.json."""
+    """Settings of a scoring/filtering run; saved resolved in summary.json. Fields marked advanced are grouped
+    apart in `saft filter --help`."""
 
-    model: str = field(default=EMBEDDED, metadata={"help": "hub id or local folder of a causal LM; default: the embedded SmolLM2-135M-Instruct"})
-    layer: int | str = field(default="middle", metadata={"help": "hidden layer (0 = embeddings; 'middle' = L//2, the paper's choice)"})
-    position: str = field(default="prompt_last", metadata={"help": f"token position: {', '.join(POSITIONS)} (prompt_last is the paper's)"})
-    max_length: int = field(default=512, metadata={"help": "tokens per sample; longer samples are truncated and counted"})
-    batch_size: int = field(default=8, metadata={"help": "samples per forward pass"})
-    detector: str = field(default="auto", metadata={"help": "auto (guard-model-probe when the data has n_labels labelled rows or a labels file is given, else guard-model), or a registered detector: guard-model (label-free: the guard's classifier retrained on the guard's rows in the model's own view, plus a probe on the pool trained on its surest calls), guard-student (label-free: guard-knn plus a probe on the model's features trained on guard-knn's surest calls), guard-knn (label-free: a packaged classifier on sentence embeddings, smoothed over the model's features), guard (the same classifier alone; the model is not loaded), subspace (the paper's), probe, guard-probe and guard-model-probe (semi-supervised: use the labels; guard-model-probe is guard-probe guided by guard-model instead of guard-knn)"})
-    guard_kernel: str = field(default="rbf", metadata={"help": "classifier of the packaged guard (guard, guard-knn, guard-student, guard-probe; the estimate of guard-model and guard-model-probe): rbf (a kernel SVM, the default: better on BeaverTails-like data) or linear (the logistic regression, the default before); each with its own contamination estimate"})
-    n_components: int | None = field(default=None, metadata={"help": "fix k; default: searched over k_candidates by the f1 rule, else 1"})
-    k_candidates: tuple[int, ...] = field(default=(1, 2, 3, 4), metadata={"help": "k values the f1 rule searches"})
-    weighted: bool = field(default=False, metadata={"help": "weight squared projections by singular values (HaloScope option)"})
-    standardize: bool = field(default=False, metadata={"help": "scale features to unit variance before the SVD (not in the paper)"})
-    rule: str = field(default="auto", metadata={"help": f"selection rule: {', '.join(RULES)}; auto = estimate for a detector that estimates the contamination itself (guard, guard-knn, guard-student, guard-model), calibrated for one trained on labels (probe, guard-probe, guard-model-probe), else f1 (the paper's)"})
-    prior_weight: float = field(default=PRIOR_WEIGHT, metadata={"help": "calibrated rule: how many labels the detector's own label-free contamination estimate counts as (guard-probe, guard-model-probe: the guard's); it damps the removed count's dependence on which rows were labelled; 0 = the labels alone"})
-    n_labels: int = field(default=100, metadata={"help": "labelled samples drawn from the pool for the f1 rule"})
-    labels_file: str | None = field(default=None, metadata={"help": "separate labelled file for the f1 rule (instead of drawing from the pool)"})
-    n_thresholds: int = field(default=100, metadata={"help": "evenly spaced threshold candidates for the f1 rule"})
-    fraction: float | None = field(default=None, metadata={"help": "removal fraction for the fraction rule"})
-    threshold: float | None = field(default=None, metadata={"help": "harm_score threshold for the threshold rule"})
-    seed: int = field(default=0, metadata={"help": "seed of the label draw"})
-    cache_dir: str | None = field(default=None, metadata={"help": "cache for converted models and features (default ~/.cache/saft or $SAFT_CACHE)"})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)"})
-    dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16, ... (default: fp32 on CPU, bf16 on GPU)"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
+    detector: str = field(default="auto", metadata=_help(
+        f"auto (labelled with labels, else label-free), {', '.join(DETECTORS)}"))
+    rule: str = field(default="auto", metadata=_help(
+        f"how many go: auto (per detector), {', '.join(RULES)}"))
+    labels_file: str | None = field(default=None, metadata=_help("a labelled file to learn from (instead of labelled "
+                                                                  "rows in the data)"))
+    fraction: float | None = field(default=None, metadata=_help("share of rows to remove (--rule fraction)"))
+    threshold: float | None = field(default=None, metadata=_help("harm_score above which rows go (--rule threshold)"))
+    model: str = field(default=EMBEDDED, metadata=_help("hub id or local folder of the model to be fine-tuned"))
+    layer: int | str = field(default="middle", metadata=_help("hidden layer read (0 = embeddings; middle = L//2)",
+                                                              advanced=True))
+    position: str = field(default="prompt_last", metadata=_help(f"token position: {', '.join(POSITIONS)}",
+                                                                advanced=True))
+    max_length: int = field(default=512, metadata=_help("tokens per sample; longer ones are truncated and counted",
+                                                        advanced=True))
+    batch_size: int = field(default=8, metadata=_help("samples per forward pass", advanced=True))
+    n_labels: int = field(default=100, metadata=_help("labelled rows drawn from the data for the label rules",
+                                                      advanced=True))
+    prior_weight: float = field(default=PRIOR_WEIGHT, metadata=_help(
+        "calibrated rule: labels the label-free estimate counts as", advanced=True))
+    n_components: int | None = field(default=None, metadata=_help("subspace: fix k (default: searched by the f1 rule)",
+                                                                  advanced=True))
+    k_candidates: tuple[int, ...] = field(default=(1, 2, 3, 4), metadata=_help("subspace: k values the f1 rule "
+                                                                               "searches", advanced=True))
+    weighted: bool = field(default=False, metadata=_help("subspace: weight projections by singular values",
+                                                         advanced=True))
+    standardize: bool = field(default=False, metadata=_help("subspace: unit-variance features before the SVD",
+                                                            advanced=True))
+    n_thresholds: int = field(default=100, metadata=_help("f1 rule: evenly spaced thresholds tried", advanced=True))
+    seed: int = field(default=0, metadata=_help("seed of the label draw", advanced=True))
+    cache_dir: str | None = field(default=None, metadata=_help("models and features (default ~/.cache/saft or "
+                                                               "$SAFT_CACHE)", advanced=True))
+    device: str | None = field(default=None, metadata=_help("cpu, cuda, ... (default: cuda if available)",
+                                                            advanced=True))
+    dtype: str | None = field(default=None, metadata=_help("float32, bfloat16, ... (default: fp32 on CPU, bf16 on "
+                                                           "GPU)", advanced=True))
+    trust_remote_code: bool = field(default=False, metadata=_help("run model code from the hub (off unless asked)",
+                                                                  advanced=True))
 
     def __post_init__(self):
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
-        if self.detector not in DETECTORS and self.detector != "auto":
-            get_detector(self.detector)  # raises with the list of names and a suggestion
-        if self.rule not in RULES:
-            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
-        check_kernel(self.guard_kernel)
+        if self.detector != "auto":
+            get_spec(self.detector)  # raises with the list of names and a suggestion
+        if self.rule != "auto" and self.rule not in RULES:
+            raise ValueError(f"rule must be auto or one of {', '.join(RULES)}, got {self.rule!r}")
         if self.rule == "auto" and self.detector != "auto":
-            self.rule = default_rule(self.detector)
-        if self.rule == "estimate" and self.detector != "auto" and not hasattr(DETECTORS[self.detector], "contamination_estimate"):
-            raise ValueError(f"the estimate rule needs a detector that estimates contamination (guard); "
-                             f"{self.detector!r} does not: use --rule f1, fraction, threshold or mixture")
+            self.rule = get_spec(self.detector).rule
+        if (self.rule != "auto" and RULES[self.rule].estimate and self.detector != "auto"
+                and not hasattr(get_spec(self.detector).cls, "contamination_estimate")):
+            raise ValueError(f"the {self.rule} rule needs a detector that estimates contamination "
+                             f"(guard, label-free); {self.detector!r} does not: use --rule f1, fraction or threshold")
         if self.rule == "fraction" and (self.fraction is None or not 0 <= self.fraction < 1):
             raise ValueError(f"the fraction rule needs fraction in [0, 1), got {self.fraction!r}")
         if self.rule == "threshold" and self.threshold is None:
@@ -103,16 +115,15 @@ class FilterConfig:
 def resolve_auto(config: FilterConfig, *, n_labelled: int, labels_file: bool) -> FilterConfig:
     """The concrete detector and rule for `auto`, given how many labelled rows the data has.
 
-    With labels (n_labels labelled rows in the pool, or a labels file) the benchmark's best use of them is
-    guard-model-probe with the calibrated rule; without, the label-free guard-model with its own contamination
-    estimate.
+    With labels (n_labels labelled rows in the data, or a labels file) the benchmarks' best use of them is the
+    labelled detector with the calibrated rule; without, the label-free detector with its own estimate.
     """
     detector = config.detector
     if detector == "auto":
         detector = LABELLED if labels_file or n_labelled >= config.n_labels else LABEL_FREE
-    rule = config.rule
-    if config.detector == "auto" and rule == "estimate" and detector == LABELLED:
-        detector = LABEL_FREE  # an explicit label-free rule keeps the detector label-free
+        if config.rule != "auto" and RULES[config.rule].estimate:
+            detector = LABEL_FREE  # an explicit label-free rule keeps the detector label-free
+    rule = get_spec(detector).rule if config.rule == "auto" else config.rule
     return dataclasses.replace(config, detector=detector, rule=rule)
 
 
@@ -160,52 +171,30 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
                           labels_file=labels_ds is not None)
     embed, info = _feature_view(config, dataset, model, tokenizer, progress=progress)
     X = embed(dataset)
-    # Labels: a separate labelled file, or n_labels drawn from the pool's labelled rows. The f1 rule and
-    # label-using detectors need them; other rules never look at them.
+    # Labels: a separate labelled file, or n_labels drawn from the data's labelled rows; only rules and
+    # detectors that learn from labels look at them.
     labeled_idx, Xv, val_labels = None, None, None
-    if config.rule in ("f1", "calibrated") or config.detector in NEEDS_LABELS:
+    if RULES[config.rule].labels or get_spec(config.detector).labels:
         if labels_ds is not None:
-            Xv = embed(labels_ds)
-            val_labels = labels_ds.labels
+            Xv, val_labels = embed(labels_ds), labels_ds.labels
         else:
             labeled_idx = draw_labeled(dataset.labels, config.n_labels, seed=config.seed)
             Xv, val_labels = X[labeled_idx], [dataset.labels[i] for i in labeled_idx]
-    scorers = _fit_scorers(config, X, Xv, val_labels, labeled_idx, reference=info["reference"])
-    pool_scores = {c: s.score_samples(X) for c, s in scorers.items()}
-    if config.rule == "f1":
-        val_scores = {c: s.score_samples(Xv) for c, s in scorers.items()}
-        selection = select_by_f1(pool_scores, val_scores, val_labels, n_thresholds=config.n_thresholds)
-        k = selection.params["candidate"]
-    else:
-        k = next(iter(pool_scores))
-        scores = pool_scores[k]  # one candidate only: the f1 rule alone searches k
-        if config.rule == "fraction":
-            selection = select_fraction(scores, fraction=config.fraction)
-        elif config.rule == "threshold":
-            selection = select_threshold(scores, threshold=config.threshold)
-        elif config.rule == "mixture":
-            selection = select_mixture(scores, seed=config.seed)
-        elif config.rule == "calibrated":
-            selection = select_calibrated(scores, scorers[k].score_samples(Xv), val_labels,
-                                          **calibrated_prior(scorers[k], X, config.prior_weight))
-        elif config.rule == "estimate":
-            selection = select_estimate(scores, **own_estimate(scorers[k], X))
-        else:
-            selection = Selection(np.zeros(len(scores), dtype=bool), float("inf"), "none", {})
-    scores = pool_scores[k]
+    scores, selection, candidate = score_and_select(config, X, labelled_X=Xv, labels=val_labels,
+                                                    labelled_idx=labeled_idx, reference=info["reference"])
     n = len(dataset)
     summary = {
         "input": str(dataset.path), "format": dataset.format, "schema": dataset.schema,
         "n_input_rows": n + len(dataset.skipped), "n_samples": n, "n_skipped_invalid": len(dataset.skipped),
         "skipped_invalid": [{"line": ln, "reason": r} for ln, r in dataset.skipped[:100]],
         "n_removed": selection.n_removed, "n_kept": n - selection.n_removed,
-        "rule": selection.rule, "threshold": selection.threshold, "k": k if config.detector == "subspace" else None,
+        "rule": selection.rule, "threshold": selection.threshold, "k": candidate,
         "detector": config.detector, "layer": info["layer"],
-        "position": info["position"], "positions": info["positions"], "rule_params": {kk: v for kk, v in selection.params.items() if kk != "candidate"},
+        "position": info["position"], "positions": info["positions"], "rule_params": selection.params,
         "n_truncated": info["n_truncated"], "labeled_rows_used": None if labeled_idx is None else [dataset.samples[i].id for i in labeled_idx],
         "metrics": detection_metrics(scores, dataset.labels, selection.removed),
         # The same on the labelled rows that neither trained the detector nor chose the threshold: the honest
-        # number when labels were drawn from the pool (None otherwise).
+        # number when labels were drawn from the data (None otherwise).
         "metrics_unused_labels": None if labeled_idx is None else detection_metrics(
             scores, [None if i in set(labeled_idx.tolist()) else lab for i, lab in enumerate(dataset.labels)],
             selection.removed),
@@ -224,6 +213,58 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
             extra["report"] = str(write_report(result, result.output_dir / "report.html"))
         _write_outputs(dataset, scores, selection, summary, result.output_dir, extra)
     return result
+
+
+def score_and_select(config: FilterConfig, X: np.ndarray, *, labelled_X=None, labels=None, labelled_idx=None,
+                     reference=None) -> tuple[np.ndarray, Selection, int | None]:
+    """Fit `config.detector` on the pool's view X and apply `config.rule`: (pool scores, selection, the paper's k
+    when the f1 rule searched it, else None).
+
+    Labelled rows are pool rows (`labelled_idx`, with `labelled_X = X[labelled_idx]`) or rows of a labels file
+    (`labelled_X` alone); `reference()` gives the guard's rows and labels in the same view, for a detector that
+    trains on them. `saft filter` and `saft experiment` both call this, so every detector is run the same way.
+    """
+    spec, rule = get_spec(config.detector), RULES[config.rule]
+    params = {}
+    if spec.searched:  # the paper's detector: its options, and k searched by the f1 rule unless fixed
+        params = {"weighted": config.weighted, "standardize": config.standardize}
+    if spec.positions:  # the hidden-state blocks of X, in the order they were stacked
+        params["positions"] = tuple(detector_positions(config.detector, config.position))
+    candidates = [None]
+    if spec.searched:
+        if config.rule == "f1" and config.n_components is None:
+            candidates = [k for k in config.k_candidates if k <= min(X.shape)]
+            if not candidates:
+                raise ValueError(f"every k in {config.k_candidates} exceeds what {X.shape[0]} samples of dimension "
+                                 f"{X.shape[1]} allow; pass smaller --k-candidates")
+        else:
+            candidates = [config.n_components or 1]
+    fit_X, y = X, None
+    if spec.labels:  # semi-supervised: every pool row shapes the detector, the labelled rows train it
+        if labelled_idx is not None:
+            y = np.full(len(X), -1)
+            y[labelled_idx] = labels
+        else:
+            fit_X, y = np.vstack([X, labelled_X]), np.concatenate([np.full(len(X), -1), labels])
+    fit_kw = {}
+    if spec.reference:
+        fit_kw["reference_X"], fit_kw["reference_y"] = reference()
+    detectors = {}
+    for c in candidates:
+        kw = dict(params, **({spec.searched: c} if spec.searched else {}))
+        detectors[c] = get_detector(config.detector, **kw).fit(fit_X, y, **fit_kw)
+    estimate = None
+    if hasattr(spec.cls, "contamination_estimate") and (rule.estimate or config.rule == "calibrated"):
+        estimate = detectors[candidates[0]].contamination_estimate(X)
+    pool_scores = {c: d.score_samples(X) for c, d in detectors.items()}
+    inputs = RuleInputs(pool_scores, estimate=estimate, fraction=config.fraction, threshold=config.threshold,
+                        n_thresholds=config.n_thresholds, prior_weight=config.prior_weight)
+    if rule.labels:
+        inputs.labelled_scores = {c: d.score_samples(labelled_X) for c, d in detectors.items()}
+        inputs.labels = labels
+    selection = select(config.rule, inputs)
+    chosen = selection.params.pop("candidate", candidates[0])
+    return pool_scores[chosen], selection, chosen
 
 
 PAPER = dict(detector="subspace", rule="f1")  # the paper's configuration on top of FilterConfig's defaults
@@ -246,82 +287,59 @@ def run_demo(output_dir, *, config: FilterConfig | None = None, progress: bool =
     return main, paper
 
 
-def _feature_view(config: FilterConfig, dataset: Dataset, model, tokenizer, *, progress: bool):
-    """(embed, info): `embed(ds)` gives the detector's view of a dataset (the pool's is computed here, once);
-    `info` holds layer, positions, truncation count, model name and feature-cache path for the summary, and
-    `reference`: None, or for a detector that trains on the guard's rows (guard-model, guard-model-probe) a
-    function giving their (view, labels)."""
-    feature_cache = Path(config.cache_dir or default_cache_dir()) / "features"
-    view = detector_view(config.detector)
+def detector_view(config: FilterConfig, model, tokenizer, *, feature_cache: Path, progress: bool = False):
+    """`view(samples) -> X`: the configured detector's view of a list of samples (sentence-encoder columns and/or
+    the model's hidden states at the detector's positions, stacked in that order), and the positions read.
+    The pipeline and the experiment build every view through this, so the guard's rows always match the pool's."""
+    spec = get_spec(config.detector)
+    positions = detector_positions(config.detector, config.position)
 
     def sentence(samples):
         return sentence_features(samples, device=config.device or "cpu", cache_dir=feature_cache, progress=progress)
 
+    def view(samples, computed=None):
+        if spec.view == "sentence":
+            return sentence(samples)
+        f = computed or extract_features(model, tokenizer, samples, layers=[config.layer], positions=positions,
+                                         max_length=config.max_length, batch_size=config.batch_size,
+                                         cache_dir=feature_cache, progress=progress)
+        hidden = np.hstack([f.get(f.layers[0], p) for p in positions])
+        return np.hstack([sentence(samples), hidden]) if spec.view == "both" else hidden
+
+    return view, positions
+
+
+def _feature_view(config: FilterConfig, dataset: Dataset, model, tokenizer, *, progress: bool):
+    """(embed, info): `embed(ds)` gives the detector's view of a dataset (the pool's is computed here, once);
+    `info` holds layer, positions, truncation count, model name and feature-cache path for the summary, and
+    `reference`: None, or for a detector that trains on the guard's rows a function giving their (view, labels)."""
+    feature_cache = Path(config.cache_dir or default_cache_dir()) / "features"
+    spec = get_spec(config.detector)
     info = {"layer": None, "position": None, "positions": None, "n_truncated": 0, "model": ENCODER_VERSION,
             "cache_path": None, "reference": None}
-    if view == "sentence":  # no language model needed: the model being fine-tuned is not even loaded
-        return (lambda ds: sentence(ds.samples)), info
+    if spec.view == "sentence":  # no language model needed: the model being fine-tuned is not even loaded
+        view, _ = detector_view(config, None, None, feature_cache=feature_cache, progress=progress)
+        return (lambda ds: view(ds.samples)), info
     if model is None:
         model, tokenizer = load_model(config.model, cache_dir=config.cache_dir, device=config.device,
                                       dtype=config.dtype, trust_remote_code=config.trust_remote_code)
-    positions = detector_positions(config.detector, config.position)
-    kw = dict(layers=[config.layer], positions=positions, max_length=config.max_length,
-              batch_size=config.batch_size, cache_dir=feature_cache, progress=progress)
-    feats = extract_features(model, tokenizer, dataset.samples, **kw)
+    view, positions = detector_view(config, model, tokenizer, feature_cache=feature_cache, progress=progress)
+    feats = extract_features(model, tokenizer, dataset.samples, layers=[config.layer], positions=positions,
+                             max_length=config.max_length, batch_size=config.batch_size, cache_dir=feature_cache,
+                             progress=progress)
     layer = feats.layers[0]
     info.update(layer=layer, position=config.position, positions=positions, n_truncated=feats.n_truncated,
                 cache_path=feats.cache_path,
-                model=feats.manifest["model"] + (f" + {ENCODER_VERSION}" if view == "both" else ""))
-
-    def samples_view(samples, computed=None):
-        f = computed or extract_features(model, tokenizer, samples, **kw)
-        hidden = np.hstack([f.get(layer, p) for p in positions])
-        return np.hstack([sentence(samples), hidden]) if view == "both" else hidden
-
-    if needs_reference(config.detector):
-        info["reference"] = lambda: reference_view(samples_view, model, tokenizer, layer=layer, positions=positions,
+                model=feats.manifest["model"] + (f" + {ENCODER_VERSION}" if spec.view == "both" else ""))
+    if spec.reference:
+        info["reference"] = lambda: reference_view(view, model, tokenizer, layer=layer, positions=positions,
                                                    max_length=config.max_length, cache_dir=feature_cache)
-    return (lambda ds: samples_view(ds.samples, feats if ds is dataset else None)), info
+    return (lambda ds: view(ds.samples, feats if ds is dataset else None)), info
 
 
-def _fit_scorers(config: FilterConfig, X, Xv, val_labels, labeled_idx, *, reference=None) -> dict:
-    """Fitted detectors by candidate: k -> SubspaceScorer (k searched by the f1 rule), or one other detector.
-    `reference()` gives the guard's rows in the detector's view, for a detector that trains on them."""
-    if config.detector == "subspace":
-        if config.rule == "f1" and config.n_components is None:
-            ks = [k for k in config.k_candidates if k <= min(X.shape)]
-            if not ks:
-                raise ValueError(f"every k in {config.k_candidates} exceeds what {X.shape[0]} samples of dimension "
-                                 f"{X.shape[1]} allow; pass smaller --k-candidates")
-        else:
-            ks = [config.n_components or 1]
-        return {k: get_detector("subspace", n_components=k, weighted=config.weighted,
-                                standardize=config.standardize).fit(X) for k in ks}
-    detector = get_detector(config.detector)
-    if "kernel" in detector.get_params():  # the guard detectors
-        detector.set_params(kernel=config.guard_kernel)
-    if "positions" in detector.get_params():  # the hidden-state blocks of X, in the order they were stacked
-        detector.set_params(positions=tuple(detector_positions(config.detector, config.position)))
-    fit_kw = {}
-    if reference is not None:
-        reference_X, reference_y = reference()
-        fit_kw = {"reference_X": reference_X, "reference_y": reference_y}
-    if config.detector not in NEEDS_LABELS:
-        return {config.detector: detector.fit(X, **fit_kw)}
-    # Semi-supervised: the pool shapes the detector, the labelled rows (pool rows or a labels file) train it.
-    if labeled_idx is not None:
-        y = np.full(len(X), -1)
-        y[labeled_idx] = val_labels
-        return {config.detector: detector.fit(X, y, **fit_kw)}
-    return {config.detector: detector.fit(np.vstack([X, Xv]), np.concatenate([np.full(len(X), -1), val_labels]),
-                                          **fit_kw)}
-
-
-def _write_outputs(dataset: Dataset, scores: np.ndarray, selection: Selection, summary: dict, out: Path,
-                   extra: dict) -> None:
-    targets = [out / "scores.jsonl", out / "summary.json"] + [out / output_name(dataset, s) for s in ("kept", "removed")]
-    if any(t.resolve() == dataset.path.resolve() for t in targets):
-        raise ValueError(f"{dataset.path}: writing to {out} would overwrite the input; choose another -o folder")
+def score_rows(dataset: Dataset, scores: np.ndarray, selection: Selection) -> list[dict]:
+    """One tidy row per sample, as in scores.jsonl: id, harm_score, rank (1 = most suspicious), removed, reason,
+    and label when known."""
     ranks = np.empty(len(scores), dtype=int)
     ranks[np.argsort(-scores, kind="stable")] = np.arange(1, len(scores) + 1)
     rows = []
@@ -331,6 +349,15 @@ def _write_outputs(dataset: Dataset, scores: np.ndarray, selection: Selection, s
         if s.label is not None:
             row["label"] = s.label
         rows.append(row)
+    return rows
+
+
+def _write_outputs(dataset: Dataset, scores: np.ndarray, selection: Selection, summary: dict, out: Path,
+                   extra: dict) -> None:
+    targets = [out / "scores.jsonl", out / "summary.json"] + [out / output_name(dataset, s) for s in ("kept", "removed")]
+    if any(t.resolve() == dataset.path.resolve() for t in targets):
+        raise ValueError(f"{dataset.path}: writing to {out} would overwrite the input; choose another -o folder")
+    rows = score_rows(dataset, scores, selection)
     write_jsonl(rows, out / "scores.jsonl")
     kept = [i for i in range(len(dataset)) if not selection.removed[i]]
     removed = [i for i in range(len(dataset)) if selection.removed[i]]

@@ -1,7 +1,7 @@
-"""The packaged guard's labelled training rows, seen by the model about to be fine-tuned (for guard-model).
+"""The packaged guard's labelled training rows, seen by the model about to be fine-tuned (for the label-free detector).
 
 The packaged guard (`saft.detectors.guard`) learned what "harmful" means from 2306 public rows in a sentence
-encoder's view. guard-model learns it again from the same rows in the view of the model being fine-tuned, so
+encoder's view. The label-free detector learns it again from the same rows in the view of the model being fine-tuned, so
 those rows ship as text (`guard_rows_v1.jsonl.gz`, built by scripts/build_reference.py from the project's
 shared/data/raw: BeaverTails 30k_test pairs of the 'judge' half of the prompt split, CC BY-NC 4.0, and refusals
 written by a safety-tuned Llama-2-chat, MIT; see `guard_rows_README.md`).

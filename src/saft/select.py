@@ -6,8 +6,6 @@ Rules:
   the labelled samples; ties go to the earlier candidate and the lower threshold.
 - `select_fraction`: remove a given fraction of the pool, highest scores first.
 - `select_threshold`: remove every sample whose score exceeds a fixed threshold.
-- `select_mixture` (label-free, not in the paper): fit a two-component Gaussian mixture to the scores and
-  remove the samples the high component claims; its weight is the estimated contamination rate.
 - `select_calibrated` (labels, not in the paper): map scores to probabilities with a logistic fit on the
   labelled rows (Platt scaling), then remove the top m rows where m maximises the F1 expected under those
   probabilities over the whole pool; their mean is a contamination estimate. It uses every pool score, not only
@@ -15,20 +13,23 @@ Rules:
   label-free estimate given as a prior (worth `prior_weight` labels) steadies it further.
 - `select_estimate` (label-free, not in the paper): remove the top `estimate` share of the pool, where the
   estimate comes from the detector itself (the guard's adjusted classify-and-count).
-A sample is removed when its score is strictly greater than the threshold.
+A sample is removed when its score is strictly greater than the threshold. `RULES` names them, each with what
+it needs; `select(name, inputs)` applies one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Hashable, Mapping, Sequence
+from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import f1_score
 
+from .detectors.base import ContaminationEstimate
+
 
 # How many labels the calibrated rule's prior (a label-free contamination estimate) counts as, by default;
-# chosen on the seed-0 pools and checked on fresh ones by benchmarks/calibrated_prior.py.
+# chosen on benchmark pools and checked on fresh draws (docs/detectors/labelled.md).
 PRIOR_WEIGHT = 100.0
 
 
@@ -105,38 +106,14 @@ def select_threshold(scores: np.ndarray, *, threshold: float) -> Selection:
     return Selection(scores > threshold, float(threshold), "threshold", {})
 
 
-def select_mixture(scores: np.ndarray, *, log: bool | None = None, seed: int = 0) -> Selection:
-    """Label-free: a 2-component Gaussian mixture on the scores; remove where the high component is likelier.
-
-    `log`: fit on log scores (default: when every score is positive, as the subspace score's squared
-    projections are; their right-skewed distribution is closer to Gaussian after the log).
-    """
-    from sklearn.mixture import GaussianMixture
-
-    scores = np.asarray(scores, dtype=np.float64)
-    if len(scores) < 4:
-        raise ValueError(f"the mixture rule needs at least 4 samples, got {len(scores)}")
-    use_log = bool((scores > 0).all()) if log is None else log
-    z = (np.log(scores) if use_log else scores).reshape(-1, 1)
-    gm = GaussianMixture(n_components=2, random_state=seed, n_init=3).fit(z)
-    high = int(np.argmax(gm.means_[:, 0]))
-    removed = gm.predict_proba(z)[:, high] > 0.5
-    # Report the threshold as the largest kept score (the mixture's boundary can be non-monotone in the tails).
-    threshold = float(scores[~removed].max()) if (~removed).any() else float(scores.min())
-    return Selection(removed, threshold, "mixture", {"contamination_estimate": float(gm.weights_[high]),
-                                                     "log_scores": use_log})
-
-
-def select_estimate(scores: np.ndarray, *, estimate: float, se: float | None = None) -> Selection:
-    """Remove the highest-scoring `estimate` share of the pool, `estimate` being a contamination estimate
-    (`se`, its standard error if known, is only reported)."""
-    if not 0 <= estimate <= 1:
-        raise ValueError(f"a contamination estimate must be in [0, 1], got {estimate}")
-    sel = select_fraction(scores, fraction=min(estimate, 1 - 1e-9))
-    params = {"contamination_estimate": float(estimate)}
-    if se is not None:
-        params["contamination_estimate_se"] = float(se)
-    return Selection(sel.removed, sel.threshold, "estimate", params)
+def select_estimate(scores: np.ndarray, *, estimate: ContaminationEstimate) -> Selection:
+    """Remove the highest-scoring share of the pool given by a label-free contamination estimate, never more
+    than the upper end of its interval when it has one (its standard error and interval are reported)."""
+    if not 0 <= estimate.value <= 1:
+        raise ValueError(f"a contamination estimate must be in [0, 1], got {estimate.value}")
+    share = estimate.value if estimate.interval is None else min(estimate.value, estimate.interval[1])
+    sel = select_fraction(scores, fraction=min(share, 1 - 1e-9))
+    return Selection(sel.removed, sel.threshold, "estimate", estimate.as_dict())
 
 
 def select_calibrated(scores: np.ndarray, val_scores: np.ndarray, val_labels: Sequence[int], *,
@@ -181,3 +158,63 @@ def select_calibrated(scores: np.ndarray, val_scores: np.ndarray, val_labels: Se
     threshold = float(scores[~removed].max()) if (~removed).any() else float(scores.min())
     return Selection(removed, threshold, "calibrated", {"contamination_estimate": float(p.mean()),
                                                         "expected_f1": float(expected_f1[m - 1]), **params})
+
+
+@dataclass
+class RuleInputs:
+    """What a selection rule may read: the pool's scores by candidate (one entry, unless the f1 rule searches the
+    paper's k), the labelled rows' scores and labels, the detector's label-free estimate, and the options."""
+
+    scores: Mapping[Hashable, np.ndarray]
+    labelled_scores: Mapping[Hashable, np.ndarray] | None = None
+    labels: Sequence[int] | None = None
+    estimate: ContaminationEstimate | None = None
+    fraction: float | None = None
+    threshold: float | None = None
+    n_thresholds: int = 100
+    prior_weight: float = PRIOR_WEIGHT
+
+    def only(self, mapping: Mapping[Hashable, np.ndarray]) -> np.ndarray:
+        return next(iter(mapping.values()))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A selection rule: `apply(inputs) -> Selection`; `labels`: it needs labelled rows; `estimate`: it needs the
+    detector's label-free contamination estimate."""
+
+    apply: Callable[[RuleInputs], Selection]
+    purpose: str
+    labels: bool = False
+    estimate: bool = False
+
+
+def _calibrated(i: RuleInputs) -> Selection:
+    prior = {} if i.estimate is None or i.prior_weight <= 0 else {"prior": i.estimate.value, "prior_weight": i.prior_weight}
+    return select_calibrated(i.only(i.scores), i.only(i.labelled_scores), i.labels, **prior)
+
+
+def _none(i: RuleInputs) -> Selection:
+    return Selection(np.zeros(len(i.only(i.scores)), dtype=bool), float("inf"), "none", {})
+
+
+RULES: dict[str, Rule] = {
+    "f1": Rule(lambda i: select_by_f1(i.scores, i.labelled_scores, i.labels, n_thresholds=i.n_thresholds),
+               "the paper's: the candidate and threshold with the best F1 on the labelled rows", labels=True),
+    "calibrated": Rule(_calibrated, "labels: Platt-calibrated scores, the removed count maximising expected F1",
+                       labels=True),
+    "estimate": Rule(lambda i: select_estimate(i.only(i.scores), estimate=i.estimate),
+                     "label-free: remove the detector's own contamination estimate", estimate=True),
+    "fraction": Rule(lambda i: select_fraction(i.only(i.scores), fraction=i.fraction),
+                     "remove a given fraction, highest scores first"),
+    "threshold": Rule(lambda i: select_threshold(i.only(i.scores), threshold=i.threshold),
+                      "remove every score above a given threshold"),
+    "none": Rule(_none, "remove nothing (scores only)"),
+}
+
+
+def select(rule: str, inputs: RuleInputs) -> Selection:
+    """Apply the named rule of `RULES`."""
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(RULES)}")
+    return RULES[rule].apply(inputs)

@@ -1,93 +1,92 @@
-"""Harmful-sample scorers on a feature matrix, by name.
+"""Harmful-sample detectors, by name: what each is for, what it reads and how it is fitted.
 
-Every detector is a scikit-learn estimator with `fit(X, y=None)` and `score_samples(X)`, where a higher score
-means more likely harmful. Detectors import no torch. A detector's class attribute `view` names the features it
-reads: "llm" (hidden states of the model being fine-tuned, `saft.features`; the default), "sentence" (the
-sentence-encoder view, `saft.encoders`) or "both" (the sentence view's columns, then the hidden states). Detectors with `contamination_estimate(X)` can pick their own
-threshold without labels (the "estimate" selection rule). A detector with `needs_reference` (guard-model,
-guard-model-probe) also
-trains on the guard's labelled rows in the same view (`fit(X, reference_X=, reference_y=)`, `saft.reference`),
-and one with a `positions` parameter reads hidden states at several positions, one block each.
+Every detector follows one protocol (`saft.detectors.base`): `fit(X, y=None, *, reference_X=None,
+reference_y=None)`, `score_samples(X)` (higher = more likely harmful) and, where it can, `contamination_estimate(X)`.
+Its `DetectorSpec` says everything the pipeline needs to know about it, so the pipeline holds no per-detector
+case: the view it reads, whether it learns from labels or from the guard's rows, the selection rule it gets by
+default, and the token positions of its hidden states. Detectors import no torch.
 """
 
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 
-from .guard import GuardKNNScorer, GuardScorer
-from .guided import GuidedProbeScorer, ModelGuidedProbeScorer
+from .base import ContaminationEstimate
+from .guard import GuardScorer
+from .guided import ModelGuidedProbeScorer
 from .model_guard import ModelGuardScorer
-from .probe import ProbeScorer
-from .student import GuardStudentScorer
 from .subspace import SubspaceScorer
 
-DETECTORS = {
-    "subspace": SubspaceScorer,
-    "probe": ProbeScorer,
-    "guard": GuardScorer,
-    "guard-knn": GuardKNNScorer,
-    "guard-student": GuardStudentScorer,
-    "guard-probe": GuidedProbeScorer,
-    "guard-model": ModelGuardScorer,
-    "guard-model-probe": ModelGuidedProbeScorer,
+VIEWS = ("llm", "sentence", "both")
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """A registered detector.
+
+    `view`: "llm" (the fine-tuned model's hidden states, `saft.features`), "sentence" (the sentence-encoder view,
+    `saft.encoders`; the language model is not loaded) or "both" (the sentence view's columns, then the hidden
+    states at each of `positions`). `labels`: fit needs labelled rows. `reference`: fit trains on the guard's
+    labelled rows in the same view (`saft.reference`). `rule`: the selection rule `--rule auto` gives it.
+    `positions`: hidden-state positions read after the configured one (each once). `searched`: the parameter
+    the f1 rule searches over `k_candidates` (the paper's k).
+    """
+
+    cls: type
+    purpose: str
+    view: str = "llm"
+    labels: bool = False
+    reference: bool = False
+    rule: str = "f1"
+    positions: tuple[str, ...] = ()
+    searched: str | None = None
+
+
+DETECTORS: dict[str, DetectorSpec] = {
+    "subspace": DetectorSpec(
+        SubspaceScorer, "the paper's method: energy in the pool's top singular directions; k and threshold by F1 "
+        "on 100 labels", view="llm", rule="f1", searched="n_components"),
+    "guard": DetectorSpec(
+        GuardScorer, "fast, model-free: a packaged harm classifier on sentence embeddings; removes its own "
+        "contamination estimate", view="sentence", rule="estimate"),
+    "label-free": DetectorSpec(
+        ModelGuardScorer, "the default without labels: the guard's classifier retrained in the model's own view, "
+        "plus a probe on the pool", view="both", reference=True, rule="estimate",
+        positions=("prompt_last", "response_mean")),
+    "labelled": DetectorSpec(
+        ModelGuidedProbeScorer, "the default with 100 or more labels: a probe on the model's features guided by "
+        "label-free's scores", view="both", labels=True, reference=True, rule="calibrated",
+        positions=("prompt_last", "response_mean")),
 }
-# Detectors whose fit needs labels (y with -1 for unlabelled rows).
-NEEDS_LABELS = {"probe", "guard-probe", "guard-model-probe"}
+# Names that no longer exist, with what to use instead.
+RETIRED = {"guard-model": "label-free", "guard-model-probe": "labelled", "guard-knn": "label-free",
+           "guard-student": "label-free", "guard-probe": "labelled", "probe": "labelled"}
 
 
-def detector_view(name: str) -> str:
-    """"llm", "sentence" or "both": which features the named detector reads."""
-    return getattr(DETECTORS[name], "view", "llm")
-
-
-def detector_positions(name: str, position: str) -> list[str]:
-    """The token positions whose hidden states the named detector reads, given the configured `position`: that
-    one, then (guard-model, guard-model-probe) the others its `positions` parameter names by default, once each."""
-    defaults = DETECTORS[name]().get_params().get("positions", ()) if name in DETECTORS else ()
-    return [position] + [p for p in defaults if p != position]
-
-
-def needs_reference(name: str) -> bool:
-    """Whether the named detector trains on the guard's labelled rows in the model's view (`saft.reference`)."""
-    return bool(getattr(DETECTORS.get(name), "needs_reference", False))
-
-
-def default_rule(name: str) -> str:
-    """The selection rule `--rule auto` gives a detector: its own label-free estimate when it has one, the
-    calibrated rule when it is trained on labels, else the paper's F1 rule."""
-    if hasattr(DETECTORS[name], "contamination_estimate"):
-        return "estimate"
-    return "calibrated" if name in NEEDS_LABELS else "f1"
-
-
-def own_estimate(detector, X) -> dict:
-    """A fitted detector's label-free contamination estimate of X, with its standard error when the detector
-    gives one, as keyword arguments of `saft.select.select_estimate`."""
-    with_se = getattr(detector, "contamination_estimate_with_se", None)
-    if with_se is None:
-        return {"estimate": detector.contamination_estimate(X), "se": None}
-    estimate, se = with_se(X)  # one pass: each fold model's decision values are computed once
-    return {"estimate": estimate, "se": se}
-
-
-def calibrated_prior(detector, X, weight: float) -> dict:
-    """Keyword arguments of `saft.select.select_calibrated` for a fitted detector: its label-free estimate of X
-    as the prior, counted as `weight` labels, when the detector has one (guard-probe); else none."""
-    estimate = getattr(detector, "label_free_estimate_with_se", None)
-    if estimate is None or weight <= 0:
-        return {}
-    return {"prior": estimate(X)[0], "prior_weight": weight}
+def get_spec(name: str) -> DetectorSpec:
+    """The registered detector `name`, or a ValueError that lists the names and suggests one."""
+    if name in DETECTORS:
+        return DETECTORS[name]
+    if name in RETIRED:
+        raise ValueError(f"detector {name!r} is no longer available; use {RETIRED[name]!r}. "
+                         f"Available: {', '.join(DETECTORS)}")
+    close = difflib.get_close_matches(name, DETECTORS, n=1)
+    hint = f" Did you mean: {close[0]}?" if close else ""
+    raise ValueError(f"Unknown detector {name!r}.{hint} Available: {', '.join(DETECTORS)}")
 
 
 def get_detector(name: str, **params):
     """Build a registered detector: `get_detector("subspace", n_components=2)`."""
-    if name not in DETECTORS:
-        close = difflib.get_close_matches(name, DETECTORS, n=1)
-        hint = f" Did you mean: {close[0]}?" if close else ""
-        raise ValueError(f"Unknown detector {name!r}.{hint} Available: {', '.join(sorted(DETECTORS))}")
-    return DETECTORS[name](**params)
+    return get_spec(name).cls(**params)
 
 
-__all__ = ["DETECTORS", "NEEDS_LABELS", "GuardKNNScorer", "GuardScorer", "GuardStudentScorer", "GuidedProbeScorer",
-           "ModelGuardScorer", "ModelGuidedProbeScorer", "ProbeScorer", "SubspaceScorer", "calibrated_prior", "default_rule", "detector_positions",
-           "detector_view", "get_detector", "needs_reference", "own_estimate"]
+def detector_positions(name: str, position: str) -> list[str]:
+    """The token positions whose hidden states the named detector reads, given the configured `position`: that
+    one first, then the others its spec names, once each."""
+    return [position] + [p for p in get_spec(name).positions if p != position]
+
+
+__all__ = ["DETECTORS", "RETIRED", "VIEWS", "ContaminationEstimate", "DetectorSpec", "GuardScorer",
+           "ModelGuardScorer", "ModelGuidedProbeScorer", "SubspaceScorer", "detector_positions", "get_detector",
+           "get_spec"]

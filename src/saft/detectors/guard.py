@@ -32,6 +32,8 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_array, check_is_fitted
 
+from .base import ContaminationEstimate
+
 GUARD_FILE = Path(__file__).resolve().parent.parent / "guard_minilm_v1.json"
 KERNELS = ("rbf", "linear")
 
@@ -73,14 +75,12 @@ class GuardScorer(BaseEstimator):
     ignores them when given.
     """
 
-    view = "sentence"
-
     def __init__(self, weights: str | None = None, kernel: str = "rbf"):
         self.weights = weights
         self.kernel = kernel
 
     def load_weights(self) -> "GuardScorer":
-        """Read the weights file; `fit` calls this, and so does `GuardKNNScorer` for its guard."""
+        """Read the weights file; `fit` calls this, and so does every detector that uses the guard's estimate."""
         check_kernel(self.kernel)
         path = Path(self.weights) if self.weights else GUARD_FILE
         data = json.loads(path.read_text())
@@ -109,7 +109,7 @@ class GuardScorer(BaseEstimator):
         """The RBF model and, when the file has them, its fold models for the estimate."""
         if "kernel_model" not in data:
             raise ValueError(f"{path} holds no RBF model (no 'kernel_model' entry): use kernel='linear' "
-                             "(--guard-kernel linear), or rebuild the file with scripts/train_guard.py")
+                             "or rebuild the file with scripts/train_guard.py")
         npz = path.parent / data["kernel_model"]
         if not npz.exists():
             raise ValueError(f"{path} names the RBF model {npz}, which does not exist; rebuild both with "
@@ -151,16 +151,13 @@ class GuardScorer(BaseEstimator):
         X = check_array(X, dtype=np.float64)
         return [decision(f, X) for f in self.estimate_models_]
 
-    def contamination_estimate(self, X) -> float:
-        """Label-free estimate of the harmful share of X: the fold models' adjusted counts, averaged."""
-        return self._estimate(X)[0]
-
-    def contamination_estimate_with_se(self, X) -> tuple[float, float]:
-        """(`contamination_estimate`, its binomial standard error) from one pass over the fold models. The error
-        is the sampling noise of the pool only, not the bias a shift in the pool's safe rows brings. The
-        threshold is high, so few rows are counted: `saft filter` printed 0.070 on the 200-row demo set with its
-        labels removed."""
-        return self._estimate(X)
+    def contamination_estimate(self, X) -> ContaminationEstimate:
+        """Label-free estimate of the harmful share of X: the fold models' adjusted counts, averaged, with the
+        binomial standard error of the count (the pool's sampling noise only, not the bias a shift in the
+        pool's safe rows brings). The threshold is high, so few rows are counted and the error is large on
+        small pools."""
+        value, se = self._estimate(X)
+        return ContaminationEstimate(value, se)
 
     def _estimate(self, X) -> tuple[float, float]:
         X = check_array(X, dtype=np.float64)
@@ -177,88 +174,3 @@ class GuardScorer(BaseEstimator):
                 errors.append(se / (tpr - fpr))
         # The fold models count nearly the same rows, so their errors do not average out: report their mean.
         return float(np.mean(estimates)), float(np.mean(errors))
-
-
-class GuardKNNScorer(BaseEstimator):
-    """The guard's votes, smoothed over the fine-tuned model's own representation of the pool (label-free).
-
-    The guard judges each sample alone and errs on benign text that merely sounds like its harmful training
-    rows. The model about to be fine-tuned places samples that do the same thing near each other, so the
-    guard's average vote over a sample's nearest neighbours in that space corrects a part of those errors. The
-    score is the sum of the standardised guard scores and the standardised neighbour average.
-
-    X is the "both" view: the sentence-encoder view (first `GuardScorer` width columns, 768) followed by the
-    model's hidden state at the configured layer and position. Neighbours are found by cosine similarity after
-    standardising the hidden states and keeping `n_components` principal components; they are always pool rows
-    from `fit` (a pool row counts itself among its `n_neighbors` + 1).
-
-    Parameters
-    ----------
-    n_neighbors : int, default=10
-    n_components : int, default=64
-    weights : str or None, default=None
-    kernel : {"rbf", "linear"}, default="rbf"
-        The guard's weights and classifier (see `GuardScorer`).
-    """
-
-    view = "both"
-
-    def __init__(self, n_neighbors: int = 10, n_components: int = 64, weights: str | None = None, kernel: str = "rbf"):
-        self.n_neighbors = n_neighbors
-        self.n_components = n_components
-        self.weights = weights
-        self.kernel = kernel
-
-    def split_views(self, X):
-        """(sentence-encoder columns, hidden-state columns) of X."""
-        width = len(self.guard_.coef_)
-        if X.shape[1] <= width:
-            raise ValueError(f"guard-knn reads the sentence-encoder view ({width} columns) followed by the model's "
-                             f"hidden states; got {X.shape[1]} columns")
-        return X[:, :width], X[:, width:]
-
-    def _embed(self, H):
-        from sklearn.preprocessing import normalize
-
-        return normalize(self.pca_.transform(self.scaler_.transform(H)))
-
-    def fit(self, X, y=None):
-        from sklearn.decomposition import PCA
-        from sklearn.neighbors import NearestNeighbors
-        from sklearn.preprocessing import StandardScaler
-
-        X = check_array(X, dtype=np.float64)
-        if self.n_neighbors < 1:
-            raise ValueError(f"n_neighbors must be at least 1, got {self.n_neighbors}")
-        self.guard_ = GuardScorer(weights=self.weights, kernel=self.kernel).load_weights()
-        S, H = self.split_views(X)
-        self.scaler_ = StandardScaler().fit(H)
-        k = min(self.n_components, X.shape[0] - 1, H.shape[1])
-        self.pca_ = PCA(n_components=max(k, 1), random_state=0).fit(self.scaler_.transform(H))
-        self.pool_z_ = self.guard_.score_samples(S)
-        self.nn_ = NearestNeighbors(n_neighbors=min(self.n_neighbors + 1, X.shape[0])).fit(self._embed(H))
-        smoothed = self._smoothed(H)
-        self.stats_ = (self.pool_z_.mean(), self.pool_z_.std() or 1.0, smoothed.mean(), smoothed.std() or 1.0)
-        self.n_features_in_ = X.shape[1]
-        return self
-
-    def _smoothed(self, H):
-        _, idx = self.nn_.kneighbors(self._embed(H))
-        return self.pool_z_[idx].mean(axis=1)
-
-    def score_samples(self, X) -> np.ndarray:
-        check_is_fitted(self, "nn_")
-        X = check_array(X, dtype=np.float64)
-        S, H = self.split_views(X)
-        zm, zs, sm, ss = self.stats_
-        return (self.guard_.score_samples(S) - zm) / zs + (self._smoothed(H) - sm) / ss
-
-    def contamination_estimate(self, X) -> float:
-        """The guard's label-free estimate (from the sentence-encoder columns of X)."""
-        check_is_fitted(self, "nn_")
-        return self.guard_.contamination_estimate(self.split_views(check_array(X, dtype=np.float64))[0])
-
-    def contamination_estimate_with_se(self, X) -> tuple[float, float]:
-        check_is_fitted(self, "nn_")
-        return self.guard_.contamination_estimate_with_se(self.split_views(check_array(X, dtype=np.float64))[0])
-

@@ -1,18 +1,18 @@
-"""guard-model: the guard retrained in the fine-tuned model's own view, plus a student on the pool (label-free;
-not in the paper).
+"""label-free, the default without labels: the guard retrained in the fine-tuned model's own view, plus a student
+on the pool (not in the paper).
 
 The packaged guard learned harmful-vs-safe from 2306 public rows in a sentence encoder's view only; on
 BeaverTails, where safe and unsafe answers share their questions and topics, that view tops out at AUROC
 0.80-0.86 even with every label of the pool added (benchmarks/RESULTS.md, detect-plus ceilings).
 The model about to be fine-tuned reads the same rows differently: its hidden state at the last prompt token
-says what is asked, its mean over the response says what is answered. guard-model trains the guard's own recipe
+says what is asked, its mean over the response says what is answered. This detector trains the guard's own recipe
 (an RBF support vector machine, C 1, gamma 'scale', balanced classes; settings fixed before any pool was
 scored) on the guard's rows (`saft.reference`) in the view [sentence view, hidden states at `positions`],
 standardised so that the hidden states' large columns do not swamp the sentence view. The view was chosen by
 grouped cross-validation on the guard's rows alone (AUROC 0.923 sentence view, 0.932 + prompt_last, 0.942 +
 response_mean, 0.945 both), not on the benchmark pools.
 
-As in guard-student, a student then learns from the classifier's surest calls on the pool itself (its top
+A student (`saft.detectors.student`) then learns from the classifier's surest calls on the pool itself (its top
 `estimate * n` rows as harmful, its bottom half as safe): a logistic probe on the pool's principal components of
 the hidden states at the first position, which corrects errors the outside rows cannot (task data that looks
 nothing like them). The score is the sum of the two standardised scores.
@@ -32,6 +32,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from sklearn.utils.validation import check_array, check_is_fitted
 
+from .base import ContaminationEstimate
 from .guard import GuardScorer
 from .student import combine, teach_student
 
@@ -55,14 +56,12 @@ class ModelGuardScorer(BaseEstimator):
     estimate_scale : float, default=1.0
     min_harmful : int, default=10
     n_components : int, default=64
-        The student's settings, as in `GuardStudentScorer`.
+        The student's settings (`saft.detectors.student.teach_student`): its C, the share of the pool taken as
+        safe, the harmful rows as a multiple of the guard's estimate, and the fewest harmful rows.
     weights : str or None, default=None
     kernel : {"rbf", "linear"}, default="rbf"
         The packaged guard whose contamination estimate sizes the student's harmful rows and the estimate rule.
     """
-
-    view = "both"
-    needs_reference = True
 
     def __init__(self, positions: tuple[str, ...] = ("prompt_last", "response_mean"), C: float = 1.0,
                  student_C: float = 0.1, safe_share: float = 0.5, estimate_scale: float = 1.0, min_harmful: int = 10,
@@ -82,7 +81,7 @@ class ModelGuardScorer(BaseEstimator):
         width = len(self.guard_.coef_)
         hidden = X.shape[1] - width
         if hidden <= 0 or hidden % len(self.positions):
-            raise ValueError(f"guard-model reads the sentence-encoder view ({width} columns) followed by the "
+            raise ValueError(f"label-free reads the sentence-encoder view ({width} columns) followed by the "
                              f"model's hidden states at {len(self.positions)} positions ({', '.join(self.positions)}); "
                              f"got {X.shape[1]} columns")
         return X[:, :width], X[:, width:width + hidden // len(self.positions)]
@@ -90,7 +89,7 @@ class ModelGuardScorer(BaseEstimator):
     def fit(self, X, y=None, *, reference_X=None, reference_y=None):
         X = check_array(X, dtype=np.float64)
         if reference_X is None or reference_y is None:
-            raise ValueError("guard-model trains on the guard's rows in the model's view: pass reference_X and "
+            raise ValueError("label-free trains on the guard's rows in the model's view: pass reference_X and "
                              "reference_y from saft.reference.reference_view (saft filter does this)")
         reference_X = check_array(reference_X, dtype=np.float64)
         reference_y = np.asarray(reference_y)
@@ -104,7 +103,7 @@ class ModelGuardScorer(BaseEstimator):
         if min(self.C, self.student_C, self.estimate_scale) <= 0:
             raise ValueError("C, student_C and estimate_scale must be positive")
         if X.shape[0] < 2:
-            raise ValueError(f"guard-model needs at least 2 rows to teach its student, got {X.shape[0]}; "
+            raise ValueError(f"label-free needs at least 2 rows to teach its student, got {X.shape[0]}; "
                              "to score a single sample, use the guard alone (--detector guard)")
         self.guard_ = GuardScorer(weights=self.weights, kernel=self.kernel).load_weights()
         S, H = self._split(X)
@@ -113,14 +112,14 @@ class ModelGuardScorer(BaseEstimator):
         k = max(min(self.n_components, X.shape[0] - 1, H.shape[1]), 1)
         self.components_ = make_pipeline(StandardScaler(), PCA(n_components=k, random_state=0)).fit(H)
         self.pseudo_labels_, self.student_, self.stats_ = teach_student(
-            self.classifier_.decision_function(X), self.components_.transform(H), self.guard_.contamination_estimate(S),
+            self.classifier_.decision_function(X), self.components_.transform(H), self.guard_.contamination_estimate(S).value,
             C=self.student_C, safe_share=self.safe_share, estimate_scale=self.estimate_scale,
             min_harmful=self.min_harmful)
         self.n_features_in_ = X.shape[1]
         return self
 
     def part_scores(self, X) -> tuple[np.ndarray, np.ndarray]:
-        """(classifier score, student score) of X, unscaled: guard-model-probe weighs the two with labels."""
+        """(classifier score, student score) of X, unscaled: the labelled detector weighs the two with labels."""
         check_is_fitted(self, "student_")
         X = check_array(X, dtype=np.float64)
         _, H = self._split(X)
@@ -134,10 +133,7 @@ class ModelGuardScorer(BaseEstimator):
         """Standardised classifier score + standardised student score: higher = more suspicious."""
         return combine(*self.part_scores(X), self.stats_)
 
-    def contamination_estimate(self, X) -> float:
+    def contamination_estimate(self, X) -> ContaminationEstimate:
         """The packaged guard's label-free estimate (from the sentence-encoder columns of X)."""
-        return self.contamination_estimate_with_se(X)[0]
-
-    def contamination_estimate_with_se(self, X) -> tuple[float, float]:
         check_is_fitted(self, "student_")
-        return self.guard_.contamination_estimate_with_se(self._split(check_array(X, dtype=np.float64))[0])
+        return self.guard_.contamination_estimate(self._split(check_array(X, dtype=np.float64))[0])

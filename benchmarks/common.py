@@ -1,0 +1,95 @@
+"""Helpers every benchmark suite shares: where data, caches and results live, how results are written, and the
+small formatting functions of RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+PLOTS = RESULTS / "plots"
+CACHE = HERE / ".cache"  # feature caches of the benchmark pools (not committed)
+
+
+def command_line() -> str:
+    """The command that is running, as a user would type it from the repository root."""
+    return "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def versions() -> dict:
+    from saft.pipeline import versions as v
+
+    return v()
+
+
+def raw_dir(path: str | None = None) -> Path:
+    from saft.pools import default_raw_dir
+
+    return Path(path) if path else default_raw_dir()
+
+
+def result_path(name: str) -> Path:
+    return RESULTS / f"{name}.json"
+
+
+def write_result(name: str, result: dict) -> Path:
+    from saft.data import write_json
+
+    return write_json(result, result_path(name))
+
+
+def load_result(name: str) -> dict | None:
+    path = result_path(name)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "—"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return str(int(value))
+    return f"{value:.{digits}f}"
+
+
+def spread(values, digits: int = 3) -> str:
+    """'mean (min-max)' of several draws, or the single value."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return fmt(values[0], digits)
+    return f"{fmt(float(np.mean(values)), digits)} ({fmt(min(values), digits)}-{fmt(max(values), digits)})"
+
+
+def table(head: list[str], rows: list[list]) -> str:
+    """A Markdown table; cells are formatted with `fmt` unless they are text already."""
+    cell = lambda v: v if isinstance(v, str) else fmt(v)  # noqa: E731
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def wilson(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson interval of a proportion observed as `rate` over `n` trials."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(centre - half), float(centre + half)
+
+
+def provenance(result: dict) -> str:
+    """The lines under a section's table: command, seed, data and versions of the run that made it."""
+    v = result.get("versions", {})
+    shown = ", ".join(f"{k} {v[k]}" for k in ("saft", "torch", "transformers", "scikit-learn") if k in v)
+    out = [f"Command: `{result.get('command', '?')}`", f"Seed: {result.get('seed', '?')}. Data: {result.get('data', '?')}."]
+    if shown:
+        out.append(f"Versions: {shown}.")
+    if result.get("seconds") is not None:
+        out.append(f"Time: {result['seconds']:.0f} s ({result.get('cpu_note', 'CPU use by other jobs not recorded')}).")
+    return "\n".join(out)
