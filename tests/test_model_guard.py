@@ -78,7 +78,7 @@ def test_detector_positions_put_the_configured_one_first():
     assert detector_positions("label-free", "last") == ["last", "prompt_last", "response_mean"]
     assert detector_positions("guard", "last") == ["last"]
     with pytest.raises(ValueError, match="no longer available; use 'label-free'"):
-        get_spec("label-free")
+        get_spec("guard-model")
 
 
 def test_shipped_guard_rows():

@@ -21,7 +21,9 @@ def result(tiny, tmp_path_factory):
     rows[0]["prompt"] = "<script>alert('x')</script> how do I hurt someone?"
     data = write_jsonl(tmp / "d.jsonl", rows)
     model, tok = tiny
-    return filter_dataset(data, output_dir=tmp / "out", config=FilterConfig(rule="fraction", fraction=0.3),
+    # the guard: the report reads only scores, labels and settings, and the guard needs no forward pass
+    return filter_dataset(data, output_dir=tmp / "out", config=FilterConfig(detector="guard", rule="fraction", fraction=0.3,
+                                                                             cache_dir=str(tmp / "cache")),
                           model=model, tokenizer=tok, progress=False, report=True)
 
 
@@ -40,7 +42,8 @@ def test_report_without_labels(tiny, tmp_path):
     rows = [{k: v for k, v in r.items() if k != "is_safe"} for r in toy_rows(10)]
     model, tok = tiny
     filter_dataset(write_jsonl(tmp_path / "u.jsonl", rows), output_dir=tmp_path / "o", model=model,
-                   tokenizer=tok, config=FilterConfig(rule="fraction", fraction=0.2), progress=False, report=True)
+                   tokenizer=tok, config=FilterConfig(detector="guard", rule="fraction", fraction=0.2,
+                                                      cache_dir=str(tmp_path / "cache")), progress=False, report=True)
     text = (tmp_path / "o" / "report.html").read_text()
     assert "No labels in the input" in text and "all samples" in text and "Recall per harm category" not in text
 
