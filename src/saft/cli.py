@@ -75,7 +75,7 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--label-field", help="label field (default: is_safe, harmful, is_harmful, label or unsafe)")
     group.add_argument("--label-means", choices=["harmful", "safe"], help="what a true label value means (default: safe for is_safe, harmful otherwise)")
     group.add_argument("--id-field", help="field holding a unique sample id (default: 'id' if present, else the row number)")
-    group.add_argument("--skip-invalid", action="store_true", help="skip malformed rows (counted in summary.json) instead of stopping")
+    group.add_argument("--skip-invalid", action="store_true", help="skip malformed rows instead of stopping (filter, score: written to invalid.jsonl with line, reason and raw text)")
 
 
 COMMANDS = {
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _print_summary(summary: dict) -> None:
     print(f"{summary['n_samples']} samples from {summary['input']} ({summary['format']}, {summary['schema']})")
     if summary["n_skipped_invalid"]:
-        print(f"  skipped {summary['n_skipped_invalid']} invalid rows (listed in summary.json)")
+        print(f"  skipped {summary['n_skipped_invalid']} invalid rows (written to invalid.jsonl)")
     if summary["n_truncated"]:
         print(f"  truncated {summary['n_truncated']} samples to {summary['config']['max_length']} tokens")
     detector = f"k={summary['k']}" if summary["k"] is not None else f"detector {summary['detector']}"
