@@ -1,11 +1,57 @@
-"""Shared fixtures: a tiny random Llama with a byte-level tokenizer, built offline from a config."""
+"""Shared fixtures: a tiny random Llama with a byte-level tokenizer, built offline from a config.
+
+The suite writes only into temporary folders: `pytest_configure` points HOME, the XDG folders, SAFT_CACHE and
+the Hugging Face, torch and matplotlib caches into one fresh folder (before any test module imports a library
+that reads them), and the session fails if anything lands in that HOME (`pytest_sessionfinish`). .ci/run also
+runs the suite with an empty HOME of its own and fails if anything appears there.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Where each variable points, under the session's folder. HF_HUB_OFFLINE: tests never reach the network.
+ISOLATED_ENV = {"HOME": "home", "XDG_CACHE_HOME": "xdg-cache", "XDG_CONFIG_HOME": "xdg-config",
+                "XDG_DATA_HOME": "xdg-data", "XDG_STATE_HOME": "xdg-state", "SAFT_CACHE": "saft-cache",
+                "HF_HOME": "hf", "HF_DATASETS_CACHE": "hf/datasets", "TORCH_HOME": "torch",
+                "MPLCONFIGDIR": "matplotlib", "TRITON_CACHE_DIR": "triton"}
+_ISOLATED: dict[str, Path] = {}
+
+
+def pytest_configure(config):
+    root = Path(tempfile.mkdtemp(prefix="saft-tests-"))
+    _ISOLATED["root"] = root
+    for name, sub in ISOLATED_ENV.items():
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        os.environ[name] = str(root / sub)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:  # hypothesis keeps failing examples in ./.hypothesis unless told otherwise; the suite writes no such file
+        from hypothesis import settings
+
+        settings.register_profile("saft", database=None, deadline=None)
+        settings.load_profile("saft")
+    except ImportError:
+        pass
+
+
+def pytest_sessionfinish(session, exitstatus):
+    root = _ISOLATED.get("root")
+    if root is None:
+        return
+    home = root / ISOLATED_ENV["HOME"]
+    written = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
+    shutil.rmtree(root, ignore_errors=True)
+    if written:
+        session.config.get_terminal_writer().line(
+            f"the suite wrote into HOME ({len(written)} paths, e.g. {written[:5]}); it must write only into "
+            "temporary folders", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -7,7 +7,12 @@ chat `messages`/`conversations` (the last assistant turn is the response, earlie
 (Dolly), `question`/`answer`.
 
 Raw rows are kept untouched next to the parsed samples so that `write_subset` can write kept and removed rows
-with every input field preserved. Nothing here knows about models or tokenizers.
+with every input field preserved: for JSONL, JSON and CSV the row's own text, byte for byte (key order, number
+spelling, escapes, quoting); for Parquet and `datasets` folders the table's own rows. Rows that cannot be used are
+kept too (`Dataset.skipped`, with their raw text) so that `write_invalid` can write them out: every input row ends
+in exactly one output. Nothing here knows about models or tokenizers.
+
+Untrusted input: nothing here unpickles, and a `datasets` folder that holds a pickle is refused.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import csv
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,8 +96,10 @@ class FieldOptions:
 class Dataset:
     """Parsed samples plus what is needed to write any subset back in the source format.
 
-    `rows[i]` is the raw record behind `samples[i]` (for Parquet and `datasets` folders, `row_index[i]` is its
-    position in `table`). `skipped` lists (row number, reason) for rows dropped by `skip_invalid`.
+    `rows[i]` is the parsed record behind `samples[i]` (for Parquet and `datasets` folders, `row_index[i]` is its
+    position in `table`); for JSONL, JSON and CSV `raw[i]` is its text as it stands in the file (`header`: a CSV
+    file's header record). `skipped` lists (line or row number, reason, raw text) for rows dropped by
+    `skip_invalid`; a row that is not UTF-8 keeps its bytes as lone surrogates (Python's "surrogateescape").
     """
 
     path: Path
@@ -101,7 +110,9 @@ class Dataset:
     schema: str
     table: Any = None
     columns: list[str] | None = None
-    skipped: list[tuple[int, str]] = field(default_factory=list)
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)
+    raw: list[str] | None = None
+    header: str | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -126,42 +137,196 @@ def detect_format(path: Path) -> str:
                     "saved datasets folder, or pass format= / --format explicitly.")
 
 
-def _read_rows(path: Path, fmt: str) -> tuple[list[Any], Any, list[str] | None, list[int]]:
-    """Return (rows, table, columns, line_numbers): line numbers are 1-based where the format has lines."""
-    if fmt == "jsonl":
-        rows, lines = [], []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+@dataclass
+class _Rows:
+    """What a reader returns: parsed rows (or `_Malformed`), their 1-based line (row) numbers, and, for the text
+    formats, each row's raw text."""
+
+    rows: list[Any]
+    linenos: list[int]
+    raw: list[str] | None = None
+    table: Any = None
+    columns: list[str] | None = None
+    header: str | None = None
+
+
+JSON_WHITESPACE = " \t\n\r"
+# Files a dataset or model folder must not hold: formats that unpickle (run code) when loaded.
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib", ".dill", ".npy", ".npz")
+# Formats that are never pickles, so their first bytes are not checked (a safetensors header length can start
+# with the same byte as a pickle).
+NON_PICKLE_SUFFIXES = (".safetensors", ".gguf", ".arrow", ".json", ".jsonl", ".txt", ".md", ".csv", ".parquet",
+                       ".model", ".jinja", ".py")
+
+
+def find_pickles(folder: Path) -> list[Path]:
+    """Files under `folder` that are, or may be, pickles: by suffix, or by a pickle's first bytes (protocol 2+:
+    0x80 and the protocol number) or a zip archive holding a `.pkl` member (torch.save's format)."""
+    import zipfile
+
+    found = []
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or p.suffix.lower() in NON_PICKLE_SUFFIXES:
+            continue
+        if p.suffix.lower() in PICKLE_SUFFIXES:
+            found.append(p)
+            continue
+        with open(p, "rb") as f:
+            head = f.read(2)
+        if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+            found.append(p)
+        elif head == b"PK" and zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as z:
+                if any(n.endswith(".pkl") for n in z.namelist()):
+                    found.append(p)
+    return found
+
+
+def _utf8(data: bytes, lineno: int) -> tuple[str, str | None]:
+    """(text, problem): bytes that are not UTF-8 stay as lone surrogates, so that the raw text loses nothing."""
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return (data.decode("utf-8", "surrogateescape"),
+                f"not UTF-8 text ({e.reason} at byte {e.start + 1} of the line); re-encode the file as UTF-8")
+
+
+def _read_jsonl(path: Path) -> _Rows:
+    # Lines end at "\n" only (JSONL's definition), so a lone "\r" or U+2028 inside a line does not split it; the
+    # file is read as bytes so that one line that is not UTF-8 is one invalid row, not an unreadable file.
+    rows, lines, raw = [], [], []
+    with open(path, "rb") as f:
+        for lineno, data in enumerate(f, 1):
+            if lineno == 1 and data.startswith(b"\xef\xbb\xbf"):  # a byte-order mark, written by some editors
+                data = data[3:]
+            text, problem = _utf8(data, lineno)
+            text = text[:-1] if text.endswith("\n") else text
+            text = text[:-1] if text.endswith("\r") else text
+            if not text.strip(JSON_WHITESPACE):
+                continue
+            if problem:
+                rows.append(_Malformed(problem))
+            else:
                 try:
-                    rows.append(json.loads(line))
+                    rows.append(json.loads(text))
                 except json.JSONDecodeError as e:
                     rows.append(_Malformed(f"not valid JSON ({e.msg} at column {e.colno})"))
-                lines.append(lineno)
-        return rows, None, None, lines
-    if fmt == "json":
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}). Fix the file, or use JSONL "
-                                "(one object a line) so that --skip-invalid can skip bad rows.") from None
+                except RecursionError:
+                    rows.append(_Malformed("nested deeper than the JSON reader allows"))
+            lines.append(lineno)
+            raw.append(text)
+    return _Rows(rows, lines, raw)
+
+
+def _read_json(path: Path) -> _Rows:
+    """A JSON list of objects, each element's own text kept; or an object holding one such list."""
+    with open(path, encoding="utf-8-sig") as f:
+        text = f.read()
+    fix = "Fix the file, or use JSONL (one object a line) so that --skip-invalid can skip bad rows."
+    start = next((i for i, c in enumerate(text) if c not in JSON_WHITESPACE), len(text))
+    if text[start:start + 1] != "[":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}). {fix}") from None
+        except RecursionError:
+            raise DataError(f"{path}: nested deeper than the JSON reader allows. {fix}") from None
         if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
             data = next(iter(data.values()))
-        if not isinstance(data, list):
-            raise DataError(f"{path}: JSON must be a list of objects (one per sample), got {type(data).__name__}.")
-        return data, None, None, list(range(1, len(data) + 1))
+            return _Rows(data, list(range(1, len(data) + 1)))
+        raise DataError(f"{path}: JSON must be a list of objects (one per sample), got {type(data).__name__}.")
+    # Walk the list element by element (raw_decode gives where each ends), so each row's text is kept as written.
+    decoder = json.JSONDecoder()
+    rows, raw = [], []
+
+    def skip(i: int) -> int:
+        while i < len(text) and text[i] in JSON_WHITESPACE:
+            i += 1
+        return i
+
+    def fail(i: int, what: str):
+        line = text.count("\n", 0, i) + 1
+        raise DataError(f"{path}, line {line}: not valid JSON ({what}). {fix}")
+
+    i = skip(start + 1)
+    if text[i:i + 1] == "]":
+        i += 1
+    else:
+        while True:
+            try:
+                obj, end = decoder.raw_decode(text, i)
+            except json.JSONDecodeError as e:
+                fail(e.pos, e.msg)
+            except RecursionError:
+                fail(i, "nested deeper than the JSON reader allows")
+            rows.append(obj)
+            raw.append(text[i:end])
+            i = skip(end)
+            if text[i:i + 1] == ",":
+                i = skip(i + 1)
+            elif text[i:i + 1] == "]":
+                i += 1
+                break
+            else:
+                fail(i, "expected ',' or ']' after a list element")
+    if skip(i) != len(text):
+        fail(skip(i), "extra data after the list")
+    return _Rows(rows, list(range(1, len(rows) + 1)), raw)
+
+
+# The csv module refuses fields over 128 KiB by default; a long chat transcript is a legitimate field.
+CSV_FIELD_LIMIT = 2**31 - 1
+
+
+def _read_csv(path: Path) -> _Rows:
+    """Rows as dicts by header name (missing cells are None), each record's own lines kept as its raw text."""
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
+    rows, lines, raw = [], [], []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        consumed: list[str] = []
+
+        def feed():  # the lines the csv reader has taken since the last record
+            for line in f:
+                consumed.append(line)
+                yield line
+
+        reader = csv.reader(feed())
+        try:
+            columns = next(reader, [])
+        except csv.Error as e:
+            raise DataError(f"{path}, line 1: cannot read the CSV header ({e}).") from None
+        header = "".join(consumed)
+        consumed.clear()
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                cells = _Malformed(f"not valid CSV ({e})")
+            text, n_lines = "".join(consumed), len(consumed)
+            consumed.clear()
+            if cells == []:  # a blank line
+                continue
+            lines.append(reader.line_num - n_lines + 1)  # where the record starts (a quoted cell may span lines)
+            raw.append(text)
+            if isinstance(cells, _Malformed):
+                rows.append(cells)
+            elif len(cells) > len(columns):
+                rows.append(_Malformed(f"{len(cells)} cells but the header has {len(columns)}"))
+            else:
+                rows.append(dict(zip(columns, cells + [None] * (len(columns) - len(cells)))))
+    return _Rows(rows, lines, raw, columns=columns, header=header)
+
+
+def _read_rows(path: Path, fmt: str) -> _Rows:
+    if fmt == "jsonl":
+        return _read_jsonl(path)
+    if fmt == "json":
+        return _read_json(path)
     if fmt == "csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            columns = list(reader.fieldnames or [])
-        # DictReader puts surplus cells under the key None: a row with more cells than the header.
-        for i, row in enumerate(rows):
-            if None in row:
-                rows[i] = _Malformed(f"{len(columns) + len(row[None])} cells but the header has {len(columns)}")
-        return rows, None, columns, list(range(2, len(rows) + 2))
+        return _read_csv(path)
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -169,10 +334,15 @@ def _read_rows(path: Path, fmt: str) -> tuple[list[Any], Any, list[str] | None, 
             table = pq.read_table(path)
         except Exception as e:  # pyarrow raises several types for unreadable files
             raise DataError(f"{path}: cannot read as Parquet ({e}).") from None
-        return table.to_pylist(), table, table.column_names, list(range(1, table.num_rows + 1))
+        return _Rows(table.to_pylist(), list(range(1, table.num_rows + 1)), table=table, columns=table.column_names)
     if fmt == "datasets":
         import datasets
 
+        pickles = find_pickles(path)
+        if pickles:
+            raise DataError(f"{path}: holds {pickles[0].name}, a pickle (loading one can run code); a dataset "
+                            "folder saved by datasets.Dataset.save_to_disk holds only .arrow and .json files. "
+                            "Remove the file or pass the data as JSONL, CSV or Parquet.")
         try:
             ds = datasets.load_from_disk(str(path))
         except Exception as e:
@@ -180,7 +350,7 @@ def _read_rows(path: Path, fmt: str) -> tuple[list[Any], Any, list[str] | None, 
         if isinstance(ds, datasets.DatasetDict):
             raise DataError(f"{path}: a DatasetDict with splits {list(ds)}; pass one split's folder, "
                             f"e.g. {path / next(iter(ds))}.")
-        return ds.to_list(), ds, ds.column_names, list(range(1, len(ds) + 1))
+        return _Rows(ds.to_list(), list(range(1, len(ds) + 1)), table=ds, columns=ds.column_names)
     raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}.")
 
 
@@ -298,7 +468,9 @@ def load_samples(path: str | os.PathLike, *, format: str | None = None, fields: 
     """Read a dataset file or folder into a `Dataset` of `Sample`s.
 
     Raises `DataError` naming the file, row (line for JSONL/CSV) and field of the first bad row, unless
-    `skip_invalid` is set: then bad rows are skipped and listed in `Dataset.skipped`.
+    `skip_invalid` is set: then bad rows are skipped and listed, with their raw text, in `Dataset.skipped`.
+    Text that is not valid Unicode (a lone surrogate, written as a JSON escape) reaches the model with U+FFFD
+    in its place; the row itself is kept as written.
     """
     path = Path(path)
     opts = fields or FieldOptions()
@@ -308,7 +480,7 @@ def load_samples(path: str | os.PathLike, *, format: str | None = None, fields: 
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}.")
     try:
-        raw_rows, table, columns, linenos = _read_rows(path, fmt)
+        read = _read_rows(path, fmt)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}). Re-encode the file as UTF-8.") from None
     except OSError as e:
@@ -316,6 +488,7 @@ def load_samples(path: str | os.PathLike, *, format: str | None = None, fields: 
     where = "line" if fmt in ("jsonl", "csv") else "row"
     samples, rows, index, skipped = [], [], [], []
     schemas, seen_ids, label_names = set(), {}, set()
+    raw_rows, linenos, raw_kept, n_replaced = read.rows, read.linenos, [], 0
     for i, (row, lineno) in enumerate(zip(raw_rows, linenos)):
         try:
             if isinstance(row, _Malformed):
@@ -323,7 +496,7 @@ def load_samples(path: str | os.PathLike, *, format: str | None = None, fields: 
             if not isinstance(row, dict):
                 raise _RowError(f"expected an object, got {type(row).__name__}")
             schema = _schema_of(row, opts)
-            messages = _messages_of(row, schema, opts)
+            messages, replaced = _valid_unicode(_messages_of(row, schema, opts))
             label, label_name = _label_of(row, opts)
             id_name = opts.id_field or ("id" if "id" in row else None)
             if id_name is not None and id_name not in row:
@@ -331,12 +504,14 @@ def load_samples(path: str | os.PathLike, *, format: str | None = None, fields: 
             sid = str(row[id_name]) if id_name else str(i)
             if sid in seen_ids:
                 raise _RowError(f"id {sid!r} repeats the id of {where} {seen_ids[sid]}; ids must be unique")
-        except _RowError as e:
-            msg = f"{path}, {where} {lineno}: {e}."
+        except (_RowError, RecursionError) as e:
+            reason = str(e) if isinstance(e, _RowError) else "nested too deeply to read"
+            msg = f"{path}, {where} {lineno}: {reason}."
             if not skip_invalid:
                 raise DataError(msg + " Fix the row, or pass --skip-invalid to skip such rows.") from None
-            skipped.append((lineno, str(e)))
+            skipped.append((lineno, reason, read.raw[i] if read.raw is not None else _row_text(row)))
             continue
+        n_replaced += replaced
         seen_ids[sid] = lineno
         schemas.add(schema)
         if label_name:
@@ -344,13 +519,39 @@ def load_samples(path: str | os.PathLike, *, format: str | None = None, fields: 
         samples.append(Sample(id=sid, messages=messages, label=label, meta={"row": i, "line": lineno}))
         rows.append(row)
         index.append(i)
+        if read.raw is not None:
+            raw_kept.append(read.raw[i])
     if skipped:
-        logger.warning("%s: skipped %d invalid rows (first: %s %d: %s)", path, len(skipped), where, *skipped[0])
+        logger.warning("%s: skipped %d invalid rows (first: %s %d: %s)", path, len(skipped), where, *skipped[0][:2])
+    if n_replaced:
+        logger.warning("%s: %d samples hold lone surrogates (not valid Unicode); the model sees U+FFFD in their place",
+                       path, n_replaced)
     if not samples:
         raise DataError(f"{path}: no usable samples ({len(raw_rows)} rows read, {len(skipped)} invalid). "
                         "Check that the file holds fine-tuning samples.")
     return Dataset(path=path, format=fmt, samples=samples, rows=rows, row_index=index,
-                   schema="+".join(sorted(schemas)), table=table, columns=columns, skipped=skipped)
+                   schema="+".join(sorted(schemas)), table=read.table, columns=read.columns, skipped=skipped,
+                   raw=raw_kept if read.raw is not None else None, header=read.header)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_unicode(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], int]:
+    """Messages with lone surrogates replaced by U+FFFD (tokenizers reject them), and 1 if any was replaced."""
+    if all(_SURROGATE.search(m["content"]) is None for m in messages):
+        return messages, 0
+    return [{**m, "content": _SURROGATE.sub("\ufffd", m["content"])} for m in messages], 1
+
+
+def _row_text(row: Any) -> str:
+    """A parsed row as JSON text (for rows of formats without a text of their own: Parquet, `datasets`)."""
+    if isinstance(row, _Malformed):
+        return ""
+    try:
+        return json.dumps(row, ensure_ascii=False, default=repr)
+    except (RecursionError, ValueError):
+        return repr(row)
 
 
 PROMPT_FIELDS = ("prompt", "instruction", "question", "goal")
@@ -370,7 +571,7 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
         if isinstance(data, dict) and isinstance(data.get("instructions"), list):
             rows = [{"prompt": p} for p in data["instructions"]]
         else:
-            rows, _, _, _ = _read_rows(path, fmt)
+            rows = _read_rows(path, fmt).rows
         prompts = []
         for i, row in enumerate(rows, 1):
             name = next((f for f in PROMPT_FIELDS if isinstance(row, dict) and isinstance(row.get(f), str)), None)
@@ -388,54 +589,127 @@ def output_name(dataset: Dataset, stem: str) -> str:
 
 
 def write_subset(dataset: Dataset, positions: Sequence[int], path: str | os.PathLike) -> Path:
-    """Write the raw rows at `positions` (indices into `dataset.samples`) in the dataset's format, atomically."""
+    """Write the rows at `positions` (indices into `dataset.samples`) in the dataset's format, atomically.
+
+    JSONL, JSON and CSV rows are written as their input text (a JSON file's rows as one list, a CSV file's under
+    its header); Parquet and `datasets` rows as the input table's rows.
+    """
     path = Path(path)
-    rows = [dataset.rows[p] for p in positions]
     fmt = dataset.format
     if fmt == "datasets":
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            dataset.table.select([dataset.row_index[p] for p in positions]).save_to_disk(str(tmp / "ds"))
+            subset = dataset.table.select([dataset.row_index[p] for p in positions])
+            # num_shards=1 for an empty subset: with zero shards load_from_disk cannot read the folder back
+            subset.save_to_disk(str(tmp / "ds"), **({"num_shards": 1} if not positions else {}))
+            os.chmod(tmp / "ds", output_mode(path, folder=True))
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp / "ds", path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return path
-    with atomic_open(path, "wb" if fmt == "parquet" else "w") as f:
+    raw = [dataset.raw[p] for p in positions] if dataset.raw is not None else None
+    # newline="" throughout: the rows' own line endings are written as they were read.
+    with atomic_open(path, "wb" if fmt == "parquet" else "w", newline="") as f:
         if fmt == "jsonl":
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            for line in raw:
+                f.write(line + "\n")
         elif fmt == "json":
-            json.dump(rows, f, ensure_ascii=False, indent=1)
+            if raw is not None:
+                f.write("[\n" + ",\n".join(raw) + "\n]\n")
+            else:  # the list sat inside an object: its rows have no text of their own
+                f.write(json_text([dataset.rows[p] for p in positions], indent=1) + "\n")
         elif fmt == "csv":
-            writer = csv.DictWriter(f, fieldnames=dataset.columns)
-            writer.writeheader()
-            writer.writerows(rows)
+            end = "\r\n" if dataset.header.endswith("\r\n") else "\n"
+            f.write(dataset.header if dataset.header.endswith(("\n", "\r")) else dataset.header + end)
+            for record in raw:  # only the file's last record can lack a line ending
+                f.write(record if record.endswith(("\n", "\r")) else record + end)
         elif fmt == "parquet":
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            pq.write_table(dataset.table.take([dataset.row_index[p] for p in positions]), f)
+            # typed indices: an empty Python list would be a null array, which take() refuses
+            take = pa.array([dataset.row_index[p] for p in positions], type=pa.int64())
+            pq.write_table(dataset.table.take(take), f)
     return path
 
 
-class atomic_open:
-    """Open a temporary file next to `path`; on a clean exit it replaces `path`, on an error it is removed."""
+def write_invalid(dataset: Dataset, path: str | os.PathLike) -> Path:
+    """Write the rows `skip_invalid` dropped, one JSON object a line: the line (JSONL, CSV) or row number, the
+    reason, and the row's raw text (for Parquet and `datasets` rows, the row as JSON)."""
+    key = "line" if dataset.format in ("jsonl", "csv") else "row"
+    return write_jsonl(({key: n, "reason": reason, "raw": raw} for n, reason, raw in dataset.skipped), path)
 
-    def __init__(self, path: str | os.PathLike, mode: str = "w"):
+
+def json_text(obj: Any, **kwargs) -> str:
+    """`json.dumps` with text as written (ensure_ascii off), except for text that UTF-8 cannot encode (lone
+    surrogates, which a JSON escape can hold): that is escaped, so the output is valid UTF-8 and loses nothing."""
+    text = json.dumps(obj, ensure_ascii=False, **kwargs)
+    if _SURROGATE.search(text) is None:
+        return text
+    return json.dumps(obj, ensure_ascii=True, **kwargs)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only set it, and
+    setting it to read it would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def output_mode(path: Path, *, folder: bool = False) -> int:
+    """Permission bits an output written at `path` gets: the existing file's, else what open() (mkdir for a
+    folder) would give it: 0o666 (0o777) less the umask. mkstemp's files and mkdtemp's folders are 0o600 and
+    0o700, so atomic writes set this explicitly."""
+    try:
+        if not path.is_symlink():
+            return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        pass
+    return (0o777 if folder else 0o666) & ~_umask()
+
+
+class atomic_open:
+    """Open a temporary file next to `path`; on a clean exit it replaces `path`, on an error it is removed.
+
+    The file gets the mode an ordinary open() would give it (`output_mode`). A link at `path` is replaced, never
+    followed, so an output cannot be sent elsewhere by a link planted in the output folder.
+    """
+
+    def __init__(self, path: str | os.PathLike, mode: str = "w", *, newline: str | None = None):
         self.path = Path(path)
         self.mode = mode
+        self.newline = "" if newline is None and self.path.suffix == ".csv" else newline
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        kwargs = {} if "b" in self.mode else {"encoding": "utf-8", "newline": "" if self.path.suffix == ".csv" else None}
-        self.f = os.fdopen(fd, self.mode, **kwargs)
+        try:
+            os.fchmod(fd, output_mode(self.path))
+            kwargs = {} if "b" in self.mode else {"encoding": "utf-8", "newline": self.newline}
+            self.f = os.fdopen(fd, self.mode, **kwargs)
+        except BaseException:
+            os.close(fd)
+            os.unlink(self.tmp)
+            raise
         return self.f
 
     def __exit__(self, exc_type, exc, tb):
-        self.f.close()
+        try:
+            self.f.close()
+        except BaseException:
+            os.unlink(self.tmp)
+            raise
         if exc_type is None:
             os.replace(self.tmp, self.path)
         else:
@@ -446,12 +720,11 @@ class atomic_open:
 def write_jsonl(records: Iterator[dict] | Sequence[dict], path: str | os.PathLike) -> Path:
     with atomic_open(path) as f:
         for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(json_text(r) + "\n")
     return Path(path)
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
     with atomic_open(path) as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.write("\n")
+        f.write(json_text(obj, indent=2) + "\n")
     return Path(path)

@@ -119,7 +119,10 @@ def finetune(samples: Sequence[Sample], *, output_dir, config: FinetuneConfig | 
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE))
     if not progress:  # without a progress bar Trainer prints every log line; the log history keeps them anyway
         trainer.remove_callback(PrinterCallback)
-    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    # Trainer writes trainer_state.json last: a checkpoint without it was cut short (a crash mid-save) and is
+    # never resumed from; the previous complete one is (save_total_limit keeps it until the next one is done).
+    checkpoints = sorted((p for p in (out / "checkpoints").glob("checkpoint-*") if _complete_checkpoint(p)),
+                         key=lambda p: int(p.name.split("-")[1]))
     if checkpoints:
         logger.info("resuming from %s", checkpoints[-1])
     result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
@@ -130,6 +133,19 @@ def finetune(samples: Sequence[Sample], *, output_dir, config: FinetuneConfig | 
     model.eval()
     return {"adapter": str(out / "adapter"), "train_loss": result.training_loss, "n_samples": len(rows),
             "steps": trainer.state.global_step, "log_history": trainer.state.log_history, "model": model}
+
+
+def _complete_checkpoint(path: Path) -> bool:
+    """A checkpoint-N folder whose trainer_state.json (the last file Trainer writes) is there and readable."""
+    import json
+
+    if not path.name.split("-")[-1].isdigit():
+        return False
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def load_adapter(model, adapter_dir):

