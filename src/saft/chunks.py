@@ -28,7 +28,7 @@ def n_rows(X) -> int:
 
 
 def iter_chunks(X, size: int = CHUNK_ROWS, *, dtype=np.float64) -> Iterator[np.ndarray]:
-    """Consecutive row blocks of X (at most `size` rows each) as in-memory arrays of `dtype`."""
+    """Consecutive row blocks of X (at most `size` rows each) as in-memory arrays of `dtype` (None: X's own)."""
     if hasattr(X, "iter_chunks"):
         for chunk in X.iter_chunks(size):
             yield np.asarray(chunk, dtype=dtype)
@@ -58,6 +58,24 @@ def npy_header(path: str | os.PathLike) -> tuple[tuple, bool, np.dtype, int]:
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read(f)
         return tuple(shape), fortran, np.dtype(dtype), f.tell()
+
+
+class Columns:
+    """Columns `start:stop` of a chunked source, itself a chunked source (a view's block of columns)."""
+
+    def __init__(self, X, start: int, stop: int):
+        self.X, self.start, self.stop = X, start, stop
+        self.shape = (X.shape[0], stop - start)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def iter_chunks(self, size: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
+        for chunk in iter_chunks(self.X, size, dtype=None):
+            yield chunk[:, self.start:self.stop]
+
+    def take(self, indices) -> np.ndarray:
+        return take(self.X, indices, dtype=None)[:, self.start:self.stop]
 
 
 class NpyMatrix:
