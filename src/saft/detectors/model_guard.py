@@ -18,8 +18,9 @@ the hidden states at the first position, which corrects errors the outside rows 
 nothing like them). The score is the sum of the two standardised scores.
 
 Pools beyond memory: X may be a chunked source (`saft.chunks`); the classifier and the guard score it a block at
-a time, and the pool PCA and the student are fitted on a random sample of at most `max_fit_rows` rows (every
-row of a smaller pool), so memory is bounded by the sample, not the pool.
+a time, and the pool PCA and the student are fitted on a seeded random sample of at most `max_fit_values` values
+(rows x hidden width: 34k rows of the embedded model's 576, 4.9k of a 7B model's 4096; every row of a smaller
+pool), so memory is bounded by the sample, not the pool.
 
 The contamination estimate is the packaged guard's (`GuardScorer`, on the sentence columns), whose adjusted count
 was tuned for its classifier; the same count from this classifier's fold models was no closer to the truth on the
@@ -90,8 +91,9 @@ class ModelGuardScorer(BaseEstimator):
     weights : str or None, default=None
     kernel : {"rbf", "linear"}, default="rbf"
         The packaged guard whose contamination estimate sizes the student's harmful rows and the estimate rule.
-    max_fit_rows : int, default=50_000
-        The most pool rows the PCA and the student are fitted on (a seeded random sample beyond it).
+    max_fit_values : int, default=20_000_000
+        The most values (rows x hidden width, 160 MB of float64) the PCA and the student are fitted on: a seeded
+        random sample of max_fit_values // width rows beyond it.
 
     Attributes beyond the fitted parts: `fit_rows_`, the pool rows the PCA and student were fitted on, which
     `pseudo_labels_` labels.
@@ -102,7 +104,8 @@ class ModelGuardScorer(BaseEstimator):
 
     def __init__(self, positions: tuple[str, ...] = ("prompt_last", "response_mean"), C: float = 1.0,
                  student_C: float = 0.1, safe_share: float = 0.5, estimate_scale: float = 1.0, min_harmful: int = 10,
-                 n_components: int = 64, weights: str | None = None, kernel: str = "rbf", max_fit_rows: int = 50_000):
+                 n_components: int = 64, weights: str | None = None, kernel: str = "rbf",
+                 max_fit_values: int = 20_000_000):
         self.positions = positions
         self.C = C
         self.student_C = student_C
@@ -112,7 +115,7 @@ class ModelGuardScorer(BaseEstimator):
         self.n_components = n_components
         self.weights = weights
         self.kernel = kernel
-        self.max_fit_rows = max_fit_rows
+        self.max_fit_values = max_fit_values
 
     def _split(self, X):
         """(sentence-encoder columns, hidden states at the first position) of X."""
@@ -145,8 +148,8 @@ class ModelGuardScorer(BaseEstimator):
             raise ValueError(f"safe_share must be between 0 and 1, got {self.safe_share}")
         if min(self.C, self.student_C, self.estimate_scale) <= 0:
             raise ValueError("C, student_C and estimate_scale must be positive")
-        if self.max_fit_rows < 2:
-            raise ValueError(f"max_fit_rows must be at least 2, got {self.max_fit_rows}")
+        if self.max_fit_values < 2:
+            raise ValueError(f"max_fit_values must be at least 2, got {self.max_fit_values}")
         if X.shape[0] < 2:
             raise ValueError(f"guard-model needs at least 2 rows to teach its student, got {X.shape[0]}; "
                              "to score a single sample, use the guard alone (--detector guard)")
@@ -156,7 +159,7 @@ class ModelGuardScorer(BaseEstimator):
                                                                class_weight="balanced")).fit(reference_X, reference_y)
         self.fit_rows_, self.components_, (self.pseudo_labels_, self.student_, self.stats_) = fit_pool_student(
             H, self._classifier_scores(X), self.guard_.contamination_estimate(S), n_components=self.n_components,
-            max_fit_rows=self.max_fit_rows, C=self.student_C, safe_share=self.safe_share,
+            max_fit_rows=max(2, self.max_fit_values // H.shape[1]), C=self.student_C, safe_share=self.safe_share,
             estimate_scale=self.estimate_scale, min_harmful=self.min_harmful)
         self.n_features_in_ = X.shape[1]
         return self
