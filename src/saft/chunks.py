@@ -28,13 +28,14 @@ def n_rows(X) -> int:
 
 
 def iter_chunks(X, size: int = CHUNK_ROWS, *, dtype=np.float64) -> Iterator[np.ndarray]:
-    """Consecutive row blocks of X (at most `size` rows each) as in-memory arrays of `dtype` (None: X's own)."""
-    if hasattr(X, "iter_chunks"):
+    """Consecutive row blocks of X (at most `size` rows each) as in-memory arrays of `dtype` (None: X's own).
+    Each block is the caller's own (never a view of an in-memory X), so it may be modified in place."""
+    if hasattr(X, "iter_chunks"):  # these read fresh arrays from disk
         for chunk in X.iter_chunks(size):
             yield np.asarray(chunk, dtype=dtype)
         return
     for start in range(0, X.shape[0], size):
-        yield np.asarray(X[start:start + size], dtype=dtype)
+        yield np.array(X[start:start + size], dtype=dtype, copy=True)
 
 
 def take(X, indices, *, dtype=np.float64) -> np.ndarray:

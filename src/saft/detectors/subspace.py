@@ -23,18 +23,25 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_array, check_is_fitted
 
-from ..chunks import is_out_of_core, iter_chunks, map_chunks, n_rows
+from ..chunks import is_out_of_core, iter_chunks
 
 SOLVERS = ("auto", "full", "streaming")
 
 
+def compute_dtype(X) -> np.dtype:
+    """float32 arithmetic for a float16/float32 source (the store's, a file's), float64 otherwise."""
+    dtype = np.dtype(getattr(X, "dtype", np.float64))
+    return np.dtype(np.float32) if dtype in (np.float16, np.float32) else np.dtype(np.float64)
+
+
 def streaming_moments(X, *, chunk_rows: int) -> tuple[np.ndarray, np.ndarray, int]:
     """(mean, population standard deviation, n) of X's columns in one chunked pass (Chan et al.'s pairwise
-    update, in float64, so a large mean does not cancel the variance)."""
+    update, accumulated in float64, so a large mean does not cancel the variance)."""
     n, mean, m2 = 0, None, None
-    for chunk in iter_chunks(X, chunk_rows):
-        c_n, c_mean = len(chunk), chunk.mean(axis=0)
-        c_m2 = ((chunk - c_mean) ** 2).sum(axis=0)
+    for chunk in iter_chunks(X, chunk_rows, dtype=compute_dtype(X)):
+        c_n, c_mean = len(chunk), chunk.mean(axis=0, dtype=np.float64)
+        chunk -= c_mean.astype(chunk.dtype)
+        c_m2 = np.einsum("ij,ij->j", chunk, chunk, dtype=np.float64)
         if mean is None:
             n, mean, m2 = c_n, c_mean, c_m2
             continue
@@ -49,21 +56,25 @@ def streaming_moments(X, *, chunk_rows: int) -> tuple[np.ndarray, np.ndarray, in
 
 def streaming_top_directions(X, mean: np.ndarray, scale: np.ndarray, k: int, *, oversample: int = 20,
                              tol: float = 1e-7, max_iter: int = 100, chunk_rows: int = 8192, random_state: int = 0):
-    """Top-k right singular vectors (k, d) and singular values (k,) of (X - mean) / scale, X read by chunks.
+    """Top-k right singular vectors (k, d) and singular values (k,) of A = (X - mean) / scale, X read by chunks.
 
-    Block subspace iteration on C = A^T A with A the scaled centred X: Z = C Q in one pass (chunk by chunk,
-    Z += A_c^T (A_c Q)), then Rayleigh-Ritz on Q^T Z, then Q = orth(Z). Stops when the sine of the largest angle
+    Block subspace iteration on C = A^T A: Z = C Q in one pass (chunk by chunk, Z += A_c^T (A_c Q), with the
+    scale folded into Q so a chunk is only centred in place; float32 products for a float16/float32 source,
+    summed in float64), then Rayleigh-Ritz on Q^T Z, then Q = orth(Z). Stops when the sine of the largest angle
     between successive top-k subspaces is below `tol`. Returns (components, singular values, iterations)."""
     d = len(mean)
     block = min(d, k + oversample)
+    dtype = compute_dtype(X)
     rng = np.random.default_rng(random_state)
     Q, _ = np.linalg.qr(rng.standard_normal((d, block)))
-    previous = None
+    previous, centre = None, mean.astype(dtype)
     for it in range(1, max_iter + 1):
         Z = np.zeros((d, block))
-        for chunk in iter_chunks(X, chunk_rows):
-            A = (chunk - mean) / scale
-            Z += A.T @ (A @ Q)
+        Qs = (Q / scale[:, None]).astype(dtype)
+        for chunk in iter_chunks(X, chunk_rows, dtype=dtype):
+            chunk -= centre
+            Z += chunk.T @ (chunk @ Qs)
+        Z /= scale[:, None]
         # Rayleigh-Ritz: the best approximations to C's eigenpairs within span(Q)
         theta, U = np.linalg.eigh(Q.T @ Z)
         order = np.argsort(theta)[::-1]
@@ -162,11 +173,17 @@ class SubspaceScorer(BaseEstimator):
             raise ValueError(f"X has {X.shape[1]} features, but the scorer was fitted on {self.n_features_in_}")
         weights = self.singular_values_ if self.weighted else np.ones(self.n_components)
 
-        def score(chunk):
-            proj = ((chunk - self.mean_) / self.scale_) @ self.components_.T  # (n, k)
+        if not is_out_of_core(X):  # in memory: float64, as the fit
+            proj = ((X - self.mean_) / self.scale_) @ self.components_.T  # (n, k)
             return (proj**2 * weights).mean(axis=1)
-
-        return map_chunks(score, X, self.chunk_rows) if n_rows(X) else np.zeros(0)
+        dtype = compute_dtype(X)
+        centre, W = self.mean_.astype(dtype), (self.components_ / self.scale_).T.astype(dtype)
+        parts = []
+        for chunk in iter_chunks(X, self.chunk_rows, dtype=dtype):
+            chunk -= centre
+            proj = (chunk @ W).astype(np.float64)
+            parts.append((proj**2 * weights).mean(axis=1))
+        return np.concatenate(parts) if parts else np.zeros(0)
 
     def decision_function(self, X) -> np.ndarray:
         return self.score_samples(X)
