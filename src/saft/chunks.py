@@ -80,9 +80,10 @@ class Columns:
 
 
 class NpyMatrix:
-    """A 2-d `.npy` file read by explicit reads, never mapped: memory stays at one chunk however large the file."""
+    """A 2-d `.npy` file read by explicit reads, never mapped: memory stays at one chunk however large the file.
+    `rows` reads only the first rows."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, rows: int | None = None):
         self.path = Path(path)
         shape, fortran, dtype, self.offset = npy_header(self.path)
         if fortran or len(shape) != 2:
@@ -91,6 +92,8 @@ class NpyMatrix:
         expected = self.offset + self.shape[0] * self.shape[1] * self.dtype.itemsize
         if os.path.getsize(self.path) != expected:
             raise ValueError(f"{self.path} is truncated or padded: {os.path.getsize(self.path)} bytes, expected {expected}")
+        if rows is not None:
+            self.shape = (min(rows, self.shape[0]), self.shape[1])
 
     def __len__(self) -> int:
         return self.shape[0]
