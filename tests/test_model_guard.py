@@ -12,7 +12,7 @@ from test_guard import weights_file
 from saft import FilterConfig, extract_features, filter_dataset
 from saft.detectors import detector_positions, get_detector, get_spec
 from saft.encoders import ENCODER_VERSION, sentence_cache_path
-from saft.features import cache_key, feature_manifest
+from saft.features import feature_manifest
 
 
 def view(rng, n, *, harmful_every=4, shift=0.0):
@@ -126,7 +126,7 @@ def test_shipped_views_are_placed_only_for_their_manifest(tiny, tmp_path):
     assert not R.place_shipped_views(model, tok, samples[1:], positions=["prompt_last", "response_mean"], layer=2,
                                      max_length=64, cache_dir=other, shipped=shipped)
     assert not other.exists() or not any(other.iterdir())
-    assert not (cache / cache_key(manifest)).exists()
+    assert not (cache / "rows-v2").exists()
     assert R.place_shipped_views(model, tok, samples, positions=["prompt_last", "response_mean"], **kw)
     feats = extract_features(model, tok, samples, layers=[2], positions=["prompt_last", "response_mean"],
                              max_length=64, cache_dir=cache, progress=False)

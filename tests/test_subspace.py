@@ -39,7 +39,8 @@ def test_sklearn_conventions():
     X, _ = planted(n=50, d=8)
     sc = SubspaceScorer(n_components=2)
     assert sc.fit(X) is sc and sc.components_.shape == (2, 8) and sc.mean_.shape == (8,)
-    assert clone(sc).get_params() == {"n_components": 2, "weighted": False, "standardize": False}
+    assert clone(sc).get_params() == {"n_components": 2, "weighted": False, "standardize": False, "solver": "auto",
+                                      "max_in_memory": 50_000_000, "chunk_rows": 8192}
     with pytest.raises(ValueError, match="n_components must be an integer in 1..8"):
         SubspaceScorer(n_components=9).fit(X)
     with pytest.raises(ValueError, match="fitted on 8"):
@@ -59,3 +60,41 @@ def test_standardize_finds_a_signal_hidden_by_a_huge_dimension():
     plain = SubspaceScorer(n_components=1).fit(X).score_samples(X)
     scaled = SubspaceScorer(n_components=1, standardize=True).fit(X).score_samples(X)
     assert roc_auc_score(y, plain) < 0.6 < 0.95 < roc_auc_score(y, scaled)
+
+
+def hidden_like(n=3000, d=96, seed=3):
+    """Rows like a residual stream: a large mean, a few huge columns, a decaying spectrum and noise."""
+    rng = np.random.default_rng(seed)
+    scales = 6.0 * 0.7 ** np.arange(12)
+    X = 5.0 + rng.normal(size=(n, 12)) * scales @ np.linalg.qr(rng.normal(size=(d, 12)))[0].T
+    X += rng.normal(size=(n, d))
+    X[:, :3] *= 40.0
+    return X
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("weighted,standardize", [(False, False), (True, False), (False, True)])
+def test_streaming_svd_matches_numpys_within_1e4(k, weighted, standardize, tmp_path):
+    from saft.chunks import NpyMatrix
+
+    X = hidden_like()
+    full = SubspaceScorer(n_components=k, weighted=weighted, standardize=standardize, solver="full").fit(X)
+    np.save(tmp_path / "x.npy", X.astype(np.float32))
+    disk = NpyMatrix(tmp_path / "x.npy")
+    for source, solver in [(X, "streaming"), (disk, "auto")]:
+        st = SubspaceScorer(n_components=k, weighted=weighted, standardize=standardize, solver=solver,
+                            chunk_rows=700).fit(source)
+        assert st.n_iter_ > 1  # it streamed, in several passes
+        ref = full.score_samples(X)
+        # float32 on disk rounds the inputs by ~1e-7 relative; the scores agree to 1e-4 of their scale
+        np.testing.assert_allclose(st.score_samples(source), ref, atol=1e-4 * ref.max(), rtol=1e-4)
+        np.testing.assert_allclose(st.singular_values_, full.singular_values_, rtol=1e-5)
+        np.testing.assert_allclose(np.abs(st.components_ @ full.components_.T), np.eye(k), atol=1e-4)
+
+
+def test_auto_solver_streams_only_what_memory_should_not_hold():
+    X = hidden_like(n=400, d=20)
+    assert SubspaceScorer(n_components=2).fit(X).n_iter_ == 0
+    assert SubspaceScorer(n_components=2, max_in_memory=1000).fit(X).n_iter_ > 0
+    with pytest.raises(ValueError, match="solver must be one of"):
+        SubspaceScorer(solver="magic").fit(X)

@@ -9,8 +9,8 @@ written by a safety-tuned Llama-2-chat, MIT; see `guard_rows_README.md`).
 Their hidden states depend on the model, so they are computed at run time and cached like a pool's. That costs
 about 15 CPU minutes with the 135M embedded model (measured: 907 s), so the embedded model's features of these
 rows at its default settings ship too (`guard_rows_v1_embedded.npz`, float16, with the feature manifest they were
-computed under, and the sentence view). `reference_view` places them in the feature cache only where
-`extract_features` would look for exactly that manifest (same weights fingerprint, layer, positions, maximum
+computed under, and the sentence view). `reference_view` puts them into the feature store only when
+`extract_features` would compute exactly that manifest (same weights fingerprint, layer, positions, maximum
 length and tokenised rows); any other model or setting computes its own.
 """
 
@@ -24,9 +24,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .data import Sample, atomic_open, write_json
+from .data import Sample, atomic_open
 from .encoders import sentence_cache_path
-from .features import cache_key, feature_manifest
+from .features import feature_manifest, store_features
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ def reference_samples(path: str | Path | None = None) -> list[Sample]:
 
 def place_shipped_views(model, tokenizer, samples: Sequence[Sample], *, layer, positions: Sequence[str],
                         max_length: int, cache_dir: str | Path, shipped: str | Path | None = None) -> bool:
-    """Copy the shipped sentence view and hidden states of the guard's rows into `cache_dir`, where
-    `sentence_features` and `extract_features` will find them, when they were computed for exactly these rows
+    """Copy the shipped sentence view and hidden states of the guard's rows into `cache_dir` (the sentence cache
+    and the feature store), where `sentence_features` and `extract_features` will find them, when they were computed for exactly these rows
     (and, for the hidden states, this model and these settings). Returns whether the hidden states matched."""
     shipped = Path(shipped) if shipped else SHIPPED_FILE
     if not shipped.exists():
@@ -64,12 +64,10 @@ def place_shipped_views(model, tokenizer, samples: Sequence[Sample], *, layer, p
         if manifest != meta["manifest"]:
             logger.info("the shipped features of the guard's rows are for another model or setting: computing them")
             return False
-        folder = Path(cache_dir) / cache_key(manifest)
-        if not (folder / "features.npy").exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            write_json(manifest, folder / "manifest.json")
-            with atomic_open(folder / "features.npy", "wb") as f:
-                np.save(f, z["hidden"].astype(np.float32))
+        written = store_features(model, tokenizer, samples, z["hidden"], layers=manifest["layers"],
+                                 positions=manifest["positions"], max_length=max_length, cache_dir=cache_dir)
+        if written:
+            logger.info("placed the shipped features of %d guard rows in the feature store", written)
     return True
 
 

@@ -32,6 +32,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_array, check_is_fitted
 
+from ..chunks import is_out_of_core, map_chunks, n_rows
 from .base import ContaminationEstimate
 
 GUARD_FILE = Path(__file__).resolve().parent.parent / "guard_minilm_v1.json"
@@ -43,17 +44,22 @@ def check_kernel(kernel: str) -> None:
         raise ValueError(f"the guard's kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
 
 
-def decision(model: dict, X: np.ndarray) -> np.ndarray:
+def decision(model: dict, X) -> np.ndarray:
     """A shipped model's decision function on X: linear (coef, intercept), or a fitted RBF SVC's kernel expansion
-    over its support vectors."""
+    over its support vectors. X may be a chunked source (`saft.chunks`)."""
     if "coef" in model:
-        return X @ model["coef"] + model["intercept"]
+        return map_chunks(lambda c: c @ model["coef"] + model["intercept"], X, 4096)
     from sklearn.metrics.pairwise import rbf_kernel
 
     # In blocks of rows: the kernel matrix of a whole large pool (rows x ~1000 support vectors) would not fit.
     sv, gamma = model["support_vectors"], model["gamma"]
-    out = [rbf_kernel(X[i:i + 4096], sv, gamma=gamma) @ model["dual_coef"] for i in range(0, len(X), 4096)]
-    return (np.concatenate(out) if out else np.zeros(0)) + model["intercept"]
+    return map_chunks(lambda c: rbf_kernel(c, sv, gamma=gamma) @ model["dual_coef"], X, 4096) + model["intercept"]
+
+
+def check_rows(X):
+    """X validated without copying: a chunked source as it is, an array as float32 or float64 (a pool's float32
+    view is converted a block at a time, not all at once)."""
+    return X if is_out_of_core(X) else check_array(X, dtype=[np.float64, np.float32])
 
 
 class GuardScorer(BaseEstimator):
@@ -131,7 +137,7 @@ class GuardScorer(BaseEstimator):
         return model, folds
 
     def fit(self, X, y=None):
-        X = check_array(X, dtype=np.float64)
+        X = check_rows(X)
         self.load_weights()
         if X.shape[1] != len(self.coef_):
             raise ValueError(f"the guard reads the sentence-encoder view ({len(self.coef_)} columns) but got "
@@ -143,12 +149,12 @@ class GuardScorer(BaseEstimator):
         """Decision value for harmful (log-odds for the linear kernel): higher = more suspicious; > 0 means the
         guard flags the sample."""
         check_is_fitted(self, "coef_")
-        return decision(self.model_, check_array(X, dtype=np.float64))
+        return decision(self.model_, check_rows(X))
 
     def fold_decisions(self, X) -> list[np.ndarray]:
         """Decision values of each of the estimate's fold models (compare with their "threshold")."""
         check_is_fitted(self, "coef_")
-        X = check_array(X, dtype=np.float64)
+        X = check_rows(X)
         return [decision(f, X) for f in self.estimate_models_]
 
     def contamination_estimate(self, X) -> ContaminationEstimate:
@@ -160,12 +166,12 @@ class GuardScorer(BaseEstimator):
         return ContaminationEstimate(value, se)
 
     def _estimate(self, X) -> tuple[float, float]:
-        X = check_array(X, dtype=np.float64)
+        X = check_rows(X)
         estimates, errors = [], []
         for f, z in zip(self.estimate_models_, self.fold_decisions(X)):
             tpr, fpr = f["tpr"], f["fpr"]
             flagged = float((z > f["threshold"]).mean())
-            se = float(np.sqrt(flagged * (1 - flagged) / len(X)))
+            se = float(np.sqrt(flagged * (1 - flagged) / n_rows(X)))
             if tpr - fpr <= 0:  # a model that cannot separate: fall back to the raw flagged share
                 estimates.append(flagged)
                 errors.append(se)

@@ -17,6 +17,11 @@ A student (`saft.detectors.student`) then learns from the classifier's surest ca
 the hidden states at the first position, which corrects errors the outside rows cannot (task data that looks
 nothing like them). The score is the sum of the two standardised scores.
 
+Pools beyond memory: X may be a chunked source (`saft.chunks`); the classifier and the guard score it a block at
+a time, and the pool PCA and the student are fitted on a seeded random sample of at most `max_fit_values` values
+(rows x hidden width: 34k rows of the embedded model's 576, 4.9k of a 7B model's 4096; every row of a smaller
+pool), so memory is bounded by the sample, not the pool.
+
 The contamination estimate is the packaged guard's (`GuardScorer`, on the sentence columns), whose adjusted count
 was tuned for its classifier; the same count from this classifier's fold models was no closer to the truth on the
 benchmark pools (BeaverTails 30%: 0.42 against the guard's 0.39, truth 0.32).
@@ -32,9 +37,36 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from sklearn.utils.validation import check_array, check_is_fitted
 
+from ..chunks import Columns, is_out_of_core, map_chunks, n_rows, take
 from .base import ContaminationEstimate
 from .guard import GuardScorer
 from .student import combine, teach_student
+
+
+def fit_rows(n: int, max_rows: int, seed: int = 0) -> np.ndarray:
+    """Every row of a pool of at most `max_rows`, else a sorted random sample of `max_rows` of them."""
+    if n <= max_rows:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False))
+
+
+def fit_pool_student(H, teacher: np.ndarray, estimate: float, *, n_components: int, max_fit_rows: int, C: float,
+                     safe_share: float, estimate_scale: float, min_harmful: int):
+    """The pool-side steps of guard-model: standardise + PCA of the hidden states H, and the student taught by
+    the teacher's pool scores, both fitted on `fit_rows` of the pool. Returns (rows, components, (pseudo-labels,
+    student, stats))."""
+    rows = fit_rows(n_rows(H), max_fit_rows)
+    H_fit = take(H, rows)
+    k = max(min(n_components, len(rows) - 1, H_fit.shape[1]), 1)
+    components = make_pipeline(StandardScaler(), PCA(n_components=k, random_state=0)).fit(H_fit)
+    taught = teach_student(np.asarray(teacher)[rows], components.transform(H_fit), estimate, C=C,
+                           safe_share=safe_share, estimate_scale=estimate_scale, min_harmful=min_harmful)
+    return rows, components, taught
+
+
+def score_pool_student(H, components, student, chunk_rows: int = 8192) -> np.ndarray:
+    """The student's decision function on every row of H, a chunk at a time."""
+    return map_chunks(lambda c: student.decision_function(components.transform(c)), H, chunk_rows)
 
 
 class ModelGuardScorer(BaseEstimator):
@@ -61,11 +93,18 @@ class ModelGuardScorer(BaseEstimator):
     weights : str or None, default=None
     kernel : {"rbf", "linear"}, default="rbf"
         The packaged guard whose contamination estimate sizes the student's harmful rows and the estimate rule.
+    max_fit_values : int, default=20_000_000
+        The most values (rows x hidden width, 160 MB of float64) the PCA and the student are fitted on: a seeded
+        random sample of max_fit_values // width rows beyond it.
+
+    Attributes beyond the fitted parts: `fit_rows_`, the pool rows the PCA and student were fitted on, which
+    `pseudo_labels_` labels.
     """
 
     def __init__(self, positions: tuple[str, ...] = ("prompt_last", "response_mean"), C: float = 1.0,
                  student_C: float = 0.1, safe_share: float = 0.5, estimate_scale: float = 1.0, min_harmful: int = 10,
-                 n_components: int = 64, weights: str | None = None, kernel: str = "rbf"):
+                 n_components: int = 64, weights: str | None = None, kernel: str = "rbf",
+                 max_fit_values: int = 20_000_000):
         self.positions = positions
         self.C = C
         self.student_C = student_C
@@ -75,6 +114,7 @@ class ModelGuardScorer(BaseEstimator):
         self.n_components = n_components
         self.weights = weights
         self.kernel = kernel
+        self.max_fit_values = max_fit_values
 
     def _split(self, X):
         """(sentence-encoder columns, hidden states at the first position) of X."""
@@ -84,10 +124,15 @@ class ModelGuardScorer(BaseEstimator):
             raise ValueError(f"label-free reads the sentence-encoder view ({width} columns) followed by the "
                              f"model's hidden states at {len(self.positions)} positions ({', '.join(self.positions)}); "
                              f"got {X.shape[1]} columns")
+        if is_out_of_core(X):
+            return Columns(X, 0, width), Columns(X, width, width + hidden // len(self.positions))
         return X[:, :width], X[:, width:width + hidden // len(self.positions)]
 
+    def _classifier_scores(self, X) -> np.ndarray:
+        return map_chunks(self.classifier_.decision_function, X, 8192)
+
     def fit(self, X, y=None, *, reference_X=None, reference_y=None):
-        X = check_array(X, dtype=np.float64)
+        X = X if is_out_of_core(X) else check_array(X, dtype=[np.float64, np.float32])
         if reference_X is None or reference_y is None:
             raise ValueError("label-free trains on the guard's rows in the model's view: pass reference_X and "
                              "reference_y from saft.reference.reference_view (saft filter does this)")
@@ -102,6 +147,8 @@ class ModelGuardScorer(BaseEstimator):
             raise ValueError(f"safe_share must be between 0 and 1, got {self.safe_share}")
         if min(self.C, self.student_C, self.estimate_scale) <= 0:
             raise ValueError("C, student_C and estimate_scale must be positive")
+        if self.max_fit_values < 2:
+            raise ValueError(f"max_fit_values must be at least 2, got {self.max_fit_values}")
         if X.shape[0] < 2:
             raise ValueError(f"label-free needs at least 2 rows to teach its student, got {X.shape[0]}; "
                              "to score a single sample, use the guard alone (--detector guard)")
@@ -109,21 +156,19 @@ class ModelGuardScorer(BaseEstimator):
         S, H = self._split(X)
         self.classifier_ = make_pipeline(StandardScaler(), SVC(C=self.C, kernel="rbf", gamma="scale",
                                                                class_weight="balanced")).fit(reference_X, reference_y)
-        k = max(min(self.n_components, X.shape[0] - 1, H.shape[1]), 1)
-        self.components_ = make_pipeline(StandardScaler(), PCA(n_components=k, random_state=0)).fit(H)
-        self.pseudo_labels_, self.student_, self.stats_ = teach_student(
-            self.classifier_.decision_function(X), self.components_.transform(H), self.guard_.contamination_estimate(S).value,
-            C=self.student_C, safe_share=self.safe_share, estimate_scale=self.estimate_scale,
-            min_harmful=self.min_harmful)
+        self.fit_rows_, self.components_, (self.pseudo_labels_, self.student_, self.stats_) = fit_pool_student(
+            H, self._classifier_scores(X), self.guard_.contamination_estimate(S).value, n_components=self.n_components,
+            max_fit_rows=max(2, self.max_fit_values // H.shape[1]), C=self.student_C, safe_share=self.safe_share,
+            estimate_scale=self.estimate_scale, min_harmful=self.min_harmful)
         self.n_features_in_ = X.shape[1]
         return self
 
     def part_scores(self, X) -> tuple[np.ndarray, np.ndarray]:
         """(classifier score, student score) of X, unscaled: the labelled detector weighs the two with labels."""
         check_is_fitted(self, "student_")
-        X = check_array(X, dtype=np.float64)
+        X = X if is_out_of_core(X) else check_array(X, dtype=[np.float64, np.float32])
         _, H = self._split(X)
-        return self.classifier_.decision_function(X), self.student_.decision_function(self.components_.transform(H))
+        return self._classifier_scores(X), score_pool_student(H, self.components_, self.student_)
 
     def hidden_block(self, X) -> np.ndarray:
         """The hidden states at the first position (the student's input) of X."""
@@ -136,4 +181,5 @@ class ModelGuardScorer(BaseEstimator):
     def contamination_estimate(self, X) -> ContaminationEstimate:
         """The packaged guard's label-free estimate (from the sentence-encoder columns of X)."""
         check_is_fitted(self, "student_")
-        return self.guard_.contamination_estimate(self._split(check_array(X, dtype=np.float64))[0])
+        X = X if is_out_of_core(X) else check_array(X, dtype=[np.float64, np.float32])
+        return self.guard_.contamination_estimate(self._split(X)[0])

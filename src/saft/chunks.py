@@ -1,0 +1,122 @@
+"""Row-chunked access to feature matrices that may not fit in memory.
+
+Detectors that must scale past memory read their input through three functions: `n_rows`, `iter_chunks` (rows
+in order, a bounded block at a time) and `take` (chosen rows). They accept an in-memory array, or any object with
+`shape`, `iter_chunks(size)` and `take(indices)`: a `saft.features.FeatureMatrix` (rows in the feature store's
+memory-mapped shards) or an `NpyMatrix` (a `.npy` file on disk). Neither keeps what it has read mapped, so a pass
+over a matrix of any size holds one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+CHUNK_ROWS = 8192
+
+
+def is_out_of_core(X) -> bool:
+    """True for a matrix read by chunks (an object with `iter_chunks`) or a memory map."""
+    return hasattr(X, "iter_chunks") or isinstance(X, np.memmap)
+
+
+def n_rows(X) -> int:
+    return int(X.shape[0])
+
+
+def iter_chunks(X, size: int = CHUNK_ROWS, *, dtype=np.float64) -> Iterator[np.ndarray]:
+    """Consecutive row blocks of X (at most `size` rows each) as in-memory arrays of `dtype` (None: X's own).
+    Each block is the caller's own (never a view of an in-memory X), so it may be modified in place."""
+    if hasattr(X, "iter_chunks"):  # these read fresh arrays from disk
+        for chunk in X.iter_chunks(size):
+            yield np.asarray(chunk, dtype=dtype)
+        return
+    for start in range(0, X.shape[0], size):
+        yield np.array(X[start:start + size], dtype=dtype, copy=True)
+
+
+def take(X, indices, *, dtype=np.float64) -> np.ndarray:
+    """Rows `indices` of X as an in-memory array of `dtype`."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if hasattr(X, "take") and not isinstance(X, np.ndarray):
+        return np.asarray(X.take(indices), dtype=dtype)
+    return np.asarray(X[indices], dtype=dtype)
+
+
+def map_chunks(fn, X, size: int = CHUNK_ROWS) -> np.ndarray:
+    """`fn` applied to each row block of X, the results concatenated: a chunked decision function."""
+    parts = [fn(chunk) for chunk in iter_chunks(X, size)]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def npy_header(path: str | os.PathLike) -> tuple[tuple, bool, np.dtype, int]:
+    """(shape, fortran order, dtype, data offset) of a `.npy` file, from its header alone."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        return tuple(shape), fortran, np.dtype(dtype), f.tell()
+
+
+class Columns:
+    """Columns `start:stop` of a chunked source, itself a chunked source (a view's block of columns)."""
+
+    def __init__(self, X, start: int, stop: int):
+        self.X, self.start, self.stop = X, start, stop
+        self.shape = (X.shape[0], stop - start)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def iter_chunks(self, size: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
+        for chunk in iter_chunks(self.X, size, dtype=None):
+            yield chunk[:, self.start:self.stop]
+
+    def take(self, indices) -> np.ndarray:
+        return take(self.X, indices, dtype=None)[:, self.start:self.stop]
+
+
+class NpyMatrix:
+    """A 2-d `.npy` file read by explicit reads, never mapped: memory stays at one chunk however large the file.
+    `rows` reads only the first rows."""
+
+    def __init__(self, path: str | os.PathLike, rows: int | None = None):
+        self.path = Path(path)
+        shape, fortran, dtype, self.offset = npy_header(self.path)
+        if fortran or len(shape) != 2:
+            raise ValueError(f"{self.path}: expected a C-ordered 2-d array, got shape {shape}")
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        expected = self.offset + self.shape[0] * self.shape[1] * self.dtype.itemsize
+        if os.path.getsize(self.path) != expected:
+            raise ValueError(f"{self.path} is truncated or padded: {os.path.getsize(self.path)} bytes, expected {expected}")
+        if rows is not None:
+            self.shape = (min(rows, self.shape[0]), self.shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, f, start: int, stop: int) -> np.ndarray:
+        row = self.shape[1] * self.dtype.itemsize
+        f.seek(self.offset + start * row)
+        return np.fromfile(f, dtype=self.dtype, count=(stop - start) * self.shape[1]).reshape(stop - start, self.shape[1])
+
+    def iter_chunks(self, size: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
+        with open(self.path, "rb") as f:
+            for start in range(0, self.shape[0], size):
+                yield self._read(f, start, min(start + size, self.shape[0]))
+
+    def take(self, indices) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), self.shape[1]), dtype=self.dtype)
+        order = np.argsort(indices, kind="stable")
+        with open(self.path, "rb") as f:
+            for j in order:  # ascending offsets: one seek per row, read in file order
+                out[j] = self._read(f, indices[j], indices[j] + 1)[0]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        arr = np.concatenate(list(self.iter_chunks())) if self.shape[0] else np.zeros(self.shape, self.dtype)
+        return arr if dtype is None else arr.astype(dtype)
