@@ -31,13 +31,13 @@ from .metrics import detection_metrics
 from .models import EMBEDDED, default_cache_dir, load_model
 from .reference import reference_view
 from .select import (
-    PRIOR_WEIGHT, Selection, draw_labeled, select_by_f1, select_calibrated, select_estimate, select_fraction, select_mixture,
-    select_threshold,
+    PRIOR_WEIGHT, Selection, draw_labeled, select_by_f1, select_calibrated, select_certified, select_estimate,
+    select_fraction, select_mixture, select_threshold,
 )
 
 logger = logging.getLogger(__name__)
 
-RULES = ("auto", "f1", "calibrated", "estimate", "fraction", "threshold", "mixture", "none")
+RULES = ("auto", "f1", "calibrated", "estimate", "fraction", "threshold", "mixture", "certify", "none")
 LABEL_FREE = "guard-model"  # what `auto` runs without labels (benchmarks/RESULTS.md, pool-seeds)
 LABELLED = "guard-model-probe"  # what `auto` runs with labels (benchmarks/RESULTS.md, calibrated-prior)
 
@@ -64,6 +64,9 @@ class FilterConfig:
     n_thresholds: int = field(default=100, metadata={"help": "evenly spaced threshold candidates for the f1 rule"})
     fraction: float | None = field(default=None, metadata={"help": "removal fraction for the fraction rule"})
     threshold: float | None = field(default=None, metadata={"help": "harm_score threshold for the threshold rule"})
+    certify: float | None = field(default=None, metadata={"help": "certify the kept set: keep the most rows whose share harmful is at most this ALPHA with probability 1 - delta, from --labels-file holding a uniformly random sample of the pool's rows (saft label --random); refuses, saying why, when no cutoff can be certified. Needs a label-free detector (auto: the label-free default)"})
+    delta: float = field(default=0.1, metadata={"help": "--certify: the chance that the certificate is wrong, over the draw of the labelled rows"})
+    certify_stratum_field: str | None = field(default=None, metadata={"help": "--certify: a row field naming each row's stratum, decided without the labels (e.g. harmful-looking and benign-looking prompts); each stratum gets its own cutoff at ALPHA, at delta / strata each"})
     seed: int = field(default=0, metadata={"help": "seed of the label draw"})
     cache_dir: str | None = field(default=None, metadata={"help": "cache for converted models and features (default ~/.cache/saft or $SAFT_CACHE)"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)"})
@@ -78,6 +81,17 @@ class FilterConfig:
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
         check_kernel(self.guard_kernel)
+        if self.certify is not None:
+            if not 0 < self.certify <= 1:
+                raise ValueError(f"--certify takes the largest share harmful allowed in the kept set, in (0, 1]; got {self.certify}")
+            if not 0 < self.delta < 1:
+                raise ValueError(f"--delta must be in (0, 1), got {self.delta}")
+            if self.detector in NEEDS_LABELS:
+                raise ValueError(f"--certify needs a label-free detector (the scores must not depend on the labels "
+                                 f"that test them); {self.detector!r} trains on labels")
+            self.rule = "certify"
+        elif self.rule == "certify":
+            raise ValueError("the certify rule needs --certify ALPHA")
         if self.rule == "auto" and self.detector != "auto":
             self.rule = default_rule(self.detector)
         if self.rule == "estimate" and self.detector != "auto" and not hasattr(DETECTORS[self.detector], "contamination_estimate"):
@@ -111,9 +125,32 @@ def resolve_auto(config: FilterConfig, *, n_labelled: int, labels_file: bool) ->
     if detector == "auto":
         detector = LABELLED if labels_file or n_labelled >= config.n_labels else LABEL_FREE
     rule = config.rule
-    if config.detector == "auto" and rule == "estimate" and detector == LABELLED:
+    if config.detector == "auto" and rule in ("estimate", "certify") and detector == LABELLED:
         detector = LABEL_FREE  # an explicit label-free rule keeps the detector label-free
     return dataclasses.replace(config, detector=detector, rule=rule)
+
+
+def pool_positions(dataset: Dataset, labels_ds: Dataset) -> list[int]:
+    """Positions in `dataset` of the rows of `labels_ds`, matched by id, else by prompt and response; every row
+    must be a pool row, and none chosen by score (`saft label` without --random)."""
+    by_id = {s.id: i for i, s in enumerate(dataset.samples)}
+    by_text = {(s.prompt, s.response): i for i, s in enumerate(dataset.samples)}
+    out = []
+    for s, row in zip(labels_ds.samples, labels_ds.rows):
+        where = f"{labels_ds.path}, row {s.meta['line']}"
+        if isinstance(row, dict) and row.get("selection") == "chosen":
+            raise ValueError(f"{where}: chosen by score (saft label without --random), not drawn at random; the "
+                             "certificate needs a uniformly random sample: saft label DATA -o FILE --random")
+        i = by_id.get(s.id) if isinstance(row, dict) and "id" in row else None
+        if i is None or (dataset.samples[i].prompt, dataset.samples[i].response) != (s.prompt, s.response):
+            i = by_text.get((s.prompt, s.response))
+        if i is None:
+            raise ValueError(f"{where}: not a row of {dataset.path} (no row with its id or its prompt and "
+                             "response); the certificate needs labels on the pool's own rows")
+        out.append(i)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{labels_ds.path}: a pool row is labelled twice; a random sample has each row once")
+    return out
 
 
 @dataclass
@@ -190,6 +227,20 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
                                           **calibrated_prior(scorers[k], X, config.prior_weight))
         elif config.rule == "estimate":
             selection = select_estimate(scores, **own_estimate(scorers[k], X))
+        elif config.rule == "certify":
+            if labels_ds is None:
+                raise ValueError("--certify needs --labels-file: labels on a uniformly random sample of the pool "
+                                 "(saft label DATA -o labels.jsonl --random -n 400)")
+            positions = pool_positions(dataset, labels_ds)
+            strata = None
+            if config.certify_stratum_field:
+                name = config.certify_stratum_field
+                missing = next((s.meta["line"] for s, row in zip(dataset.samples, dataset.rows) if name not in row), None)
+                if missing is not None:
+                    raise ValueError(f"{dataset.path}, row {missing}: no field {name!r} (--certify-stratum-field)")
+                strata = [str(row[name]) for row in dataset.rows]
+            selection = select_certified(scores, positions, labels_ds.labels, alpha=config.certify,
+                                         delta=config.delta, strata=strata)
         else:
             selection = Selection(np.zeros(len(scores), dtype=bool), float("inf"), "none", {})
     scores = pool_scores[k]
