@@ -85,8 +85,12 @@ def evaluate_pool(name: str, samples, *, draws: int) -> dict:
                             "estimate_error": float(np.mean(est_errs)) if est_errs else None,
                             "draws": len(errs), "refused": failed}
     a = out["arms"]
-    out["meets_target"] = bool(a["chosen 30"]["count_error"] is not None and a["chosen 30"]["count_error"] <= 0.03
-                               and a["chosen 30"]["count_error"] < a["random 100"]["count_error"])
+    c, r = a["chosen 30"], a["random 100"]
+    out["meets_target"] = bool(c["count_error"] is not None and c["count_error"] <= 0.03
+                               and c["count_error"] < r["count_error"])
+    # the same target for removing the estimated share (the count error is then the estimate's error)
+    out["meets_target_estimated_share"] = bool(c["estimate_error"] is not None and c["estimate_error"] <= 0.03
+                                               and c["estimate_error"] < r["estimate_error"])
     return out
 
 
@@ -112,7 +116,7 @@ def _cell(c: dict) -> str:
     if c["count_error"] is None:
         return "refused"
     extra = f" ({c['refused']} refused)" if c["refused"] else ""
-    return f"{c['count_error']:.3f} / {c['count_error_max']:.3f}{extra}"
+    return f"{c['count_error']:.3f} / {c['count_error_max']:.3f} / {c['estimate_error']:.3f}{extra}"
 
 
 def render(result: dict, plots_dir: Path) -> str:
@@ -120,19 +124,23 @@ def render(result: dict, plots_dir: Path) -> str:
              f"Scores: {result['detector']}; calibrated rule with the prior worth {result['prior_weight']:g} labels. "
              f"{result['draws']} draws per labelled arm. {result['seconds']:.0f} s (CPU shared with other jobs). "
              f"Versions: {result['versions']}.", "",
-             "Cells: removal-count error |removed - harmful| / rows, mean / worst over the draws (the chosen rows "
-             "differ by the random pick inside each stratum).", "",
-             "| pool | rows | truth | guard estimate | " + " | ".join(ARMS) + " | target met |",
-             "|---|---|---|---|" + "---|" * len(ARMS) + "---|"]
+             "Cells: removal-count error |removed - harmful| / rows of the calibrated rule (the expected-F1 optimum), "
+             "mean / worst over the draws (the chosen rows differ by the random pick inside each stratum) / mean "
+             "error of its contamination estimate, which is the removal-count error of removing the estimated "
+             "share instead.", "",
+             "| pool | rows | truth | guard estimate | " + " | ".join(ARMS) + " | target met (F1 rule) | target met (estimated share) |",
+             "|---|---|---|---|" + "---|" * len(ARMS) + "---|---|"]
     for r in result["pools"]:
         lines.append(f"| {r['pool']} | {r['rows']} | {r['truth']:.3f} | {r['prior']:.3f} | "
-                     + " | ".join(_cell(r["arms"][a]) for a in ARMS) + f" | {'yes' if r['meets_target'] else 'no'} |")
+                     + " | ".join(_cell(r["arms"][a]) for a in ARMS) + f" | {'yes' if r['meets_target'] else 'no'} | {'yes' if r['meets_target_estimated_share'] else 'no'} |")
     met = [r["pool"] for r in result["pools"] if r["meets_target"]]
+    met_share = [r["pool"] for r in result["pools"] if r["meets_target_estimated_share"]]
     ratio = [r["arms"]["chosen 30"]["count_error"] / max(r["arms"]["random 100"]["count_error"], 1e-9)
              for r in result["pools"] if r["arms"]["chosen 30"]["count_error"] is not None]
     lines += ["", f"Chosen 30 meets the target (<= 0.03 and below random 100) on {len(met)} of {len(result['pools'])} "
               f"pools ({', '.join(met) or 'none'}); its error is {np.mean(ratio):.2f} times random 100's on average "
-              f"(range {min(ratio):.2f}-{max(ratio):.2f}). Chosen labels are for the calibrated rule's removed count; "
+              f"(range {min(ratio):.2f}-{max(ratio):.2f}). Removing the estimated share instead, chosen 30 meets it on "
+              f"{len(met_share)} ({', '.join(met_share) or 'none'}). Chosen labels are for the calibrated rule's removed count; "
               "they carry no guarantee (that needs a random sample: the certify suite)."]
     return "\n".join(lines)
 

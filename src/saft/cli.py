@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder for the outputs (created if missing)")
         if name in ("score", "filter", "demo"):
             p.add_argument("--report", action="store_true", help="also write report.html, an audit report for a browser")
-            _add_config_options(p, FilterConfig, "scoring and selection", skip=("rule",) if name == "score" else ())
+            _add_config_options(p, FilterConfig, "scoring and selection", skip=("rule", "certify", "delta", "certify_stratum_field") if name == "score" else ())
         elif name == "finetune":
             _add_config_options(p, FinetuneConfig, "fine-tuning")
         elif name == "evaluate":
