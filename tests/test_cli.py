@@ -161,7 +161,7 @@ def test_retired_detector_and_rule_names_are_explained(tiny_model_dir, tmp_path,
     assert "rule must be auto or one of" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["filter", "score", "demo", "finetune", "evaluate", "experiment"])
+@pytest.mark.parametrize("command", ["filter", "score", "label", "demo", "finetune", "evaluate", "experiment"])
 def test_help_is_short_and_grouped(command, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     with pytest.raises(SystemExit):

@@ -19,6 +19,9 @@ EXAMPLES = {
                "  saft filter data.jsonl -o out/ --detector subspace   # the paper's method: k and tau by F1 on 100 labels\n"
                "  saft filter data.csv -o out/ --rule fraction --fraction 0.1\n"
                "  saft filter chats.parquet -o out/ --layer 20 --labels-file labelled.jsonl"),
+    "label": ("examples:\n  saft label data.jsonl -o labels.jsonl          # 30 rows chosen by the guard's scores, for --labels-file\n"
+              "  saft label data.jsonl -o sample.jsonl --random -n 400   # a random sample, for --certify\n"
+              "keys: h harmful, s safe, k skip, u undo, q quit; answers are saved at once, rerun to resume"),
     "demo": ("example:\n  saft demo -o saft-demo-out      # filters the packaged demo set with the default detector,\n"
              "                                  # and with the paper's method on the embedded model (in paper/)"),
     "finetune": "example:\n  saft finetune out/kept.jsonl -o ft/ --epochs 1 --max-length 128   # writes ft/adapter/",
@@ -30,7 +33,7 @@ EXAMPLES = {
 TYPES = {"layer": str, "n_components": int, "labels_file": str, "fraction": float, "threshold": float,
          "cache_dir": str, "device": str, "dtype": str, "raw_dir": str, "target_modules": str, "arms": str,
          "judges": str, "rates": float, "seeds": int, "k_candidates": int, "limit": int, "adapter": str,
-         "harmful_prompts": str, "benign_file": str}
+         "harmful_prompts": str, "benign_file": str, "certify": float, "certify_stratum_field": str}
 
 
 def _add_config_options(parser: argparse.ArgumentParser, cls, title: str, *, skip: tuple[str, ...] = ()) -> None:
@@ -86,6 +89,7 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
 COMMANDS = {
     "score": "score every sample (nothing removed)",
     "filter": "score and select samples to remove; write kept/removed rows",
+    "label": "label rows in the terminal: chosen ones for --labels-file, or a random sample for --certify",
     "demo": "filter the packaged demo dataset (default detector, and the paper's method on the embedded model)",
     "finetune": "LoRA fine-tuning on a dataset (loss on responses only)",
     "evaluate": "harmfulness and helpfulness of a model or model + adapter",
@@ -112,15 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or log messages")
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                        help="debug logging and third-party progress output")
-        if name in ("score", "filter", "finetune"):
+        if name in ("score", "filter", "finetune", "label"):
             p.add_argument("data", help="JSONL, JSON, CSV or Parquet file, or a saved datasets folder")
             _add_data_options(p)
+        if name == "label":
+            p.add_argument("-o", "--output", required=True, help="labels file (JSONL) to write, or to resume")
+            p.add_argument("-n", type=int, default=30, help="labels to collect (default: 30)")
+            p.add_argument("--random", action="store_true", help="a uniformly random sample (for --certify) instead "
+                           "of rows chosen by the scores (for the calibrated rule)")
+            p.add_argument("--detector", default="guard", help="label-free detector whose scores choose the rows "
+                           "(default: guard, which loads no model)")
+            p.add_argument("--seed", type=int, default=0, help="seed of the choice or of the random sample")
+            p.add_argument("--cache-dir", help="feature cache (default ~/.cache/saft or $SAFT_CACHE)")
+            continue
         default_out = {"demo": "saft-demo-out"}.get(name)
         p.add_argument("-o", "--output-dir", required=default_out is None, default=default_out,
                        help="folder for the outputs (created if missing)")
         if name in ("score", "filter", "demo"):
             p.add_argument("--report", action="store_true", help="also write report.html, an audit report for a browser")
-            _add_config_options(p, FilterConfig, "scoring and selection", skip=("rule",) if name == "score" else ())
+            _add_config_options(p, FilterConfig, "scoring and selection", skip=("rule", "certify", "delta", "certify_stratum_field") if name == "score" else ())
         elif name == "finetune":
             _add_config_options(p, FinetuneConfig, "fine-tuning")
         elif name == "evaluate":
@@ -155,6 +169,8 @@ def _print_summary(summary: dict) -> None:
         se = summary["rule_params"].get("contamination_estimate_se")
         print(f"estimated contamination ({source}): {summary['rule_params']['contamination_estimate']:.3f}"
               + (f" (standard error {se:.3f})" if se is not None else ""))
+    if summary["rule"] == "certify":
+        print(f"certificate: {summary['rule_params']['reason']}")
     if summary["rule"] != "none":
         print(f"rule {summary['rule']}: threshold {summary['threshold']:.6g}; removed {summary['n_removed']}, "
               f"kept {summary['n_kept']}")
@@ -241,6 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("finetune", "evaluate", "experiment"):
             return _run_training_commands(args)
+        if args.command == "label":
+            from .label import label_dataset
+
+            res = label_dataset(Path(args.data), args.output, n=args.n, random=args.random, detector=args.detector,
+                                seed=args.seed, fields=_fields(args), skip_invalid=args.skip_invalid,
+                                progress=not args.quiet, cache_dir=args.cache_dir)
+            print(f"{res.n_labelled} labelled ({res.n_harmful} harmful), {res.n_skipped} skipped: {res.output}")
+            return 0
         config = _from_args(FilterConfig, args, **({"rule": "none"} if args.command == "score" else {}))
         if args.command == "demo":
             result, paper = run_demo(args.output_dir, config=config, progress=not args.quiet, report=args.report)

@@ -54,6 +54,8 @@ class FilterConfig:
                                                                   "rows in the data)"))
     fraction: float | None = field(default=None, metadata=_help("share of rows to remove (--rule fraction)"))
     threshold: float | None = field(default=None, metadata=_help("harm_score above which rows go (--rule threshold)"))
+    certify: float | None = field(default=None, metadata=_help(
+        "keep a set certified at most ALPHA harmful (needs --labels-file of a random sample)"))
     model: str = field(default=EMBEDDED, metadata=_help("hub id or local folder of the model to be fine-tuned"))
     layer: int | str = field(default="middle", metadata=_help("hidden layer read (0 = embeddings; middle = L//2)",
                                                               advanced=True))
@@ -75,6 +77,9 @@ class FilterConfig:
     standardize: bool = field(default=False, metadata=_help("subspace: unit-variance features before the SVD",
                                                             advanced=True))
     n_thresholds: int = field(default=100, metadata=_help("f1 rule: evenly spaced thresholds tried", advanced=True))
+    delta: float = field(default=0.1, metadata=_help("--certify: the chance the certificate is wrong", advanced=True))
+    certify_stratum_field: str | None = field(default=None, metadata=_help(
+        "--certify: a field naming each row's stratum, each certified apart", advanced=True))
     seed: int = field(default=0, metadata=_help("seed of the label draw", advanced=True))
     cache_dir: str | None = field(default=None, metadata=_help("models and features (default ~/.cache/saft or "
                                                                "$SAFT_CACHE)", advanced=True))
@@ -92,6 +97,18 @@ class FilterConfig:
             get_spec(self.detector)  # raises with the list of names and a suggestion
         if self.rule != "auto" and self.rule not in RULES:
             raise ValueError(f"rule must be auto or one of {', '.join(RULES)}, got {self.rule!r}")
+        if self.certify is not None:
+            if not 0 < self.certify <= 1:
+                raise ValueError(f"--certify takes the largest share harmful allowed in the kept set, in (0, 1]; "
+                                 f"got {self.certify}")
+            if not 0 < self.delta < 1:
+                raise ValueError(f"--delta must be in (0, 1), got {self.delta}")
+            self.rule = "certify"
+        elif self.rule == "certify":
+            raise ValueError("the certify rule needs --certify ALPHA")
+        if self.rule != "auto" and RULES[self.rule].label_free and self.detector != "auto" and get_spec(self.detector).labels:
+            raise ValueError(f"the {self.rule} rule needs a label-free detector (its scores must not depend on the "
+                             f"labels); {self.detector!r} trains on labels")
         if self.rule == "auto" and self.detector != "auto":
             self.rule = get_spec(self.detector).rule
         if (self.rule != "auto" and RULES[self.rule].estimate and self.detector != "auto"
@@ -124,10 +141,33 @@ def resolve_auto(config: FilterConfig, *, n_labelled: int, labels_file: bool) ->
     detector = config.detector
     if detector == "auto":
         detector = LABELLED if labels_file or n_labelled >= config.n_labels else LABEL_FREE
-        if config.rule != "auto" and RULES[config.rule].estimate:
+        if config.rule != "auto" and RULES[config.rule].label_free:
             detector = LABEL_FREE  # an explicit label-free rule keeps the detector label-free
     rule = get_spec(detector).rule if config.rule == "auto" else config.rule
     return dataclasses.replace(config, detector=detector, rule=rule)
+
+
+def pool_positions(dataset: Dataset, labels_ds: Dataset) -> list[int]:
+    """Positions in `dataset` of the rows of `labels_ds`, matched by id, else by prompt and response; every row
+    must be a pool row, and none chosen by score (`saft label` without --random)."""
+    by_id = {s.id: i for i, s in enumerate(dataset.samples)}
+    by_text = {(s.prompt, s.response): i for i, s in enumerate(dataset.samples)}
+    out = []
+    for s, row in zip(labels_ds.samples, labels_ds.rows):
+        where = f"{labels_ds.path}, row {s.meta['line']}"
+        if isinstance(row, dict) and row.get("selection") == "chosen":
+            raise ValueError(f"{where}: chosen by score (saft label without --random), not drawn at random; the "
+                             "certificate needs a uniformly random sample: saft label DATA -o FILE --random")
+        i = by_id.get(s.id) if isinstance(row, dict) and "id" in row else None
+        if i is None or (dataset.samples[i].prompt, dataset.samples[i].response) != (s.prompt, s.response):
+            i = by_text.get((s.prompt, s.response))
+        if i is None:
+            raise ValueError(f"{where}: not a row of {dataset.path} (no row with its id or its prompt and "
+                             "response); the certificate needs labels on the pool's own rows")
+        out.append(i)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{labels_ds.path}: a pool row is labelled twice; a random sample has each row once")
+    return out
 
 
 @dataclass
@@ -177,14 +217,28 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
     # Labels: a separate labelled file, or n_labels drawn from the data's labelled rows; only rules and
     # detectors that learn from labels look at them.
     labeled_idx, Xv, val_labels = None, None, None
-    if RULES[config.rule].labels or get_spec(config.detector).labels:
+    if config.rule == "certify":  # the labels test the scores: they must be pool rows, drawn at random
+        if labels_ds is None:
+            raise ValueError("--certify needs --labels-file: labels on a uniformly random sample of the data "
+                             "(saft label DATA -o labels.jsonl --random -n 400)")
+        labeled_idx = np.asarray(pool_positions(dataset, labels_ds))
+        Xv, val_labels = X[labeled_idx], labels_ds.labels
+    elif RULES[config.rule].labels or get_spec(config.detector).labels:
         if labels_ds is not None:
             Xv, val_labels = embed(labels_ds), labels_ds.labels
         else:
             labeled_idx = draw_labeled(dataset.labels, config.n_labels, seed=config.seed)
             Xv, val_labels = X[labeled_idx], [dataset.labels[i] for i in labeled_idx]
+    strata = None
+    if config.certify_stratum_field:
+        name = config.certify_stratum_field
+        missing = next((s.meta["line"] for s, row in zip(dataset.samples, dataset.rows) if name not in row), None)
+        if missing is not None:
+            raise ValueError(f"{dataset.path}, row {missing}: no field {name!r} (--certify-stratum-field)")
+        strata = [str(row[name]) for row in dataset.rows]
     scores, selection, candidate = score_and_select(config, X, labelled_X=Xv, labels=val_labels,
-                                                    labelled_idx=labeled_idx, reference=info["reference"])
+                                                    labelled_idx=labeled_idx, reference=info["reference"],
+                                                    strata=strata)
     n = len(dataset)
     summary = {
         "input": str(dataset.path), "format": dataset.format, "schema": dataset.schema,
@@ -220,7 +274,7 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
 
 
 def score_and_select(config: FilterConfig, X: np.ndarray, *, labelled_X=None, labels=None, labelled_idx=None,
-                     reference=None) -> tuple[np.ndarray, Selection, int | None]:
+                     reference=None, strata=None) -> tuple[np.ndarray, Selection, int | None]:
     """Fit `config.detector` on the pool's view X and apply `config.rule`: (pool scores, selection, the paper's k
     when the f1 rule searched it, else None).
 
@@ -262,7 +316,8 @@ def score_and_select(config: FilterConfig, X: np.ndarray, *, labelled_X=None, la
         estimate = detectors[candidates[0]].contamination_estimate(X)
     pool_scores = {c: d.score_samples(X) for c, d in detectors.items()}
     inputs = RuleInputs(pool_scores, estimate=estimate, fraction=config.fraction, threshold=config.threshold,
-                        n_thresholds=config.n_thresholds, prior_weight=config.prior_weight)
+                        n_thresholds=config.n_thresholds, prior_weight=config.prior_weight, labelled_idx=labelled_idx,
+                        alpha=config.certify, delta=config.delta, strata=strata)
     if rule.labels:
         inputs.labelled_scores = {c: d.score_samples(labelled_X) for c, d in detectors.items()}
         inputs.labels = labels

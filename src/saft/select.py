@@ -10,7 +10,10 @@ Rules:
   labelled rows (Platt scaling), then remove the top m rows where m maximises the F1 expected under those
   probabilities over the whole pool; their mean is a contamination estimate. It uses every pool score, not only
   the 100 labelled ones, so the removed count moves less with the label draw than under the F1 rule; a
-  label-free estimate given as a prior (worth `prior_weight` labels) steadies it further.
+  label-free estimate given as a prior (worth `prior_weight` labels) steadies it further, at full weight while the
+  labels agree with it and less the more they contradict it (`prior_agreement`): when they conflict, the labels win.
+- `select_certified` (a random labelled sample, not in the paper): the largest kept set whose harmful share is
+  certified at most ALPHA with probability 1 - delta (`saft.certify`).
 - `select_estimate` (label-free, not in the paper): remove the top `estimate` share of the pool, where the
   estimate comes from the detector itself (the guard's adjusted classify-and-count).
 A sample is removed when its score is strictly greater than the threshold. `RULES` names them, each with what
@@ -19,6 +22,7 @@ it needs; `select(name, inputs)` applies one.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Mapping, Sequence
 
@@ -31,6 +35,15 @@ from .detectors.base import ContaminationEstimate
 # How many labels the calibrated rule's prior (a label-free contamination estimate) counts as, by default;
 # chosen on benchmark pools and checked on fresh draws (docs/detectors/labelled.md).
 PRIOR_WEIGHT = 100.0
+# The calibrated rule keeps the prior's full weight while the labels are consistent with it at this level (the
+# two-sided p-value of `prior_agreement`); below it the weight falls in proportion to the p-value, to 0.
+PRIOR_TEST_LEVEL = 0.05
+# Inverse strength of the Platt fit's L2 penalty on its slope. sklearn's default (1) shrinks the slope of a fit on
+# 30 to 100 labelled rows enough to flatten the probabilities, and the expected-F1 optimum then removes far too
+# many rows (benchmarks/suites/labels.py: removal-count error 0.08-0.12 with 30 chosen rows, 0.02-0.04 with 100
+# random ones, on T10/T30 with the guard's scores); 100 leaves the fit nearly unpenalised yet finite when the
+# labelled rows are separable.
+PLATT_C = 100.0
 
 
 @dataclass
@@ -116,8 +129,32 @@ def select_estimate(scores: np.ndarray, *, estimate: ContaminationEstimate) -> S
     return Selection(sel.removed, sel.threshold, "estimate", estimate.as_dict())
 
 
+def prior_agreement(pool_logit: np.ndarray, val_logit: np.ndarray, val_labels: Sequence[int], prior: float) -> float:
+    """Two-sided p-value of the labels under the prior: how likely a harmful count as far from the expected one.
+
+    The Platt log-odds of every pool row are shifted by one constant until their pool mean is `prior`; under that
+    model the labelled rows are independent Bernoulli draws with those probabilities, so their harmful count is
+    Poisson-binomial (computed exactly). The test reads the labelled rows through their scores, so it holds for
+    rows chosen by score (`saft.label.choose_rows`) as for a random draw, whose harmful share alone would not.
+    """
+    from scipy.optimize import brentq
+    from scipy.special import expit
+
+    y = np.asarray(val_labels, dtype=int)
+    n_pool = len(pool_logit)
+    target = float(np.clip(prior, 1.0 / (n_pool + 1), n_pool / (n_pool + 1)))
+    shift = brentq(lambda d: expit(pool_logit + d).mean() - target, -60.0, 60.0)
+    q = expit(np.asarray(val_logit, dtype=np.float64) + shift)
+    pmf = np.ones(1)
+    for qi in q:  # the Poisson-binomial pmf by convolution: O(n^2), 0.1 s for 2000 labels
+        pmf = np.convolve(pmf, [1 - qi, qi])
+    k = int(y.sum())
+    return float(min(1.0, 2 * min(pmf[:k + 1].sum(), pmf[k:].sum())))
+
+
 def select_calibrated(scores: np.ndarray, val_scores: np.ndarray, val_labels: Sequence[int], *,
-                      prior: float | None = None, prior_weight: float = 0.0) -> Selection:
+                      prior: float | None = None, prior_weight: float = 0.0,
+                      test_level: float = PRIOR_TEST_LEVEL, platt_c: float = PLATT_C) -> Selection:
     """Remove the top m pool rows maximising the expected F1 under Platt-calibrated probabilities.
 
     `prior`, a label-free contamination estimate of the pool (the guard's), counts as `prior_weight` extra labels:
@@ -125,6 +162,10 @@ def select_calibrated(scores: np.ndarray, val_scores: np.ndarray, val_labels: Se
     (n_labels * Platt mean + prior_weight * prior) / (n_labels + prior_weight). The Platt mean follows the harmful
     share of the labelled rows, whose sampling noise (0.17 across five draws of 100 on a pool with 30% harmful)
     would otherwise move the removed count by as much; the prior damps it at the price of the estimate's bias.
+    The prior's weight is `prior_weight` while the labels agree with it (`prior_agreement`'s p-value at least
+    `test_level`) and `prior_weight * p / test_level` below: a label-free estimate far from what the labels say
+    (on data unlike the guard's) loses its say instead of dragging the result halfway. `test_level` 0 keeps the
+    full weight always.
     """
     from scipy.optimize import brentq
     from scipy.special import expit
@@ -138,16 +179,22 @@ def select_calibrated(scores: np.ndarray, val_scores: np.ndarray, val_labels: Se
     if prior_weight > 0 and (prior is None or not 0 <= prior <= 1):
         raise ValueError(f"prior_weight > 0 needs a prior contamination estimate in [0, 1], got {prior!r}")
     scores = np.asarray(scores, dtype=np.float64)
-    platt = LogisticRegression(C=1.0).fit(np.asarray(val_scores, dtype=np.float64).reshape(-1, 1), y)
+    platt = LogisticRegression(C=platt_c).fit(np.asarray(val_scores, dtype=np.float64).reshape(-1, 1), y)
     logit = platt.decision_function(scores.reshape(-1, 1))
     p = expit(logit)
     params = {"n_labels": len(y)}
+    if not 0 <= test_level < 1:
+        raise ValueError(f"test_level must be in [0, 1), got {test_level}")
     if prior_weight > 0:
-        target = (len(y) * p.mean() + prior_weight * prior) / (len(y) + prior_weight)
+        val_logit = platt.decision_function(np.asarray(val_scores, dtype=np.float64).reshape(-1, 1))
+        agreement = prior_agreement(logit, val_logit, y, prior)
+        weight = prior_weight * (min(1.0, agreement / test_level) if test_level > 0 else 1.0)
+        target = (len(y) * p.mean() + weight * prior) / (len(y) + weight)
         # Keep the target inside (0, 1) so that a finite shift reaches it; the mean is monotone in the shift.
         target = float(np.clip(target, 1.0 / (len(scores) + 1), len(scores) / (len(scores) + 1)))
         shift = brentq(lambda d: expit(logit + d).mean() - target, -60.0, 60.0)
-        params.update({"platt_estimate": float(p.mean()), "prior_estimate": float(prior), "prior_weight": float(prior_weight)})
+        params.update({"platt_estimate": float(p.mean()), "prior_estimate": float(prior), "prior_weight": float(prior_weight),
+                       "prior_agreement_p": agreement, "prior_weight_used": float(weight)})
         p = expit(logit + shift)
     order = np.argsort(-scores, kind="stable")
     expected_tp = np.cumsum(p[order])
@@ -158,6 +205,21 @@ def select_calibrated(scores: np.ndarray, val_scores: np.ndarray, val_labels: Se
     threshold = float(scores[~removed].max()) if (~removed).any() else float(scores.min())
     return Selection(removed, threshold, "calibrated", {"contamination_estimate": float(p.mean()),
                                                         "expected_f1": float(expected_f1[m - 1]), **params})
+
+
+def select_certified(scores: np.ndarray, labelled_idx: Sequence[int], labels: Sequence[int], *, alpha: float,
+                     delta: float, strata: Sequence[Hashable] | None = None) -> Selection:
+    """Keep the largest set certified at most `alpha` harmful with probability 1 - `delta` (`saft.certify`);
+    the labelled rows must be a uniformly random sample of the pool. Raises `CertificationRefused` (a
+    ValueError) with the reason when no cutoff can be certified."""
+    from .certify import certify_cutoff
+
+    cert = certify_cutoff(scores, labelled_idx, labels, alpha=alpha, delta=delta, strata=strata)
+    scores = np.asarray(scores)
+    threshold = float(scores[cert.kept].max())
+    return Selection(~cert.kept, threshold, "certify", {
+        "alpha": alpha, "delta": delta, "n_labels": len(labels), "reason": cert.reason(),
+        "strata": [dataclasses.asdict(s) for s in cert.strata]})
 
 
 @dataclass
@@ -173,6 +235,10 @@ class RuleInputs:
     threshold: float | None = None
     n_thresholds: int = 100
     prior_weight: float = PRIOR_WEIGHT
+    labelled_idx: Sequence[int] | None = None  # the labelled rows' positions in the pool, when they are pool rows
+    alpha: float | None = None
+    delta: float = 0.1
+    strata: Sequence[Hashable] | None = None
 
     def only(self, mapping: Mapping[Hashable, np.ndarray]) -> np.ndarray:
         return next(iter(mapping.values()))
@@ -181,12 +247,14 @@ class RuleInputs:
 @dataclass(frozen=True)
 class Rule:
     """A selection rule: `apply(inputs) -> Selection`; `labels`: it needs labelled rows; `estimate`: it needs the
-    detector's label-free contamination estimate."""
+    detector's label-free contamination estimate; `label_free`: the detector's scores must not have seen the
+    labels (they test the scores)."""
 
     apply: Callable[[RuleInputs], Selection]
     purpose: str
     labels: bool = False
     estimate: bool = False
+    label_free: bool = False
 
 
 def _calibrated(i: RuleInputs) -> Selection:
@@ -204,7 +272,11 @@ RULES: dict[str, Rule] = {
     "calibrated": Rule(_calibrated, "labels: Platt-calibrated scores, the removed count maximising expected F1",
                        labels=True),
     "estimate": Rule(lambda i: select_estimate(i.only(i.scores), estimate=i.estimate),
-                     "label-free: remove the detector's own contamination estimate", estimate=True),
+                     "label-free: remove the detector's own contamination estimate", estimate=True, label_free=True),
+    "certify": Rule(lambda i: select_certified(i.only(i.scores), i.labelled_idx, i.labels, alpha=i.alpha,
+                                               delta=i.delta, strata=i.strata),
+                    "a random labelled sample: the largest kept set certified at most alpha harmful", labels=True,
+                    label_free=True),
     "fraction": Rule(lambda i: select_fraction(i.only(i.scores), fraction=i.fraction),
                      "remove a given fraction, highest scores first"),
     "threshold": Rule(lambda i: select_threshold(i.only(i.scores), threshold=i.threshold),

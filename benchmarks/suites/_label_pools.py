@@ -1,0 +1,85 @@
+"""Pools and guard scores shared by the labels and certify suites (not a suite itself: the name starts with _).
+
+Every pool is a (name, samples) pair, so the per-family pools of `saft.pools` plug in by being appended to the
+list `build_pools` returns. The pools here:
+- T10, T30, B10, B30, H10, H30: `saft.pools.task_pool`, `beavertails_pool`, `heldout_pool` (1000 rows drawn
+  with the seed, then restricted to the rows whose prompt the packaged guard never trained on, as the project's
+  other benchmarks do);
+- J10, J30 (a family the guard never saw): benign Alpaca + Dolly instructions, JailbreakBench attack artifacts
+  whose answer the benchmark's judge called jailbroken (harmful, 10% or 30% of the pool) and 10% artifacts it
+  called not jailbroken (safe: mostly refusals to an adversarial prompt). Built from shared/data/raw only.
+Scores: the packaged guard (`GuardScorer`, RBF kernel) on the sentence view, cached under $SAFT_CACHE; prior:
+the guard's label-free contamination estimate of the pool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from saft.data import Sample
+from saft.detectors.guard import GuardScorer
+from saft.encoders import sentence_features
+from saft.pools import beavertails_pool, default_raw_dir, guard_training_rows, heldout_pool, load_source, task_pool
+
+BASE_POOLS = ("T10", "T30", "B10", "B30", "H10", "H30", "J10", "J30")
+
+
+def jailbreakbench_rows(raw_dir=None) -> list[dict]:
+    """JailbreakBench artifacts with an answer, deduplicated by (prompt, response); harmful = the judge's verdict."""
+    raw = Path(raw_dir) if raw_dir else default_raw_dir()
+    seen, rows = set(), []
+    for path in sorted((raw / "jailbreakbench").glob("*.json")):
+        for j in json.loads(path.read_text(encoding="utf-8"))["jailbreaks"]:
+            p, r = j.get("prompt"), j.get("response")
+            if not p or not r or not str(p).strip() or not str(r).strip() or (p, r) in seen:
+                continue
+            seen.add((p, r))
+            rows.append({"prompt": p, "response": r, "harmful": int(str(j["jailbroken"]).lower() == "true"),
+                         "source": "jailbreakbench", "category": [j.get("category")]})
+    return rows
+
+
+def jailbreak_pool(n: int = 1000, *, harmful_rate: float = 0.1, safe_rate: float = 0.1, seed: int = 0,
+                   raw_dir=None) -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    jb = jailbreakbench_rows(raw_dir)
+    harm = [r for r in jb if r["harmful"]]
+    safe = [r for r in jb if not r["harmful"]]
+    benign = load_source("alpaca", raw_dir) + load_source("dolly", raw_dir)
+    n_h, n_s = int(round(n * harmful_rate)), int(round(n * safe_rate))
+    pick = lambda rows, k: [rows[i] for i in rng.choice(len(rows), size=k, replace=False)]  # noqa: E731
+    rows = pick(benign, n - n_h - n_s) + pick(harm, n_h) + pick(safe, n_s)
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    return [Sample(id=f"J{int(harmful_rate * 100)}-{i:05d}", label=r["harmful"],
+                   messages=[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}],
+                   meta={"source": r["source"], "category": r["category"]}) for i, r in enumerate(rows)]
+
+
+def build_pools(names, *, seed: int = 0, n: int = 1000) -> list[tuple[str, list[Sample]]]:
+    """(name, samples) for each name of BASE_POOLS, restricted to prompts the guard never trained on."""
+    seen = {r["prompt"] for r in guard_training_rows(None)}
+    makers = {"T": task_pool, "B": beavertails_pool, "H": heldout_pool, "J": jailbreak_pool}
+    out = []
+    for name in names:
+        samples = makers[name[0]](n, harmful_rate=int(name[1:]) / 100, seed=seed)
+        out.append((name, [s for s in samples if s.prompt not in seen]))
+    return out
+
+
+def guard_scores(samples: list[Sample]) -> tuple[np.ndarray, float]:
+    """The packaged guard's scores of `samples` (sentence view) and its label-free estimate of their share harmful."""
+    cache = Path(os.environ.get("SAFT_CACHE", Path.home() / ".cache" / "saft")) / "sentence"
+    X = sentence_features(samples, cache_dir=cache, progress=False)
+    guard = GuardScorer().fit(X)
+    return guard.score_samples(X), float(guard.contamination_estimate(X).value)
+
+
+if __name__ == "__main__":  # precompute the sentence views of every base pool
+    for name, samples in build_pools(BASE_POOLS):
+        z, est = guard_scores(samples)
+        y = np.array([s.label for s in samples])
+        print(name, len(samples), f"truth {y.mean():.3f} estimate {est:.3f}", flush=True)

@@ -1,0 +1,157 @@
+"""Suite `labels`: do 30 chosen labels fix the removed count better than 100 random ones?
+
+For each pool (a list of (name, samples); see _label_pools.py, where the per-family pools plug in), the packaged
+guard's sentence-view scores and its label-free estimate (the prior) go through `select_calibrated` (prior worth
+100 labels, weighted by its agreement with the labels) with labels from the pool's own truth on:
+- 30 rows chosen by `saft.label.choose_rows` (the `saft label` default), over --draws seeds of its random pick
+  inside each stratum;
+- 30 chosen rows spread over the ranks only (focus 0: no rows around the estimate's cutoff), the ablation;
+- 30 chosen rows with the prior at its fixed weight (test_level 0), the rule without the agreement test;
+- 30 and 100 uniformly random rows, over --draws seeds;
+- no labels: the guard's estimate alone (the `estimate` rule).
+Measured: the removal-count error |removed - harmful| / rows (mean and worst over the draws), and the error of
+the contamination estimate. Target: chosen 30 at most 0.03 and below random 100 on every pool.
+
+    PYTHONPATH=src python benchmarks/suites/labels.py [--pools T10 ...] [--draws 20] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _label_pools import BASE_POOLS, build_pools, guard_scores  # noqa: E402
+
+from saft.label import choose_rows  # noqa: E402
+from saft.detectors.base import ContaminationEstimate  # noqa: E402
+from saft.select import PRIOR_WEIGHT, select_calibrated, select_estimate  # noqa: E402
+
+NAME = "labels"
+QUESTION = ("Do 30 labels chosen by `saft label` pin down the removed count (error <= 0.03 of the pool) better "
+            "than 100 random labels, on every pool?")
+ARMS = ("chosen 30", "chosen 30, spread only", "chosen 30, focus 0.75", "chosen 30, fixed prior weight",
+        "chosen 30, Platt C 1", "random 30", "random 100", "random 100, Platt C 1", "no labels")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pools", nargs="+", default=list(BASE_POOLS), choices=list(BASE_POOLS))
+    parser.add_argument("--draws", type=int, default=20, help="seeds of each labelled arm")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the pools")
+    parser.add_argument("--n", type=int, default=1000, help="rows drawn per pool (before the guard's rows go)")
+
+
+def arm_rows(arm: str, z: np.ndarray, prior: float, seed: int) -> tuple[np.ndarray, dict]:
+    if arm == "chosen 30":
+        return choose_rows(z, n=30, estimate=prior, seed=seed), {}
+    if arm == "chosen 30, spread only":
+        return choose_rows(z, n=30, seed=seed), {}
+    if arm == "chosen 30, focus 0.75":
+        return choose_rows(z, n=30, estimate=prior, focus=0.75, seed=seed), {}
+    if arm == "chosen 30, fixed prior weight":
+        return choose_rows(z, n=30, estimate=prior, seed=seed), {"test_level": 0.0}
+    if arm == "chosen 30, Platt C 1":
+        return choose_rows(z, n=30, estimate=prior, seed=seed), {"platt_c": 1.0}
+    if arm == "random 100, Platt C 1":
+        return np.random.default_rng(seed).choice(len(z), size=100, replace=False), {"platt_c": 1.0}
+    k = int(arm.split()[1])
+    return np.random.default_rng(seed).choice(len(z), size=k, replace=False), {}
+
+
+def evaluate_pool(name: str, samples, *, draws: int) -> dict:
+    y = np.array([s.label for s in samples])
+    z, prior = guard_scores(samples)
+    n, truth = len(y), float(y.mean())
+    out = {"pool": name, "rows": n, "truth": truth, "prior": prior, "arms": {}}
+    for arm in ARMS:
+        errs, est_errs, failed = [], [], 0
+        for seed in range(1 if arm == "no labels" else draws):
+            if arm == "no labels":
+                sel = select_estimate(z, estimate=ContaminationEstimate(prior))
+            else:
+                idx, extra = arm_rows(arm, z, prior, seed)
+                try:
+                    sel = select_calibrated(z, z[idx], y[idx], prior=prior, prior_weight=PRIOR_WEIGHT, **extra)
+                except ValueError:  # the labelled rows hold one class only: the rule refuses, as the CLI does
+                    failed += 1
+                    continue
+            errs.append(abs(sel.n_removed - y.sum()) / n)
+            est_errs.append(abs(sel.params["contamination_estimate"] - truth))
+        out["arms"][arm] = {"count_error": float(np.mean(errs)) if errs else None,
+                            "count_error_max": float(np.max(errs)) if errs else None,
+                            "estimate_error": float(np.mean(est_errs)) if est_errs else None,
+                            "draws": len(errs), "refused": failed}
+    a = out["arms"]
+    c, r = a["chosen 30"], a["random 100"]
+    out["meets_target"] = bool(c["count_error"] is not None and c["count_error"] <= 0.03
+                               and c["count_error"] < r["count_error"])
+    # the same target for removing the estimated share (the count error is then the estimate's error)
+    out["meets_target_estimated_share"] = bool(c["estimate_error"] is not None and c["estimate_error"] <= 0.03
+                                               and c["estimate_error"] < r["estimate_error"])
+    return out
+
+
+def run(args) -> dict:
+    from saft.pipeline import versions
+
+    t0 = time.time()
+    pools = build_pools(args.pools, seed=args.seed, n=args.n)
+    res = {"command": " ".join(["python", *sys.argv]), "seed": args.seed,
+           "data": (f"pools {', '.join(args.pools)} of {args.n} rows (seed {args.seed}) without the rows whose prompt "
+                    "the guard trained on; J = Alpaca/Dolly + JailbreakBench artifacts (benchmarks/suites/_label_pools.py)"),
+           "versions": versions(), "draws": args.draws, "prior_weight": PRIOR_WEIGHT,
+           "detector": "guard (packaged RBF guard, sentence view); prior: its label-free estimate", "pools": []}
+    for name, samples in pools:
+        r = evaluate_pool(name, samples, draws=args.draws)
+        res["pools"].append(r)
+        print(name, {k: v["count_error"] for k, v in r["arms"].items()}, flush=True)
+    res["seconds"] = round(time.time() - t0, 1)
+    return res
+
+
+def _cell(c: dict) -> str:
+    if c["count_error"] is None:
+        return "refused"
+    extra = f" ({c['refused']} refused)" if c["refused"] else ""
+    return f"{c['count_error']:.3f} / {c['count_error_max']:.3f} / {c['estimate_error']:.3f}{extra}"
+
+
+def render(result: dict, plots_dir: Path) -> str:
+    lines = [f"**{QUESTION}**", "", f"Command: `{result['command']}`; seed {result['seed']}; {result['data']}. "
+             f"Scores: {result['detector']}; calibrated rule with the prior worth {result['prior_weight']:g} labels. "
+             f"{result['draws']} draws per labelled arm. {result['seconds']:.0f} s (CPU shared with other jobs). "
+             f"Versions: {result['versions']}.", "",
+             "Cells: removal-count error |removed - harmful| / rows of the calibrated rule (the expected-F1 optimum), "
+             "mean / worst over the draws (the chosen rows differ by the random pick inside each stratum) / mean "
+             "error of its contamination estimate, which is the removal-count error of removing the estimated "
+             "share instead.", "",
+             "| pool | rows | truth | guard estimate | " + " | ".join(ARMS) + " | target met (F1 rule) | target met (estimated share) |",
+             "|---|---|---|---|" + "---|" * len(ARMS) + "---|---|"]
+    for r in result["pools"]:
+        lines.append(f"| {r['pool']} | {r['rows']} | {r['truth']:.3f} | {r['prior']:.3f} | "
+                     + " | ".join(_cell(r["arms"][a]) for a in ARMS) + f" | {'yes' if r['meets_target'] else 'no'} | {'yes' if r['meets_target_estimated_share'] else 'no'} |")
+    met = [r["pool"] for r in result["pools"] if r["meets_target"]]
+    met_share = [r["pool"] for r in result["pools"] if r["meets_target_estimated_share"]]
+    ratio = [r["arms"]["chosen 30"]["count_error"] / max(r["arms"]["random 100"]["count_error"], 1e-9)
+             for r in result["pools"] if r["arms"]["chosen 30"]["count_error"] is not None]
+    lines += ["", f"Chosen 30 meets the target (<= 0.03 and below random 100) on {len(met)} of {len(result['pools'])} "
+              f"pools ({', '.join(met) or 'none'}); its error is {np.mean(ratio):.2f} times random 100's on average "
+              f"(range {min(ratio):.2f}-{max(ratio):.2f}). Removing the estimated share instead, chosen 30 meets it on "
+              f"{len(met_share)} ({', '.join(met_share) or 'none'}). Chosen labels are for the calibrated rule's removed count; "
+              "they carry no guarantee (that needs a random sample: the certify suite)."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from saft.data import write_json
+
+    ap = argparse.ArgumentParser(description=QUESTION)
+    add_arguments(ap)
+    result = run(ap.parse_args())
+    out = Path(__file__).resolve().parents[1] / "results" / f"{NAME}.json"
+    write_json(result, out)
+    print(render(result, out.parent / "plots"))
