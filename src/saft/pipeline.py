@@ -49,7 +49,7 @@ class FilterConfig:
     detector: str = field(default="auto", metadata=_help(
         f"auto (labelled with labels, else label-free), {', '.join(DETECTORS)}"))
     rule: str = field(default="auto", metadata=_help(
-        f"how many go: auto (per detector), {', '.join(RULES)}"))
+        f"auto (per detector) or {', '.join(RULES)}"))
     labels_file: str | None = field(default=None, metadata=_help("a labelled file to learn from (instead of labelled "
                                                                   "rows in the data)"))
     fraction: float | None = field(default=None, metadata=_help("share of rows to remove (--rule fraction)"))
