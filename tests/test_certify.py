@@ -154,5 +154,5 @@ def test_filter_certify_on_a_random_labels_file(tmp_path, capsys):
     assert main(args + ["--certify", "0.3"]) == 2
     assert "not a row of" in capsys.readouterr().err
     # a detector trained on the labels is refused up front
-    assert main(args + ["--certify", "0.3", "--detector", "guard-probe"]) == 2
+    assert main(args + ["--certify", "0.3", "--detector", "labelled"]) == 2
     assert "label-free detector" in capsys.readouterr().err

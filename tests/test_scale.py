@@ -46,9 +46,9 @@ def test_guard_model_on_a_chunked_pool_matches_the_array(tmp_path):
     y, X = view(rng, 300, shift=2.0)
     w = weights_file(tmp_path, [1.0], -1.0, 0.8, 0.2)
     kw = dict(weights=w, kernel="linear", n_components=2)
-    mem = get_detector("guard-model", **kw).fit(X, reference_X=X_ref, reference_y=y_ref)
+    mem = get_detector("label-free", **kw).fit(X, reference_X=X_ref, reference_y=y_ref)
     disk = on_disk(tmp_path, X, "pool.npy")
-    chunked = get_detector("guard-model", **kw).fit(disk, reference_X=X_ref, reference_y=y_ref)
+    chunked = get_detector("label-free", **kw).fit(disk, reference_X=X_ref, reference_y=y_ref)
     np.testing.assert_allclose(chunked.score_samples(disk), mem.score_samples(X), atol=1e-9)
     assert chunked.contamination_estimate(disk) == mem.contamination_estimate(X)
     np.testing.assert_array_equal(chunked.pseudo_labels_, mem.pseudo_labels_)
@@ -60,15 +60,15 @@ def test_guard_model_fits_its_pool_side_on_a_bounded_sample(tmp_path):
     y, X = view(rng, 3000, shift=2.0)
     w = weights_file(tmp_path, [1.0], -1.0, 0.8, 0.2)
     kw = dict(weights=w, kernel="linear", n_components=2)
-    full = get_detector("guard-model", **kw).fit(X, reference_X=X_ref, reference_y=y_ref)
+    full = get_detector("label-free", **kw).fit(X, reference_X=X_ref, reference_y=y_ref)
     # 500 rows of the 3-wide hidden block
-    sampled = get_detector("guard-model", max_fit_values=1500, **kw).fit(X, reference_X=X_ref, reference_y=y_ref)
+    sampled = get_detector("label-free", max_fit_values=1500, **kw).fit(X, reference_X=X_ref, reference_y=y_ref)
     assert len(sampled.fit_rows_) == 500 == len(sampled.pseudo_labels_) and len(full.fit_rows_) == 3000
     assert sampled.components_[-1].n_samples_ == 500
     # every row is still scored, still well, and the sample is seeded: a refit gives the same scores
     s = sampled.score_samples(X)
     assert s.shape == (3000,) and roc_auc_score(y, s) > 0.95 and roc_auc_score(y, full.score_samples(X)) > 0.95
-    again = get_detector("guard-model", max_fit_values=1500, **kw).fit(X, reference_X=X_ref, reference_y=y_ref)
+    again = get_detector("label-free", max_fit_values=1500, **kw).fit(X, reference_X=X_ref, reference_y=y_ref)
     np.testing.assert_array_equal(again.score_samples(X), s)
     np.testing.assert_array_equal(fit_rows(10, 20), np.arange(10))
     r = fit_rows(1000, 100)
