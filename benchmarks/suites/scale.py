@@ -350,7 +350,12 @@ def render(result: dict, plots_dir: Path) -> str:
     d = result.get("data")
     if isinstance(d, dict):
         out += [f"Data: synthetic {d['rows']:,} x {d['dim']} {d['dtype']} on disk ({d['bytes'] / 2**30:.1f} GiB): "
-                f"{d['recipe']}.", ""]
+                f"{d['recipe']}."]
+        used = result.get("subspace", {}).get("out_of_core", {}).get("rows")
+        if used and used < d["rows"]:
+            out.append(f"The out-of-core steps read the file's first {used:,} rows (--use-rows); their cost is "
+                       "linear in rows and their memory does not depend on them.")
+        out.append("")
     rows = []
     for step, label in (("subspace", "paper's score (k=4), fit + score"), ("pool-side", "default's pool PCA + student, fit + score")):
         if step in result:
