@@ -46,8 +46,12 @@ def report() -> Path:
         if result is None:
             continue
         index.append(f"- [{name}](#{name}): {module.QUESTION}")
-        sections.append(f"## {name}\n\n**Question.** {module.QUESTION}\n\n{module.render(result, common.PLOTS).strip()}\n\n"
-                        f"{common.provenance(result)}\n")
+        body = module.render(result, common.PLOTS).strip()
+        if body.startswith(f"## {name}"):  # the section's heading is written here, once
+            body = body.split("\n", 1)[1].strip() if "\n" in body else ""
+        if body.startswith(module.QUESTION):  # and so is its question
+            body = body[len(module.QUESTION):].strip()
+        sections.append(f"## {name}\n\n**Question.** {module.QUESTION}\n\n{body}\n\n{common.provenance(result)}\n")
     head = ("# Results\n\nEvery number here comes from a result file in `benchmarks/results/`, written by the command "
             "shown under its table; `python benchmarks/run.py report` rebuilds this page from those files.\n\n"
             + "\n".join(index) + "\n")

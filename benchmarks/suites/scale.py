@@ -8,11 +8,11 @@ same invocation on the largest pool that fits in about 4 GiB, for the ratio.
 Steps:
 - data: synthetic float16 features (rows x dim) on disk, written a chunk at a time: a 16-factor low-rank signal
   with decaying scales, unit noise, 10% "harmful" rows shifted along one random direction; a teacher score
-  (1.5 * label + unit noise) stands in for guard-model's classifier, which is trained on the guard's 2306 rows
+  (1.5 * label + unit noise) stands in for the label-free detector's classifier, which is trained on the guard's 2306 rows
   and only scores the pool.
 - subspace: SubspaceScorer(n_components=4, solver="streaming") fit and score on every row (k=4 holds the top 1-3
   too), against solver="full" (numpy's SVD) on the in-memory pool, with the largest score difference.
-- pool-side: guard-model's pool PCA (64 components) and student, fitted on the bounded sample, every row scored
+- pool-side: the label-free detector's pool PCA (64 components) and student, fitted on the bounded sample, every row scored
   in chunks, against the same steps on every row of the in-memory pool.
 - guard-filter: `saft filter --detector guard` (the whole command, sentence encoder included) on N short rows.
 - extraction: the CPU's fp32 matmul rate measured with torch, the extractor's tokens/s with the embedded model
