@@ -30,6 +30,7 @@ from .features import POSITIONS, extract_features
 from .metrics import detection_metrics
 from .models import EMBEDDED, default_cache_dir, load_model
 from .reference import reference_view
+from .trust import cap_removal, label_free_trust
 from .select import (
     PRIOR_WEIGHT, Selection, draw_labeled, select_by_f1, select_calibrated, select_estimate, select_fraction, select_mixture,
     select_threshold,
@@ -194,6 +195,13 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
             selection = Selection(np.zeros(len(scores), dtype=bool), float("inf"), "none", {})
     scores = pool_scores[k]
     n = len(dataset)
+    # Label-free rules: the estimate's interval and the pool's distance to the guard's training rows (None for a
+    # guard shipped without that calibration, v1); such a run never removes more than the interval's upper end.
+    trust = label_free_trust(scorers[k], X) if config.rule in ("estimate", "mixture") else None
+    if trust is not None and selection.n_removed > cap_removal(selection.n_removed, n, trust["interval"]):
+        capped = select_fraction(scores, fraction=cap_removal(selection.n_removed, n, trust["interval"]) / n)
+        selection = Selection(capped.removed, capped.threshold, selection.rule,
+                              {**selection.params, "capped_at_interval": trust["interval"][1]})
     summary = {
         "input": str(dataset.path), "format": dataset.format, "schema": dataset.schema,
         "n_input_rows": n + len(dataset.skipped), "n_samples": n, "n_skipped_invalid": len(dataset.skipped),
@@ -213,6 +221,7 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
         "model": info["model"],
         "feature_cache": str(info["cache_path"]) if info["cache_path"] else None,
         "versions": versions(), "seconds": round(time.time() - t0, 2),
+        "trust": trust,
     }
     result = FilterResult(dataset, scores, selection, summary, Path(output_dir) if output_dir is not None else None)
     if result.output_dir is not None:
