@@ -1,6 +1,6 @@
 """Train the label-free guard detector: guard v2 (default) or guard v1.
 
-    python scripts/train_guard.py [--version 2] [--raw-dir ../shared/data/raw] [--cap 900] [--limit 1200]
+    python scripts/train_guard.py [--version 2] [--raw-dir ../shared/data/raw] [--cap 900] [--limit 800]
     python scripts/train_guard.py --version 1 [--raw-dir ../shared/data/raw] [--C 1.0] [--rbf-C 1.0]
 
 Guard v2 writes src/saft/guard_minilm_v2.json, src/saft/guard_minilm_rbf_v2.npz and its training rows
@@ -45,7 +45,7 @@ from saft.data import atomic_open, write_json
 from saft.detectors.guard import GUARD_FILE
 from saft.encoders import ENCODER_VERSION, embed_pairs
 from saft.guard_training import RowViews, cap_rows, choose_estimate_level, fit_guard, rbf_arrays, save_guard
-from saft.pools import FAMILIES, guard_training_rows, holdout_slice, family_rows, load_source, prompt_split
+from saft.pools import FAMILIES, calibration_half, guard_training_rows, holdout_slice, family_rows, load_source, prompt_split
 from saft.trust import distance_threshold
 
 V2_FILE = GUARD_FILE.with_name("guard_minilm_v2.json")
@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--C", type=float, default=1.0)
     ap.add_argument("--rbf-C", type=float, default=1.0)
     ap.add_argument("--cap", type=int, default=900, help="v2: training rows per family at most")
-    ap.add_argument("--limit", type=int, default=1200, help="v2: the fixed subset of each family it draws from")
+    ap.add_argument("--limit", type=int, default=800, help="v2: the fixed subset of each family it draws from")
     ap.add_argument("--cache-dir", default=None, help="v2: row cache of the sentence view (default $SAFT_CACHE)")
     args = ap.parse_args()
     if args.version == 2:
@@ -146,7 +146,10 @@ def build_v2(args) -> None:
     keep = cap_rows(fam, y, args.cap, seed=0)
     rows, fam, y = [rows[i] for i in keep], fam[keep], y[keep]
     X = views(rows)
-    g = fit_guard(X, y, fam, C=args.rbf_C, linear_C=args.C)
+    held_rows = [r for f in FAMILIES for r in family_rows(f, args.raw_dir, part="holdout", limit=args.limit)
+                 if calibration_half(r["prompt"])]
+    heldout = (views(held_rows), np.array([r["harmful"] for r in held_rows]), np.array([r["family"] for r in held_rows]))
+    g = fit_guard(X, y, fam, heldout=heldout, C=args.rbf_C, linear_C=args.C)
     held = {f: views(family_rows(f, args.raw_dir, part="holdout", limit=args.limit)) for f in FAMILIES}
     dist = distance_threshold(held, g.rbf["support_vectors"])
     counts = {f: {"rows": int((fam == f).sum()), "harmful": int(y[fam == f].sum())} for f in FAMILIES}
@@ -158,7 +161,7 @@ def build_v2(args) -> None:
                  f"a family ({len(y)} rows, {int(y.sum())} harmful); no judge_reserved or holdout_slice prompt",
         "train_families": counts, "folds": "one per family, trained without it", "fold_families": g.fold_families,
         "built_by": "python scripts/train_guard.py --version 2" + (f" --cap {args.cap}" if args.cap != 900 else "")
-        + (f" --limit {args.limit}" if args.limit != 1200 else ""),
+        + (f" --limit {args.limit}" if args.limit != 800 else ""),
     }
     meta["kernel_model"] = {"classifier": f"SVC(C={args.rbf_C}, kernel='rbf', gamma='scale', class_weight='balanced')",
                             "cv_auroc_family_held_out": round(float(roc_auc_score(y, g.cv)), 4)}

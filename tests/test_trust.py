@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from saft.guard_training import cap_rows, choose_family_level, family_rates, fit_guard, pooled_rates
+from saft.guard_training import FAMILY_LEVELS, cap_rows, choose_family_level, family_rates, fit_guard, pooled_rates
 from saft.trust import (assess, cap_removal, distance_threshold, estimate_interval, nearest_distances, pool_distance,
                         rate_ranges)
 
@@ -12,7 +12,7 @@ def toy_families(seed=0, n=120, d=8):
     """Three families: harmful rows along +e0, safe rows along -e0; family 'odd' has safe rows shifted to +e0."""
     rng = np.random.default_rng(seed)
     X, y, fam = [], [], []
-    for f, shift in (("a", 0.0), ("b", 0.0), ("odd", 3.2)):
+    for f, shift in (("a", 0.0), ("b", 0.0), ("odd", 2.4)):
         for label in (0, 1):
             base = np.zeros(d)
             base[0] = 2.0 if label else -2.0 + shift
@@ -77,7 +77,7 @@ def test_fit_guard_folds_by_family_and_measures_the_shifted_family():
     X, y, fam = toy_families()
     g = fit_guard(X, y, fam)
     assert g.fold_families == ["a", "b", "odd"] and len(g.folds) == 3
-    assert len({f["threshold"] for f in g.folds}) == 1 and g.level in (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+    assert len({f["threshold"] for f in g.folds}) == 1 and g.level in FAMILY_LEVELS
     # the family whose safe rows drift towards harmful crosses the threshold more often, unseen
     assert g.rates["odd"]["fpr"] > g.rates["a"]["fpr"]
     scores = g.score(X)
@@ -93,11 +93,13 @@ def test_fit_guard_folds_by_family_and_measures_the_shifted_family():
         fit_guard(X[fam != "odd"], y[fam != "odd"], np.where(fam[fam != "odd"] == "a", "a", "b"))
 
 
-def test_choose_family_level_prefers_high_threshold_under_safe_shift():
+def test_choose_family_level_takes_the_smallest_worst_family_error():
     X, y, fam = toy_families(seed=2)
     g = fit_guard(X, y, fam)
     level, worst = choose_family_level(g.cv, y, fam)
-    assert worst[level] == min(worst.values()) and len(worst) == 10
+    assert worst[level] == min(worst.values()) and len(worst) == len(FAMILY_LEVELS)
+    by_level = g.estimates_by_level(X[:50])
+    assert set(by_level) == {str(lv) for lv in FAMILY_LEVELS} and by_level[str(g.level)] == pytest.approx(g.estimate(X[:50]))
 
 
 def toy_guard_files(tmp_path, d=768):
@@ -153,3 +155,19 @@ def test_filter_reports_trust_and_never_removes_above_the_interval(tmp_path, mon
     res = filter_dataset(data, output_dir=tmp_path / "f", config=FilterConfig(
         detector="guard", rule="fraction", fraction=0.5, cache_dir=str(tmp_path / "c")), progress=False)
     assert res.summary["trust"] is None and res.summary["n_removed"] == 15  # a rule the user sized is not capped
+
+
+def test_fit_guard_with_heldout_rows_takes_each_folds_seen_family_rates():
+    X, y, fam = toy_families(seed=3)
+    Xh, yh, fh = toy_families(seed=4, n=40)
+    g = fit_guard(X, y, fam, heldout=(Xh, yh, fh))
+    assert {k.rsplit(" ", 1)[1] for k in g.range_rates} == {"seen", "unseen"}
+    # fold 'a' never saw family a: its rates come from families b and odd only
+    from saft.guard_training import family_rates, pooled_rates
+    from saft.detectors.guard import decision
+
+    m = fh != "a"
+    expected = pooled_rates(family_rates(decision(g.folds[0], Xh[m]), yh[m], fh[m], g.threshold))
+    assert (g.folds[0]["tpr"], g.folds[0]["fpr"]) == pytest.approx(expected)
+    lo, hi = rate_ranges(g.range_rates)["tpr"]
+    assert lo <= min(f["tpr"] for f in g.folds) and hi >= max(r["tpr"] for r in g.rates.values() if r["tpr"] is not None)

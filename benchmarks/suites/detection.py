@@ -9,7 +9,7 @@ training rows. The packaged guard v1 (BeaverTails judge half + Llama-2 refusals)
 same run as the baseline. Then guard v2 trained on every family is scored on each family's held-out slice (rows
 no guard trained on): its in-family numbers, the ceiling the left-out numbers are read against.
 
-    PYTHONPATH=src python benchmarks/suites/detection.py [--pool-size 300] [--cap 900] [--draws 3] [--limit 1200]
+    PYTHONPATH=src python benchmarks/suites/detection.py [--pool-size 300] [--cap 900] [--draws 3] [--limit 800]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pool-size", type=int, default=300)
     parser.add_argument("--cap", type=int, default=900, help="training rows per family at most")
     parser.add_argument("--draws", type=int, default=3)
-    parser.add_argument("--limit", type=int, default=1200, help="rows per family at most (a fixed subset)")
+    parser.add_argument("--limit", type=int, default=800, help="rows per family at most (a fixed subset)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--families", nargs="*", default=None, help="left-out families (default: all)")
     parser.add_argument("--raw-dir", default=None)
@@ -114,12 +114,12 @@ def score_pool(guard, ranges, dist_t, reference, X, labels, refusal) -> dict:
     scores = guard.score(X)
     flagged = guard.flagged_shares(X)
     est = guard.estimate(X)
-    t = assess(est, float(flagged.mean()), len(X), ranges, distance=pool_distance(X, reference), threshold=dist_t)
+    t = assess(est, float(np.median(flagged)), len(X), ranges, distance=pool_distance(X, reference), threshold=dist_t)
     n_removed = cap_removal(int(round(est * len(X))), len(X), t["interval"])
     removed = top_share(scores, n_removed / len(X))
     m = pool_metrics(scores, labels, removed, refusal)
     lo, hi = t["interval"]
-    return {**m, "estimate": est, "interval": t["interval"], "covered": bool(lo <= m["true_fraction"] <= hi),
+    return {**m, "estimate": est, "estimates_by_level": guard.estimates_by_level(X), "interval": t["interval"], "covered": bool(lo <= m["true_fraction"] <= hi),
             "distance": t["distance"], "unlike_training": t["unlike_training"], "wide": t["wide"]}
 
 
@@ -137,13 +137,18 @@ def _fit(views, families, args):
     from saft.trust import distance_threshold, rate_ranges
 
     t0 = time.time()
+    from saft.pools import calibration_half, holdout_slice
+
     X, y, fam = training_set(views, families, args.cap, args.seed)
-    guard = fit_guard(X, y, fam, seed=args.seed)
+    held_rows = [r for f in families for r in views.rows[f] if holdout_slice(r["prompt"]) and calibration_half(r["prompt"])]
+    held = (views.of_rows(held_rows), np.array([r["harmful"] for r in held_rows]), np.array([r["family"] for r in held_rows]))
+    guard = fit_guard(X, y, fam, heldout=held, seed=args.seed)
     reference = guard.rbf["support_vectors"]
     dist = distance_threshold(heldout_views(views, families), reference, pool_size=args.pool_size, seed=args.seed)
     info = {"train_rows": int(len(y)), "train_harmful": int(y.sum()), "families": list(families),
-            "level": guard.level, "threshold": guard.threshold, "assumed_tpr": guard.folds[0]["tpr"],
-            "assumed_fpr": guard.folds[0]["fpr"], "family_rates": guard.rates, "ranges": rate_ranges(guard.rates),
+            "level": guard.level, "level_worst_rmse": guard.level_worst_rmse, "threshold": guard.threshold, "assumed_tpr": guard.folds[0]["tpr"],
+            "assumed_fpr": guard.folds[0]["fpr"], "assumed_rates": [[f["tpr"], f["fpr"]] for f in guard.folds],
+            "family_rates": guard.rates, "range_rates": guard.range_rates, "ranges": rate_ranges(guard.range_rates),
             "distance_threshold": dist["threshold"], "distance_per_family": dist["per_family"],
             "n_support": guard.n_support, "seconds": round(time.time() - t0, 1)}
     return guard, reference, info
@@ -155,6 +160,16 @@ def _summary(pools: list[dict], key: str) -> dict | None:
         return None
     return {"mean": round(float(np.mean(vals)), 4), "sd": round(float(np.std(vals)), 4),
             "min": round(float(np.min(vals)), 4), "max": round(float(np.max(vals)), 4), "n": len(vals)}
+
+
+def level_ceiling(pools: list[dict]) -> dict:
+    """The estimate rule's ceiling on one family: for each level, the worst |estimate - truth| over its pools, and
+    the level that would have been best in hindsight (chosen on the left-out family itself: not a result, the
+    limit of this estimator)."""
+    levels = pools[0]["estimates_by_level"].keys()
+    worst = {lv: round(max(abs(p["estimates_by_level"][lv] - p["true_fraction"]) for p in pools), 4) for lv in levels}
+    best = min(worst, key=worst.get)
+    return {"worst_error_by_level": worst, "best_level": float(best), "best_worst_error": worst[best]}
 
 
 def targets_of(pools: list[dict]) -> dict:
@@ -171,7 +186,7 @@ def targets_of(pools: list[dict]) -> dict:
 
 def run(args) -> dict:
     from saft.pipeline import versions
-    from saft.pools import FAMILIES, donor_rows, family_pool, holdout_slice
+    from saft.pools import FAMILIES, calibration_half, donor_rows, family_pool, holdout_slice
 
     cache = args.cache_dir or os.environ.get("SAFT_CACHE", str(Path.home() / ".cache" / "saft"))
     views = Views(args.raw_dir, cache, args.limit)
@@ -197,6 +212,7 @@ def run(args) -> dict:
                 pools.append({"rate": rate, "draw": d, **row, "v1": score_v1(X, labels, refusal)})
         logger.info("%s: %s", F, targets_of(pools))
         result["families"][F] = {"guard": info, "pools": pools, "targets": targets_of(pools),
+                                 "estimate_ceiling": level_ceiling(pools),
                                  "coverage": round(float(np.mean([p["covered"] for p in pools])), 4),
                                  "v1_targets": targets_of([p["v1"] for p in pools])}
     # Guard v2 (every family) on each family's held-out slice: the in-family numbers.
@@ -205,7 +221,7 @@ def run(args) -> dict:
     inside = {}
     rng = np.random.default_rng(args.seed)
     for F in FAMILIES:
-        held = [r for r in views.rows[F] if holdout_slice(r["prompt"])]
+        held = [r for r in views.rows[F] if holdout_slice(r["prompt"]) and not calibration_half(r["prompt"])]
         safe = [r for r in held if not r["harmful"]]
         harm = donors if F in ("refusals", "lookalike", "benign") else [r for r in held if r["harmful"]]
         Xs, Xh = views.of_rows(safe), views.of_rows(harm)
@@ -213,7 +229,7 @@ def run(args) -> dict:
         rows = {"n_safe": len(safe), "n_harmful": len(harm),
                 "auroc": round(float(roc_auc_score(np.r_[np.zeros(len(zs)), np.ones(len(zh))], np.r_[zs, zh])), 4),
                 "fpr_at_0": round(float((zs > 0).mean()), 4), "tpr_at_0": round(float((zh > 0).mean()), 4)}
-        n = min(150, len(safe))
+        n = min(150, len(safe), int(len(harm) / max(RATES)))
         for rate in RATES:
             errs = []
             for _ in range(args.draws):
@@ -257,7 +273,9 @@ def render(result: dict, plots_dir: Path) -> str:
                      f"{mark(v['auroc'])} / {mark(v['removed_error'])} / {mark(v['removed_at_0'])} |")
     cov = [p["covered"] for r in result["families"].values() for p in r["pools"]]
     lines += ["", f"Interval coverage over all left-out pools: {np.mean(cov):.2f} (target >= {TARGETS['coverage']}).",
-              "", "Guard v2 (every family) on each family's held-out slice (rows no guard trained on):", "",
+              "", "Guard v2 (every family) on each family's held-out slice outside its calibration half (rows no "
+              "guard trained on or measured its rates on; one-class families with the donor rows as harmful; pools "
+              "of at most 150 rows, fewer where the slice is small):", "",
               "| family | safe | harmful | AUROC | fpr at 0 | tpr at 0 | estimate error @0% | @10% | @30% |",
               "|---|---|---|---|---|---|---|---|---|"]
     for F, h in result["guard_v2"]["heldout"].items():

@@ -22,7 +22,10 @@ from .detectors.guard import decision
 
 logger = logging.getLogger(__name__)
 
-LEVELS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+LEVELS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)  # guard v1's
+# Guard v2's: from the classifier's middle to its top, since a threshold high enough to keep every family's safe
+# rows below it misses most harmful rows of an unseen family (the level is chosen by `choose_family_level`).
+FAMILY_LEVELS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 RATES = (0.05, 0.1, 0.2, 0.3)
 
 
@@ -105,14 +108,16 @@ def pooled_rates(rates: dict, skip: str | None = None) -> tuple[float, float]:
     return mean("tpr"), mean("fpr")
 
 
-def choose_family_level(cv: np.ndarray, y: np.ndarray, families: np.ndarray, *, levels=LEVELS, reps: int = 40,
+def choose_family_level(cv: np.ndarray, y: np.ndarray, families: np.ndarray, *, levels=FAMILY_LEVELS, reps: int = 40,
                         seed: int = 0) -> tuple[float, dict]:
     """Guard v2's level: the harmful-score quantile whose adjusted count errs least on the worst unseen family.
 
-    For each family g with safe rows, simulated pools of 300 rows take their safe rows from g and their harmful
-    rows from the harmful families other than g (or all when g is one), all scored by fold models that never saw
-    the row's family; the count is adjusted with the rates of the families other than g (nested: g's own rates
-    are what a user's pool does not reveal). The level with the smallest worst-family RMSE wins.
+    For each family g, simulated pools of 300 rows at 0-30% harmful take their safe rows from g and their harmful
+    rows from g too when g has them (else from every other family's harmful rows), all scored by fold models that
+    never saw the row's family; the count is adjusted with the rates of the families other than g (nested: g's
+    own rates are what a user's pool does not reveal). So both shifts weigh: safe rows that cross the threshold
+    more often (a low threshold suffers) and harmful rows that cross it less often (a high one suffers). The
+    level with the smallest worst-family RMSE wins.
     """
     rng = np.random.default_rng(seed)
     harm_all = cv[y == 1]
@@ -129,8 +134,8 @@ def choose_family_level(cv: np.ndarray, y: np.ndarray, families: np.ndarray, *, 
                 rmse.append(1.0)
                 continue
             safe = cv[(families == g) & (y == 0)]
-            other_h = cv[(families != g) & (y == 1)]
-            harm = other_h if len(other_h) else harm_all
+            own_h = cv[(families == g) & (y == 1)]
+            harm = own_h if len(own_h) else cv[(families != g) & (y == 1)]
             err = []
             for _ in range(reps):
                 for rate in (0.0,) + RATES:
@@ -158,6 +163,11 @@ class FittedGuard:
     linear_rates: dict
     cv: np.ndarray = field(repr=False)  # family-held-out RBF decision values of the training rows
     n_support: int = 0
+    y: np.ndarray | None = field(default=None, repr=False)
+    families: np.ndarray | None = field(default=None, repr=False)
+    range_rates: dict = field(default_factory=dict)  # "<family> unseen" / "<family> seen" -> rates: the interval's
+    linear_range_rates: dict = field(default_factory=dict)
+    heldout: tuple | None = field(default=None, repr=False)
 
     @property
     def threshold(self) -> float:
@@ -172,9 +182,31 @@ class FittedGuard:
         return np.array([float((decision(f, X) > f["threshold"]).mean()) for f in self.folds])
 
     def estimate(self, X) -> float:
-        """The adjusted count, averaged over the fold models (as `GuardScorer.contamination_estimate`)."""
-        tpr, fpr = self.folds[0]["tpr"], self.folds[0]["fpr"]
-        return float(np.mean(np.clip((self.flagged_shares(X) - fpr) / (tpr - fpr), 0, 1)))
+        """The adjusted count, the median over the fold models (as `GuardScorer.contamination_estimate` with
+        guard v2's `estimate_combine` "median"): a row far from every training row gets an RBF model's
+        intercept as its score, and one fold model whose intercept is above the threshold flags a whole pool of
+        such rows (measured: SST-2 answers at 0% harmful, with the SBR family left out, each of the five fold
+        models' mean was pulled to 0.2 by one of them)."""
+        est = [np.clip((q - f["fpr"]) / max(f["tpr"] - f["fpr"], 1e-9), 0, 1)
+               for q, f in zip(self.flagged_shares(X), self.folds)]
+        return float(np.median(est))
+
+    def estimates_by_level(self, X, levels=FAMILY_LEVELS) -> dict:
+        """The same adjusted count at each level of `levels` (its threshold and pooled rates from the training
+        rows' family-held-out scores): what a different level choice would have estimated."""
+        X = np.asarray(X, dtype=np.float64)
+        z = [decision(f, X) for f in self.folds]
+        out = {}
+        for level in levels:
+            t = float(np.quantile(self.cv[self.y == 1], level))
+            folds = [{**f, "threshold": t} for f in self.folds]
+            if self.heldout is not None:
+                rates = seen_family_rates(folds, self.fold_families, self.heldout)[0]
+            else:
+                rates = [pooled_rates(family_rates(self.cv, self.y, self.families, t))] * len(folds)
+            out[str(level)] = float(np.median([np.clip(((zz > t).mean() - fpr) / max(tpr - fpr, 1e-9), 0, 1)
+                                               for zz, (tpr, fpr) in zip(z, rates)]))
+        return out
 
 
 def _fit_folds(model, X, y, families, order):
@@ -195,13 +227,33 @@ def _with_rates(arrays: list[dict], cv, y, families, level_fn) -> tuple[list[dic
     return [{**a, "threshold": t, "tpr": tpr, "fpr": fpr} for a in arrays], level, worst, rates
 
 
-def fit_guard(X, y, families, *, C: float = 1.0, linear_C: float = 1.0, levels=LEVELS, seed: int = 0) -> FittedGuard:
+def seen_family_rates(folds: list[dict], fold_families: list[str], heldout) -> tuple[list[tuple[float, float]], dict]:
+    """Each fold model's (tpr, fpr) on held-out rows of the families it did learn from (`heldout`: X, y, family of
+    rows no model trained on), families weighted equally; and per family, its rates averaged over those folds."""
+    Xh, yh, fh = heldout
+    per_fold, per_family = [], {}
+    for f, skip in zip(folds, fold_families):
+        m = fh != skip
+        rates = family_rates(decision(f, Xh[m]), yh[m], fh[m], f["threshold"])
+        per_fold.append(pooled_rates(rates))
+        for fam, r in rates.items():
+            per_family.setdefault(fam, []).append(r)
+    avg = {fam: {k: (float(np.mean([r[k] for r in rs])) if rs[0][k] is not None else None) for k in ("tpr", "fpr")}
+           for fam, rs in per_family.items()}
+    return per_fold, avg
+
+
+def fit_guard(X, y, families, *, heldout=None, C: float = 1.0, linear_C: float = 1.0, levels=FAMILY_LEVELS,
+              seed: int = 0) -> FittedGuard:
     """Train guard v2 on rows X (sentence view), labels y (1 = harmful) and each row's source family.
 
     Final models: SVC(C, rbf, gamma 'scale', balanced) and LogisticRegression(linear_C, balanced) on every row.
     Fold models: one per family, trained without it (the leave-one-family-out folds). The estimate's threshold
-    is the `choose_family_level` quantile of the family-held-out harmful scores, shared by the fold models, and
-    the rates it assumes are `pooled_rates` of the per-family rates at that threshold.
+    is the `choose_family_level` quantile of the family-held-out harmful scores, shared by the fold models.
+    The rates each fold model's adjusted count assumes: with `heldout` (X, y, family of rows no model trains on,
+    e.g. the families' `holdout_slice`), its rates on the held-out rows of the families it learned from (a pool
+    like the training families, the common case); without, `pooled_rates` of the family-held-out rates. The
+    interval's ranges (`range_rates`) span both: every family seen and unseen.
     """
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y, dtype=int)
@@ -223,11 +275,23 @@ def fit_guard(X, y, families, *, C: float = 1.0, linear_C: float = 1.0, levels=L
     lr.fit(X, y)
     for f in folds:  # float16 support vectors, float64 decisions: as GuardScorer loads them
         f["support_vectors"] = f["support_vectors"].astype(np.float64)
+    range_rates = {f"{k} unseen": v for k, v in rates.items()}
+    linear_range_rates = {f"{k} unseen": v for k, v in linear_rates.items()}
+    if heldout is not None:
+        heldout = (np.asarray(heldout[0], dtype=np.float64), np.asarray(heldout[1], dtype=int),
+                   np.asarray(heldout[2]).astype(str))
+        for fl, rr in ((folds, range_rates), (linear_folds, linear_range_rates)):
+            per_fold, seen = seen_family_rates(fl, order, heldout)
+            for f, (tpr, fpr) in zip(fl, per_fold):
+                f["tpr"], f["fpr"] = tpr, fpr
+            rr.update({f"{k} seen": v for k, v in seen.items()})
     final = rbf_arrays(svc)
     final["support_vectors"] = final["support_vectors"].astype(np.float64)
     return FittedGuard(rbf=final, linear=linear_arrays(lr), folds=folds, linear_folds=linear_folds,
                        fold_families=order, level=level, level_worst_rmse=worst, rates=rates,
-                       linear_level=linear_level, linear_rates=linear_rates, cv=cv, n_support=int(len(svc.support_)))
+                       linear_level=linear_level, linear_rates=linear_rates, cv=cv, n_support=int(len(svc.support_)),
+                       y=y, families=families, range_rates=range_rates, linear_range_rates=linear_range_rates,
+                       heldout=heldout)
 
 
 class RowViews:
@@ -314,12 +378,14 @@ def save_guard(g: FittedGuard, json_path, npz_path, *, meta: dict, trust: dict) 
     final = {k: (np.asarray(v, dtype=np.float16) if k == "support_vectors" else v) for k, v in g.rbf.items()}
     with atomic_open(npz_path, "wb") as fh:
         np.savez_compressed(fh, **final, n_folds=len(g.folds), **arrays)
-    meta = {**meta, "estimate_level": g.linear_level, "family_rates": g.linear_rates, "fold_families": g.fold_families,
-            "trust": {**common, "ranges": rate_ranges(g.linear_rates), "family_rates": g.linear_rates}}
+    meta = {**meta, "estimate_combine": "median", "estimate_level": g.linear_level, "family_rates": g.linear_rates, "fold_families": g.fold_families,
+            "trust": {**common, "ranges": rate_ranges(g.linear_range_rates or g.linear_rates),
+                      "family_rates": g.linear_range_rates or g.linear_rates}}
     meta["kernel_model"] = {**meta.get("kernel_model", {}), "gamma": float(g.rbf["gamma"]), "n_support": g.n_support,
                             "estimate_level": g.level,
                             "estimate_level_worst_rmse": {str(k): v for k, v in g.level_worst_rmse.items()},
-                            "trust": {**common, "ranges": rate_ranges(g.rates), "family_rates": g.rates}}
+                            "trust": {**common, "ranges": rate_ranges(g.range_rates or g.rates),
+                                      "family_rates": g.range_rates or g.rates}}
     folds = [{"coef": np.asarray(f["coef"]).tolist(), "intercept": float(f["intercept"]), "threshold": f["threshold"],
               "tpr": f["tpr"], "fpr": f["fpr"]} for f in g.linear_folds]
     write_json({"coef": np.asarray(g.linear["coef"]).tolist(), "intercept": float(g.linear["intercept"]),

@@ -226,6 +226,12 @@ def holdout_slice(prompt: str) -> bool:
     return hashlib.sha1(prompt.encode("utf-8")).digest()[2] % 5 == 0
 
 
+def calibration_half(prompt: str) -> bool:
+    """Within the held-out slice: whether a prompt calibrates a guard's rates (half of it, by a fourth hash byte)
+    rather than serving as a donor row of one-class pools (`donor_rows`), so no pool row calibrates its guard."""
+    return hashlib.sha1(prompt.encode("utf-8")).digest()[3] % 2 == 0
+
+
 def is_refusal(row: dict) -> bool:
     """A safe row from a refusal set, or a safe answer that reads as a refusal."""
     return not row["harmful"] and (row["family"] == "refusals" or bool(REFUSAL_PATTERN.search(row["response"][:300])))
@@ -291,10 +297,11 @@ def family_rows(family: str, raw_dir: str | Path | None = None, *, part: str = "
 
 
 def donor_rows(raw_dir: str | Path | None = None, *, limit: int | None = None) -> list[dict]:
-    """Harmful rows for the pools of one-class families: the held-out slice's harmful rows of beavertails,
-    jailbreakbench and sbr (no guard trains on them, so a pool's harmful rows are never a guard's training rows)."""
+    """Harmful rows for the pools of one-class families: the harmful rows of beavertails, jailbreakbench and sbr in
+    the held-out slice but outside its `calibration_half` (no guard trains on them or measures its rates on them,
+    so a pool's harmful rows never trained or calibrated the guard that scores it)."""
     return [r for f in FAMILIES if f not in ONE_CLASS for r in family_rows(f, raw_dir, part="holdout", limit=limit)
-            if r["harmful"]]
+            if r["harmful"] and not calibration_half(r["prompt"])]
 
 
 def family_pool(family: str, n: int = 300, *, harmful_rate: float = 0.1, seed: int = 0,

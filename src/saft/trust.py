@@ -134,7 +134,8 @@ def label_free_trust(detector, X) -> dict | None:
     if cal is None:
         return None
     S = np.asarray(X, dtype=np.float64)[:, :len(guard.coef_)]
-    flagged = float(np.mean([(decision(f, S) > f["threshold"]).mean() for f in guard.estimate_models_]))
+    shares = [(decision(f, S) > f["threshold"]).mean() for f in guard.estimate_models_]
+    flagged = float(np.median(shares) if guard.meta_.get("estimate_combine") == "median" else np.mean(shares))
     # The reference set: the RBF model's support vectors (the rows nearest the decision boundary and the rest).
     reference = guard.model_["support_vectors"] if "support_vectors" in guard.model_ else None
     if reference is None:
