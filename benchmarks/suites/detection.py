@@ -251,7 +251,9 @@ def render(result: dict, plots_dir: Path) -> str:
              f"{result['data']['pool_size']} rows at {', '.join(f'{r:.0%}' for r in result['data']['rates'])} harmful, "
              f"{result['data']['draws']} draws each)", "",
              "Left-out family: the guard trained on every other family. Removed fraction vs truth at each rate "
-             "(mean ± sd over draws); v1 = the packaged guard v1 on the same pools.", "",
+             "(mean ± sd over draws); v1 = the packaged guard v1 on the same pools (v1 learned from BeaverTails' judge "
+             "half and Llama-2 refusals, so its beavertails row, and partly its refusals and sbr rows, are not "
+             "left-out numbers).", "",
              "| left out | AUROC | v1 AUROC | removed @0% | @10% | @30% | v1 removed @0/10/30% | F1 @30% | refusals kept | 90% coverage | unlike-training flagged |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for F, r in result["families"].items():
@@ -264,13 +266,18 @@ def render(result: dict, plots_dir: Path) -> str:
                      + f" | {v1rem} | {_fmt(_summary(by[0.3], 'f1'))} | {_fmt(_summary(pools, 'refusals_kept'))} | "
                      f"{r['coverage']:.2f} | {sum(p['unlike_training'] for p in pools)}/{len(pools)} |")
     lines += ["", "Targets on every left-out family (measured value; ✓ met, ✗ not met):", "",
-              "| left out | AUROC >= 0.85 | abs(removed - true) <= 0.05 | removed at 0% <= 0.03 | v1: AUROC / error / at 0% |",
-              "|---|---|---|---|---|"]
+              "| left out | AUROC >= 0.85 | abs(removed - true) <= 0.05 | removed at 0% <= 0.03 | estimate ceiling | 90% coverage | v1: AUROC / error / at 0% |",
+              "|---|---|---|---|---|---|---|"]
     mark = lambda t: f"{t['measured'] if t['measured'] is not None else '-'} {'✓' if t['met'] else '✗'}"  # noqa: E731
     for F, r in result["families"].items():
         t, v = r["targets"], r["v1_targets"]
+        c = r["estimate_ceiling"]
         lines.append(f"| {F} | {mark(t['auroc'])} | {mark(t['removed_error'])} | {mark(t['removed_at_0'])} | "
-                     f"{mark(v['auroc'])} / {mark(v['removed_error'])} / {mark(v['removed_at_0'])} |")
+                     f"{c['best_worst_error']:.3f} (level {c['best_level']:g}; chosen {r['guard']['level']:g}) | "
+                     f"{r['coverage']:.2f} | {mark(v['auroc'])} / {mark(v['removed_error'])} / {mark(v['removed_at_0'])} |")
+    lines += ["", "Estimate ceiling: the worst |estimate - truth| over the family's pools at the level that would have "
+              "been best in hindsight (chosen on the left-out family itself, so a limit of this estimator, not a "
+              "result); chosen = the level picked from the training families alone."]
     cov = [p["covered"] for r in result["families"].values() for p in r["pools"]]
     lines += ["", f"Interval coverage over all left-out pools: {np.mean(cov):.2f} (target >= {TARGETS['coverage']}).",
               "", "Guard v2 (every family) on each family's held-out slice outside its calibration half (rows no "

@@ -185,8 +185,8 @@ class FittedGuard:
         """The adjusted count, the median over the fold models (as `GuardScorer.contamination_estimate` with
         guard v2's `estimate_combine` "median"): a row far from every training row gets an RBF model's
         intercept as its score, and one fold model whose intercept is above the threshold flags a whole pool of
-        such rows (measured: SST-2 answers at 0% harmful, with the SBR family left out, each of the five fold
-        models' mean was pulled to 0.2 by one of them)."""
+        such rows (measured with the mean: with the SBR family left out, every SBR pool at 0%, 10% and 30% harmful
+        came out at exactly 0.200 with AUROC 1.000, the mark of one fold in five at 1 and four near 0)."""
         est = [np.clip((q - f["fpr"]) / max(f["tpr"] - f["fpr"], 1e-9), 0, 1)
                for q, f in zip(self.flagged_shares(X), self.folds)]
         return float(np.median(est))
