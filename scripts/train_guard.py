@@ -1,8 +1,18 @@
-"""Train the label-free guard detector and write src/saft/guard_minilm_v1.json (weights + measured rates) and
-src/saft/guard_minilm_rbf_v1.npz (the RBF model that ranks by default).
+"""Train the label-free guard detector: guard v2 (default) or guard v1.
 
-    python scripts/train_guard.py [--raw-dir ../shared/data/raw] [--C 1.0] [--rbf-C 1.0]
+    python scripts/train_guard.py [--version 2] [--raw-dir ../shared/data/raw] [--cap 900] [--limit 800]
+    python scripts/train_guard.py --version 1 [--raw-dir ../shared/data/raw] [--C 1.0] [--rbf-C 1.0]
 
+Guard v2 writes src/saft/guard_minilm_v2.json, src/saft/guard_minilm_rbf_v2.npz and its training rows
+src/saft/guard_rows_v2.jsonl.gz (described in src/saft/guard_v2_README.md). It learns from every source family
+of saft.pools.FAMILIES (BeaverTails, JailbreakBench, SBR, the refusal sets, benign look-alikes, benign task
+data): each family's 'train' part (no judge_reserved prompt, no holdout_slice prompt), at most --cap rows a
+family drawn from its fixed --limit subset, the rows benchmarks/suites/detection.py embeds. Its fold models
+are one per family, each trained without that family (saft.guard_training.fit_guard), so the rates of
+its contamination estimate and their spread (the interval of saft.trust) were measured on unseen families.
+The sentence view is cached row by row under $SAFT_CACHE/rowviews.
+
+Guard v1 writes src/saft/guard_minilm_v1.json (weights + measured rates) and src/saft/guard_minilm_rbf_v1.npz.
 Training rows (all from shared/data/raw): BeaverTails 30k_test safe and unsafe pairs whose prompt is in the
 'judge' half of saft.pools.prompt_split, and the 1015 refusals of a safety-tuned Llama-2-chat to harmful
 prompts (labelled safe). None of the sources of the task pools' benign rows (Alpaca, Dolly) or refusals
@@ -21,6 +31,8 @@ with kernel="rbf"); all ship in the .npz, its grouped cross-validation and test 
 """
 
 import argparse
+import os
+from pathlib import Path
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -32,60 +44,27 @@ from sklearn.svm import SVC
 from saft.data import atomic_open, write_json
 from saft.detectors.guard import GUARD_FILE
 from saft.encoders import ENCODER_VERSION, embed_pairs
-from saft.pools import guard_training_rows, load_source, prompt_split
+from saft.guard_training import RowViews, cap_rows, choose_estimate_level, fit_guard, rbf_arrays, save_guard
+from saft.pools import FAMILIES, calibration_half, guard_training_rows, holdout_slice, family_rows, load_source, prompt_split
+from saft.trust import distance_threshold
 
-
-LEVELS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
-RATES = (0.05, 0.1, 0.2, 0.3)
-
-
-def choose_estimate_level(cv: np.ndarray, y: np.ndarray, source: np.ndarray, *, reps: int = 100,
-                          seed: int = 0) -> tuple[float, dict]:
-    """The quantile of the harmful rows' scores at which the guard counts flagged rows for its estimate.
-
-    An adjusted count is unbiased only when the pool's safe rows look like the training safe rows; a user's
-    are different, and the bias is (pool's false-positive rate - training's) / (tpr - fpr). A higher threshold
-    shrinks both false-positive rates (less bias under shift) but counts fewer harmful rows (more variance).
-    The trade-off is settled on simulated pools of 1000 rows built from cross-validated training scores only:
-    harmful rows at 5-30%, safe rows drawn from all training safe rows, from BeaverTails safe answers only, or
-    from the refusals only (the shifts), with tpr and fpr taken from the other half of the rows. The level with
-    the smallest worst-shift RMSE wins. Returns (level, {level: worst RMSE}).
-    """
-    rng = np.random.default_rng(seed)
-    harm, safe = cv[y == 1], cv[y == 0]
-    shifts = {"all": safe, "bt_safe": cv[(y == 0) & (source == "bt_safe")], "refusals": cv[(y == 0) & (source != "bt_safe")]}
-    worst = {}
-    for level in LEVELS:
-        rmse = []
-        for pool_safe in shifts.values():
-            err = []
-            for _ in range(reps):
-                h, s = rng.permutation(harm), rng.permutation(safe)
-                ref_h, test_h, ref_s = h[: len(h) // 2], h[len(h) // 2:], s[: len(s) // 2]
-                t = np.quantile(ref_h, level)
-                tpr, fpr = (ref_h > t).mean(), (ref_s > t).mean()
-                for rate in RATES:
-                    n_h = int(rate * 1000)
-                    z = np.concatenate([rng.choice(test_h, n_h), rng.choice(pool_safe, 1000 - n_h)])
-                    err.append(np.clip(((z > t).mean() - fpr) / (tpr - fpr), 0, 1) - rate)
-            rmse.append(float(np.sqrt(np.mean(np.square(err)))))
-        worst[level] = round(max(rmse), 4)
-    return min(worst, key=worst.get), worst
-
-
-def rbf_arrays(svc) -> dict:
-    """A fitted SVC as the arrays GuardScorer reads (support vectors as float16: unit-vector embeddings, so the
-    rounding moves decision values by about 1e-3)."""
-    return {"support_vectors": svc.support_vectors_.astype(np.float16), "dual_coef": svc.dual_coef_[0],
-            "intercept": svc.intercept_[0], "gamma": svc._gamma}
+V2_FILE = GUARD_FILE.with_name("guard_minilm_v2.json")
+V2_KERNEL = GUARD_FILE.with_name("guard_minilm_rbf_v2.npz")
+V2_ROWS = GUARD_FILE.with_name("guard_rows_v2.jsonl.gz")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--version", type=int, choices=(1, 2), default=2)
     ap.add_argument("--raw-dir", default=None)
     ap.add_argument("--C", type=float, default=1.0)
     ap.add_argument("--rbf-C", type=float, default=1.0)
+    ap.add_argument("--cap", type=int, default=900, help="v2: training rows per family at most")
+    ap.add_argument("--limit", type=int, default=800, help="v2: the fixed subset of each family it draws from")
+    ap.add_argument("--cache-dir", default=None, help="v2: row cache of the sentence view (default $SAFT_CACHE)")
     args = ap.parse_args()
+    if args.version == 2:
+        return build_v2(args)
     bt = load_source("bt_safe", args.raw_dir) + load_source("bt_unsafe", args.raw_dir)
     train = guard_training_rows(args.raw_dir)
     test = [r for r in bt if prompt_split(r["prompt"]) == "experiment"]
@@ -150,6 +129,48 @@ def main() -> None:
     write_json({"coef": lr.coef_[0].tolist(), "intercept": float(lr.intercept_[0]), "estimate_folds": folds,
                 "kernel_model": kernel_file.name, "meta": meta}, GUARD_FILE)
     print(f"wrote {GUARD_FILE} and {kernel_file}: {meta}")
+
+
+def build_v2(args) -> None:
+    """Guard v2: every family's training part (at most --cap rows a family, from its --limit subset), folded by
+    family (saft.guard_training.fit_guard), with the trust calibration of saft.trust in its meta."""
+    import gzip
+    import json
+
+    cache = args.cache_dir or os.environ.get("SAFT_CACHE", str(Path.home() / ".cache" / "saft"))
+    views = RowViews(cache, progress=True)
+    views.seed_from_shipped()
+    rows = [r for f in FAMILIES for r in family_rows(f, args.raw_dir, part="train", limit=args.limit)]
+    fam = np.array([r["family"] for r in rows])
+    y = np.array([r["harmful"] for r in rows])
+    keep = cap_rows(fam, y, args.cap, seed=0)
+    rows, fam, y = [rows[i] for i in keep], fam[keep], y[keep]
+    X = views(rows)
+    held_rows = [r for f in FAMILIES for r in family_rows(f, args.raw_dir, part="holdout", limit=args.limit)
+                 if calibration_half(r["prompt"])]
+    heldout = (views(held_rows), np.array([r["harmful"] for r in held_rows]), np.array([r["family"] for r in held_rows]))
+    g = fit_guard(X, y, fam, heldout=heldout, C=args.rbf_C, linear_C=args.C)
+    held = {f: views(family_rows(f, args.raw_dir, part="holdout", limit=args.limit)) for f in FAMILIES}
+    dist = distance_threshold(held, g.rbf["support_vectors"])
+    counts = {f: {"rows": int((fam == f).sum()), "harmful": int(y[fam == f].sum())} for f in FAMILIES}
+    trust = {"distance_threshold": dist["threshold"], "distance_per_family": dist["per_family"]}
+    meta = {
+        "version": 2, "encoder": ENCODER_VERSION,
+        "classifier": f"LogisticRegression(C={args.C}, class_weight='balanced')",
+        "train": f"saft.pools.family_rows(part='train', limit={args.limit}) of every family, at most {args.cap} rows "
+                 f"a family ({len(y)} rows, {int(y.sum())} harmful); no judge_reserved or holdout_slice prompt",
+        "train_families": counts, "folds": "one per family, trained without it", "fold_families": g.fold_families,
+        "built_by": "python scripts/train_guard.py --version 2" + (f" --cap {args.cap}" if args.cap != 900 else "")
+        + (f" --limit {args.limit}" if args.limit != 800 else ""),
+    }
+    meta["kernel_model"] = {"classifier": f"SVC(C={args.rbf_C}, kernel='rbf', gamma='scale', class_weight='balanced')",
+                            "cv_auroc_family_held_out": round(float(roc_auc_score(y, g.cv)), 4)}
+    save_guard(g, V2_FILE, V2_KERNEL, meta=meta, trust=trust)
+    with atomic_open(V2_ROWS, "wb") as fh, gzip.open(fh, "wt", encoding="utf-8") as gz:
+        for r in rows:
+            gz.write(json.dumps({k: r[k] for k in ("prompt", "response", "harmful", "family", "source", "category")},
+                                ensure_ascii=False) + "\n")
+    print(f"wrote {V2_FILE}, {V2_KERNEL} and {V2_ROWS}: {json.dumps(meta, indent=1)}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from .metrics import detection_metrics
 from .models import EMBEDDED, default_cache_dir, load_model
 from .reference import reference_view
 from .select import PRIOR_WEIGHT, RULES, RuleInputs, Selection, draw_labeled, select
+from .trust import label_free_trust
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +261,9 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
         "model": info["model"],
         "feature_cache": str(info["cache_path"]) if info["cache_path"] else None,
         "versions": versions(), "seconds": round(time.time() - t0, 2),
+        # The label-free estimate's interval, the data's distance to the guard's training rows and the advice
+        # (None for a guard shipped without that calibration, and for rules that do not use the estimate).
+        "trust": selection.params.pop("trust", None),
     }
     result = FilterResult(dataset, scores, selection, summary, Path(output_dir) if output_dir is not None else None)
     if result.output_dir is not None:
@@ -311,9 +315,13 @@ def score_and_select(config: FilterConfig, X: np.ndarray, *, labelled_X=None, la
     for c in candidates:
         kw = dict(params, **({spec.searched: c} if spec.searched else {}))
         detectors[c] = get_detector(config.detector, **kw).fit(fit_X, y, **fit_kw)
-    estimate = None
+    estimate, trust = None, None
     if hasattr(spec.cls, "contamination_estimate") and (rule.estimate or config.rule == "calibrated"):
         estimate = detectors[candidates[0]].contamination_estimate(X)
+        if rule.estimate:  # a label-free run: the interval caps what it removes (`saft.trust`)
+            trust = label_free_trust(detectors[candidates[0]], X)
+            if trust is not None:
+                estimate = dataclasses.replace(estimate, interval=tuple(trust["interval"]), level=trust["level"])
     pool_scores = {c: d.score_samples(X) for c, d in detectors.items()}
     inputs = RuleInputs(pool_scores, estimate=estimate, fraction=config.fraction, threshold=config.threshold,
                         n_thresholds=config.n_thresholds, prior_weight=config.prior_weight, labelled_idx=labelled_idx,
@@ -322,6 +330,8 @@ def score_and_select(config: FilterConfig, X: np.ndarray, *, labelled_X=None, la
         inputs.labelled_scores = {c: d.score_samples(labelled_X) for c, d in detectors.items()}
         inputs.labels = labels
     selection = select(config.rule, inputs)
+    if trust is not None:
+        selection.params["trust"] = trust
     chosen = selection.params.pop("candidate", candidates[0])
     return pool_scores[chosen], selection, chosen
 

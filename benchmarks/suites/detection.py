@@ -1,0 +1,305 @@
+"""Leave-one-family-out detection: the guard on data unlike its own.
+
+For each source family of saft.pools.FAMILIES, a guard (guard v2's recipe, saft.guard_training.fit_guard) is
+trained on the training part of every other family and scores pools made from the left-out family at 0%, 10%
+and 30% harmful, three draws each (saft.pools.family_pool). Measured per pool: AUROC of the guard's score,
+the removed fraction of its label-free estimate rule against the true fraction, F1 of the removal, the share of
+refusals kept, whether the 90% interval of saft.trust covers the truth, and the pool's distance to the guard's
+training rows. The packaged guard v1 (BeaverTails judge half + Llama-2 refusals) scores the same pools in the
+same run as the baseline. Then guard v2 trained on every family is scored on each family's held-out slice (rows
+no guard trained on): its in-family numbers, the ceiling the left-out numbers are read against.
+
+    PYTHONPATH=src python benchmarks/suites/detection.py [--pool-size 300] [--cap 900] [--draws 3] [--limit 800]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import f1_score, roc_auc_score
+
+NAME = "detection"
+QUESTION = ("How well does the label-free guard rank and count harmful rows on a source family it never learned "
+            "from, and does its interval cover the truth?")
+RATES = (0.0, 0.1, 0.3)
+TARGETS = {"auroc": 0.85, "removed_error": 0.05, "removed_at_0": 0.03, "coverage": 0.85}
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pool-size", type=int, default=300)
+    parser.add_argument("--cap", type=int, default=900, help="training rows per family at most")
+    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--limit", type=int, default=800, help="rows per family at most (a fixed subset)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--families", nargs="*", default=None, help="left-out families (default: all)")
+    parser.add_argument("--raw-dir", default=None)
+    parser.add_argument("--cache-dir", default=None, help="feature cache (default $SAFT_CACHE/features)")
+
+
+def _key(r) -> tuple[str, str]:
+    return r["prompt"], r["response"]
+
+
+class Views:
+    """Every family's rows (at most `limit` a family: saft.pools.family_rows) and their sentence view, cached row
+    by row (saft.guard_training.RowViews)."""
+
+    def __init__(self, raw_dir, cache_dir, limit):
+        from saft.guard_training import RowViews
+        from saft.pools import FAMILIES, family_rows
+
+        store = RowViews(cache_dir)
+        store.seed_from_shipped()
+        self.rows = {f: family_rows(f, raw_dir, limit=limit) for f in FAMILIES}
+        everything = [r for f in FAMILIES for r in self.rows[f]]
+        self.X = store(everything)
+        self.index = {_key(r): i for i, r in enumerate(everything)}
+
+    def of_rows(self, rows) -> np.ndarray:
+        return self.X[[self.index[_key(r)] for r in rows]]
+
+    def of_samples(self, samples) -> np.ndarray:
+        return self.X[[self.index[(s.prompt, s.response)] for s in samples]]
+
+
+def training_set(views: Views, families, cap: int, seed: int):
+    from saft.guard_training import cap_rows
+    from saft.pools import holdout_slice
+
+    rows = [r for f in families for r in views.rows[f] if not holdout_slice(r["prompt"])]
+    fam = np.array([r["family"] for r in rows])
+    y = np.array([r["harmful"] for r in rows])
+    keep = cap_rows(fam, y, cap, seed=seed)
+    rows = [rows[i] for i in keep]
+    return views.of_rows(rows), y[keep], fam[keep]
+
+
+def heldout_views(views: Views, families) -> dict:
+    from saft.pools import holdout_slice
+
+    return {f: views.of_rows([r for r in views.rows[f] if holdout_slice(r["prompt"])]) for f in families}
+
+
+def pool_metrics(scores, labels, removed, refusal) -> dict:
+    y = np.asarray(labels)
+    removed = np.asarray(removed, dtype=bool)
+    refusal = np.asarray(refusal, dtype=bool)
+    return {"auroc": float(roc_auc_score(y, scores)) if 0 < y.sum() < len(y) else None,
+            "true_fraction": float(y.mean()), "removed_fraction": float(removed.mean()),
+            "f1": float(f1_score(y, removed, zero_division=0)) if y.sum() else None,
+            "refusals_kept": float((~removed[refusal]).mean()) if refusal.any() else None,
+            "n_refusals": int(refusal.sum())}
+
+
+def top_share(scores, share) -> np.ndarray:
+    k = int(round(share * len(scores)))
+    removed = np.zeros(len(scores), dtype=bool)
+    if k:
+        removed[np.argsort(-scores, kind="stable")[:k]] = True
+    return removed
+
+
+def score_pool(guard, ranges, dist_t, reference, X, labels, refusal) -> dict:
+    from saft.trust import assess, cap_removal, pool_distance
+
+    scores = guard.score(X)
+    flagged = guard.flagged_shares(X)
+    est = guard.estimate(X)
+    t = assess(est, float(np.median(flagged)), len(X), ranges, distance=pool_distance(X, reference), threshold=dist_t)
+    n_removed = cap_removal(int(round(est * len(X))), len(X), t["interval"])
+    removed = top_share(scores, n_removed / len(X))
+    m = pool_metrics(scores, labels, removed, refusal)
+    lo, hi = t["interval"]
+    return {**m, "estimate": est, "estimates_by_level": guard.estimates_by_level(X), "interval": t["interval"], "covered": bool(lo <= m["true_fraction"] <= hi),
+            "distance": t["distance"], "unlike_training": t["unlike_training"], "wide": t["wide"]}
+
+
+def score_v1(X, labels, refusal) -> dict:
+    from saft.detectors.guard import GuardScorer
+
+    g = GuardScorer().fit(X)
+    scores = g.score_samples(X)
+    est = g.contamination_estimate(X)
+    return {**pool_metrics(scores, labels, top_share(scores, est), refusal), "estimate": est}
+
+
+def _fit(views, families, args):
+    from saft.guard_training import fit_guard
+    from saft.trust import distance_threshold, rate_ranges
+
+    t0 = time.time()
+    from saft.pools import calibration_half, holdout_slice
+
+    X, y, fam = training_set(views, families, args.cap, args.seed)
+    held_rows = [r for f in families for r in views.rows[f] if holdout_slice(r["prompt"]) and calibration_half(r["prompt"])]
+    held = (views.of_rows(held_rows), np.array([r["harmful"] for r in held_rows]), np.array([r["family"] for r in held_rows]))
+    guard = fit_guard(X, y, fam, heldout=held, seed=args.seed)
+    reference = guard.rbf["support_vectors"]
+    dist = distance_threshold(heldout_views(views, families), reference, pool_size=args.pool_size, seed=args.seed)
+    info = {"train_rows": int(len(y)), "train_harmful": int(y.sum()), "families": list(families),
+            "level": guard.level, "level_worst_rmse": guard.level_worst_rmse, "threshold": guard.threshold, "assumed_tpr": guard.folds[0]["tpr"],
+            "assumed_fpr": guard.folds[0]["fpr"], "assumed_rates": [[f["tpr"], f["fpr"]] for f in guard.folds],
+            "family_rates": guard.rates, "range_rates": guard.range_rates, "ranges": rate_ranges(guard.range_rates),
+            "distance_threshold": dist["threshold"], "distance_per_family": dist["per_family"],
+            "n_support": guard.n_support, "seconds": round(time.time() - t0, 1)}
+    return guard, reference, info
+
+
+def _summary(pools: list[dict], key: str) -> dict | None:
+    vals = [p[key] for p in pools if p.get(key) is not None]
+    if not vals:
+        return None
+    return {"mean": round(float(np.mean(vals)), 4), "sd": round(float(np.std(vals)), 4),
+            "min": round(float(np.min(vals)), 4), "max": round(float(np.max(vals)), 4), "n": len(vals)}
+
+
+def level_ceiling(pools: list[dict]) -> dict:
+    """The estimate rule's ceiling on one family: for each level, the worst |estimate - truth| over its pools, and
+    the level that would have been best in hindsight (chosen on the left-out family itself: not a result, the
+    limit of this estimator)."""
+    levels = pools[0]["estimates_by_level"].keys()
+    worst = {lv: round(max(abs(p["estimates_by_level"][lv] - p["true_fraction"]) for p in pools), 4) for lv in levels}
+    best = min(worst, key=worst.get)
+    return {"worst_error_by_level": worst, "best_level": float(best), "best_worst_error": worst[best]}
+
+
+def targets_of(pools: list[dict]) -> dict:
+    """Targets on one family's pools, each with the measured value."""
+    auroc = _summary(pools, "auroc")
+    err = max(abs(p["removed_fraction"] - p["true_fraction"]) for p in pools)
+    at0 = [p["removed_fraction"] for p in pools if p["true_fraction"] == 0]
+    return {"auroc": {"measured": auroc["mean"] if auroc else None,
+                      "met": bool(auroc and auroc["mean"] >= TARGETS["auroc"])},
+            "removed_error": {"measured": round(err, 4), "met": bool(err <= TARGETS["removed_error"])},
+            "removed_at_0": {"measured": round(max(at0), 4) if at0 else None,
+                             "met": bool(at0 and max(at0) <= TARGETS["removed_at_0"])}}
+
+
+def run(args) -> dict:
+    from saft.pipeline import versions
+    from saft.pools import FAMILIES, calibration_half, donor_rows, family_pool, holdout_slice
+
+    cache = args.cache_dir or os.environ.get("SAFT_CACHE", str(Path.home() / ".cache" / "saft"))
+    views = Views(args.raw_dir, cache, args.limit)
+    left_out = args.families or list(FAMILIES)
+    result = {"command": " ".join(["python", *sys.argv]), "seed": args.seed,
+              "data": {"families": {f: {"rows": len(views.rows[f]), "harmful": int(sum(r["harmful"] for r in views.rows[f]))}
+                                    for f in FAMILIES},
+                       "limit": args.limit, "cap": args.cap, "pool_size": args.pool_size, "rates": list(RATES), "draws": args.draws,
+                       "recipe": "saft.pools.family_pool (docs/families.md); training rows: saft.pools.family_rows "
+                                 f"part 'train' of the other families, at most {args.cap} a family"},
+              "versions": versions(), "targets": TARGETS, "families": {}}
+    for F in left_out:
+        guard, reference, info = _fit(views, [f for f in FAMILIES if f != F], args)
+        pools = []
+        for rate in RATES:
+            for d in range(args.draws):
+                samples = family_pool(F, args.pool_size, harmful_rate=rate, seed=args.seed + d, raw_dir=args.raw_dir,
+                                      limit=args.limit)
+                X = views.of_samples(samples)
+                labels = [s.label for s in samples]
+                refusal = [s.meta["refusal"] for s in samples]
+                row = score_pool(guard, info["ranges"], info["distance_threshold"], reference, X, labels, refusal)
+                pools.append({"rate": rate, "draw": d, **row, "v1": score_v1(X, labels, refusal)})
+        logger.info("%s: %s", F, targets_of(pools))
+        result["families"][F] = {"guard": info, "pools": pools, "targets": targets_of(pools),
+                                 "estimate_ceiling": level_ceiling(pools),
+                                 "coverage": round(float(np.mean([p["covered"] for p in pools])), 4),
+                                 "v1_targets": targets_of([p["v1"] for p in pools])}
+    # Guard v2 (every family) on each family's held-out slice: the in-family numbers.
+    guard, reference, info = _fit(views, list(FAMILIES), args)
+    donors = donor_rows(args.raw_dir, limit=args.limit)
+    inside = {}
+    rng = np.random.default_rng(args.seed)
+    for F in FAMILIES:
+        held = [r for r in views.rows[F] if holdout_slice(r["prompt"]) and not calibration_half(r["prompt"])]
+        safe = [r for r in held if not r["harmful"]]
+        harm = donors if F in ("refusals", "lookalike", "benign") else [r for r in held if r["harmful"]]
+        Xs, Xh = views.of_rows(safe), views.of_rows(harm)
+        zs, zh = guard.score(Xs), guard.score(Xh)
+        rows = {"n_safe": len(safe), "n_harmful": len(harm),
+                "auroc": round(float(roc_auc_score(np.r_[np.zeros(len(zs)), np.ones(len(zh))], np.r_[zs, zh])), 4),
+                "fpr_at_0": round(float((zs > 0).mean()), 4), "tpr_at_0": round(float((zh > 0).mean()), 4)}
+        n = min(150, len(safe), int(len(harm) / max(RATES)))
+        for rate in RATES:
+            errs = []
+            for _ in range(args.draws):
+                nh = int(round(n * rate))
+                X = np.vstack([Xs[rng.choice(len(Xs), n - nh, replace=False)], Xh[rng.choice(len(Xh), nh, replace=False)]])
+                errs.append(guard.estimate(X) - nh / n)
+            rows[f"estimate_error_{int(rate * 100)}"] = round(float(np.mean(errs)), 4)
+        inside[F] = rows
+    result["guard_v2"] = {"guard": info, "heldout": inside}
+    return result
+
+
+def _fmt(s: dict | None) -> str:
+    return "-" if s is None else f"{s['mean']:.3f} ± {s['sd']:.3f}"
+
+
+def render(result: dict, plots_dir: Path) -> str:
+    lines = [f"## {NAME}", "", QUESTION, "", f"`{result['command']}` (seed {result['seed']}; pools of "
+             f"{result['data']['pool_size']} rows at {', '.join(f'{r:.0%}' for r in result['data']['rates'])} harmful, "
+             f"{result['data']['draws']} draws each)", "",
+             "Left-out family: the guard trained on every other family. Removed fraction vs truth at each rate "
+             "(mean ± sd over draws); v1 = the packaged guard v1 on the same pools (v1 learned from BeaverTails' judge "
+             "half and Llama-2 refusals, so its beavertails row, and partly its refusals and sbr rows, are not "
+             "left-out numbers).", "",
+             "| left out | AUROC | v1 AUROC | removed @0% | @10% | @30% | v1 removed @0/10/30% | F1 @30% | refusals kept | 90% coverage | unlike-training flagged |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for F, r in result["families"].items():
+        pools = r["pools"]
+        by = {rate: [p for p in pools if p["rate"] == rate] for rate in result["data"]["rates"]}
+        v1 = [p["v1"] for p in pools]
+        v1rem = "/".join(f"{np.mean([p['v1']['removed_fraction'] for p in by[rate]]):.2f}" for rate in by)
+        lines.append(f"| {F} | {_fmt(_summary(pools, 'auroc'))} | {_fmt(_summary(v1, 'auroc'))} | "
+                     + " | ".join(_fmt(_summary(by[rate], "removed_fraction")) for rate in by)
+                     + f" | {v1rem} | {_fmt(_summary(by[0.3], 'f1'))} | {_fmt(_summary(pools, 'refusals_kept'))} | "
+                     f"{r['coverage']:.2f} | {sum(p['unlike_training'] for p in pools)}/{len(pools)} |")
+    lines += ["", "Targets on every left-out family (measured value; ✓ met, ✗ not met):", "",
+              "| left out | AUROC >= 0.85 | abs(removed - true) <= 0.05 | removed at 0% <= 0.03 | estimate ceiling | 90% coverage | v1: AUROC / error / at 0% |",
+              "|---|---|---|---|---|---|---|"]
+    mark = lambda t: f"{t['measured'] if t['measured'] is not None else '-'} {'✓' if t['met'] else '✗'}"  # noqa: E731
+    for F, r in result["families"].items():
+        t, v = r["targets"], r["v1_targets"]
+        c = r["estimate_ceiling"]
+        lines.append(f"| {F} | {mark(t['auroc'])} | {mark(t['removed_error'])} | {mark(t['removed_at_0'])} | "
+                     f"{c['best_worst_error']:.3f} (level {c['best_level']:g}; chosen {r['guard']['level']:g}) | "
+                     f"{r['coverage']:.2f} | {mark(v['auroc'])} / {mark(v['removed_error'])} / {mark(v['removed_at_0'])} |")
+    lines += ["", "Estimate ceiling: the worst |estimate - truth| over the family's pools at the level that would have "
+              "been best in hindsight (chosen on the left-out family itself, so a limit of this estimator, not a "
+              "result); chosen = the level picked from the training families alone."]
+    cov = [p["covered"] for r in result["families"].values() for p in r["pools"]]
+    lines += ["", f"Interval coverage over all left-out pools: {np.mean(cov):.2f} (target >= {TARGETS['coverage']}).",
+              "", "Guard v2 (every family) on each family's held-out slice outside its calibration half (rows no "
+              "guard trained on or measured its rates on; one-class families with the donor rows as harmful; pools "
+              "of at most 150 rows, fewer where the slice is small):", "",
+              "| family | safe | harmful | AUROC | fpr at 0 | tpr at 0 | estimate error @0% | @10% | @30% |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for F, h in result["guard_v2"]["heldout"].items():
+        lines.append(f"| {F} | {h['n_safe']} | {h['n_harmful']} | {h['auroc']:.3f} | {h['fpr_at_0']:.3f} | "
+                     f"{h['tpr_at_0']:.3f} | {h['estimate_error_0']:+.3f} | {h['estimate_error_10']:+.3f} | "
+                     f"{h['estimate_error_30']:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # until benchmarks/run.py lands: run, write the JSON, print the Markdown
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    ap = argparse.ArgumentParser(description=QUESTION)
+    add_arguments(ap)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / f"{NAME}.json"))
+    a = ap.parse_args()
+    res = run(a)
+    tmp = Path(a.out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1) + "\n")
+    tmp.replace(a.out)
+    print(render(res, Path(a.out).parent / "plots"))
