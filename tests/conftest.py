@@ -48,7 +48,9 @@ def pytest_sessionfinish(session, exitstatus):
     written = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
     shutil.rmtree(root, ignore_errors=True)
     if written:
-        session.config.get_terminal_writer().line(
+        writer = session.config.get_terminal_writer()
+        writer.line()
+        writer.line(
             f"the suite wrote into HOME ({len(written)} paths, e.g. {written[:5]}); it must write only into "
             "temporary folders", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
