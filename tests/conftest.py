@@ -20,7 +20,7 @@ import pytest
 ISOLATED_ENV = {"HOME": "home", "XDG_CACHE_HOME": "xdg-cache", "XDG_CONFIG_HOME": "xdg-config",
                 "XDG_DATA_HOME": "xdg-data", "XDG_STATE_HOME": "xdg-state", "SAFT_CACHE": "saft-cache",
                 "HF_HOME": "hf", "HF_DATASETS_CACHE": "hf/datasets", "TORCH_HOME": "torch",
-                "MPLCONFIGDIR": "matplotlib", "TRITON_CACHE_DIR": "triton"}
+                "MPLCONFIGDIR": "matplotlib", "TRITON_CACHE_DIR": "triton", "HYPOTHESIS_STORAGE_DIRECTORY": "hypothesis"}
 _ISOLATED: dict[str, Path] = {}
 
 
@@ -31,9 +31,11 @@ def pytest_configure(config):
         (root / sub).mkdir(parents=True, exist_ok=True)
         os.environ[name] = str(root / sub)
     os.environ["HF_HUB_OFFLINE"] = "1"
-    try:  # hypothesis keeps failing examples in ./.hypothesis unless told otherwise; the suite writes no such file
+    try:  # hypothesis keeps examples and caches in ./.hypothesis unless told otherwise
         from hypothesis import settings
+        from hypothesis.configuration import set_hypothesis_home_dir
 
+        set_hypothesis_home_dir(root / "hypothesis")
         settings.register_profile("saft", database=None, deadline=None)
         settings.load_profile("saft")
     except ImportError:
@@ -48,7 +50,9 @@ def pytest_sessionfinish(session, exitstatus):
     written = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
     shutil.rmtree(root, ignore_errors=True)
     if written:
-        session.config.get_terminal_writer().line(
+        writer = session.config.get_terminal_writer()
+        writer.line()
+        writer.line(
             f"the suite wrote into HOME ({len(written)} paths, e.g. {written[:5]}); it must write only into "
             "temporary folders", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

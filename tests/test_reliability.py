@@ -328,12 +328,13 @@ def test_a_link_in_the_output_folder_is_replaced_not_followed(tiny_model_dir, tm
     victim.write_text("precious")
     out = tmp_path / "out"
     out.mkdir()
-    for name in ("kept.jsonl", "scores.jsonl", "summary.json", "invalid.jsonl"):
+    names = ("kept.jsonl", "removed.jsonl", "scores.jsonl", "summary.json", "invalid.jsonl", "report.html")
+    for name in names:
         (out / name).symlink_to(victim)
-    assert main(["-q", "filter", str(data), "-o", str(out), "--model", str(tiny_model_dir), "--cache-dir",
+    assert main(["-q", "filter", str(data), "-o", str(out), "--report", "--model", str(tiny_model_dir), "--cache-dir",
                  str(tmp_path / "cache"), *FILTER]) == 0
     assert victim.read_text() == "precious"
-    assert not any((out / n).is_symlink() for n in ("kept.jsonl", "scores.jsonl", "summary.json", "invalid.jsonl"))
+    assert not any((out / n).is_symlink() for n in names) and all((out / n).stat().st_size > 0 for n in names[:4])
 
 
 # ---- file modes -------------------------------------------------------------------------------------------------

@@ -95,7 +95,10 @@ def lines_of(path: Path) -> list[str]:
 
 
 def accounted(out: Path, input_rows: list[str]) -> dict:
-    """Rows in, rows found unchanged in kept.jsonl + removed.jsonl + invalid.jsonl, and rows lost."""
+    """Rows in, rows found unchanged in kept.jsonl + removed.jsonl + invalid.jsonl, and rows lost (None when the
+    run wrote no outputs at all: it stopped, and the input is untouched)."""
+    if not (out / "summary.json").exists():
+        return {"rows_in": len(input_rows), "rows_out": 0, "lost": None}
     found = lines_of(out / "kept.jsonl") + lines_of(out / "removed.jsonl")
     found += [json.loads(line)["raw"] for line in lines_of(out / "invalid.jsonl")]
     remaining = list(input_rows)
@@ -194,6 +197,7 @@ def scenario_hostile_csv(runner: Runner, model: Path, work: Path, seed: int) -> 
     rc, log = runner.run(["filter", str(data), "-o", str(out), "--skip-invalid", "--model", str(model), *FILTER],
                          work / "cache-hostile")
     back = []
+    csv.field_size_limit(2**31 - 1)  # the 300 kB cells: over the csv module's default limit
     for name in ("kept.csv", "removed.csv"):
         if (out / name).exists():
             with open(out / name, encoding="utf-8", newline="") as f:
@@ -488,7 +492,8 @@ def render(result: dict, plots_dir: Path) -> str:
     failed = [r["scenario"] for r in result["scenarios"] if not r["ok"]]
     lines += ["", f"{result['n_ok']} of {result['n']} scenarios passed; {result['rows_lost']} input rows lost in all."
               + (f" Failed: {', '.join(failed)}." if failed else ""),
-              "\"Rows accounted for\" counts rows found, as their own text, in kept + removed + invalid.jsonl; \"same as "
+              "\"Rows accounted for\" counts rows found, as their own text, in kept + removed + invalid.jsonl (— for "
+              "rows lost: the run stopped with an error and wrote no outputs; inputs are never modified); \"same as "
               "uninterrupted\" compares scores.jsonl byte for byte (fine-tuning: the adapter's weights within 1e-6; the "
               "experiment: results.json's rows)."]
     return "\n".join(lines) + "\n"

@@ -182,7 +182,7 @@ def find_pickles(folder: Path) -> list[Path]:
     return found
 
 
-def _utf8(data: bytes, lineno: int) -> tuple[str, str | None]:
+def _utf8(data: bytes) -> tuple[str, str | None]:
     """(text, problem): bytes that are not UTF-8 stay as lone surrogates, so that the raw text loses nothing."""
     try:
         return data.decode("utf-8"), None
@@ -199,7 +199,7 @@ def _read_jsonl(path: Path) -> _Rows:
         for lineno, data in enumerate(f, 1):
             if lineno == 1 and data.startswith(b"\xef\xbb\xbf"):  # a byte-order mark, written by some editors
                 data = data[3:]
-            text, problem = _utf8(data, lineno)
+            text, problem = _utf8(data)
             text = text[:-1] if text.endswith("\n") else text
             text = text[:-1] if text.endswith("\r") else text
             if not text.strip(JSON_WHITESPACE):
