@@ -255,3 +255,24 @@ def test_calibrated_prior_shrinks_the_estimate_towards_it_and_damps_the_label_dr
         select_calibrated(scores, scores[draws[0]], y[draws[0]], prior=0.3, prior_weight=-1)
     with pytest.raises(ValueError, match="needs a prior"):
         select_calibrated(scores, scores[draws[0]], y[draws[0]], prior_weight=10)
+
+
+def test_guard_v2_gives_an_interval_that_caps_the_label_free_removal(tmp_path, capsys):
+    from saft.cli import main
+
+    data = write_jsonl(tmp_path / "d.jsonl", toy_rows(30))
+    args = ["filter", str(data), "-o", str(tmp_path / "o"), "--detector", "guard", "--cache-dir", str(tmp_path / "c")]
+    assert main(args + ["--guard", "v2"]) == 0
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    lo, hi = s["trust"]["interval"]
+    assert 0 <= lo <= s["trust"]["estimate"] <= hi <= 1 and s["rule_params"]["contamination_interval"] == [lo, hi]
+    assert s["n_removed"] <= int(np.floor(hi * 30 + 1e-9))  # never more than the interval's upper end
+    out = capsys.readouterr().out
+    assert "90% interval" in out and "distance to the guard's training rows" in out
+    if s["trust"]["advice"]:
+        assert "warning: " in out and "label about 100 rows" in out
+    # v1 has no calibration for an interval: no trust block
+    assert main(args + ["--guard", "v1"]) == 0
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["trust"] is None
+    with pytest.raises(ValueError, match="neither a packaged version"):
+        FilterConfig(guard="v9")

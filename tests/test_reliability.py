@@ -24,9 +24,6 @@ from conftest import toy_rows, write_jsonl
 
 SRC = Path(saft.__file__).resolve().parents[1]
 FILTER = ["--detector", "subspace", "--rule", "fraction", "--fraction", "0.2", "--batch-size", "1", "--device", "cpu"]
-# Today's feature store (src/saft/features.py) trusts a truncated features.npy, and two runs finishing one entry
-# together race on deleting its part files; a rewritten store is on its way. These two tests state the requirement.
-STORE_XFAIL = "today's features.py: {}; the row-content feature store replaces it"
 
 
 def saft_env(cache: Path) -> dict:
@@ -105,8 +102,6 @@ def test_kill_9_during_feature_extraction_then_rerun_gives_the_same_scores(pool,
     assert (out / "scores.jsonl").read_bytes() == reference
 
 
-@pytest.mark.xfail(reason=STORE_XFAIL.format("np.load of a truncated features.npy fails and the run stops "
-                                              "('saft: error: Failed to read all data for array'), exit 2"), strict=False)
 def test_a_damaged_cache_entry_is_detected_and_redone(pool, tiny_model_dir, reference_run, tmp_path):
     """Every cached feature file cut to half its length (a torn write: power loss, a full disk, a copy cut
     short): the rerun must not trust it, and gives the uninterrupted run's scores."""
@@ -122,8 +117,6 @@ def test_a_damaged_cache_entry_is_detected_and_redone(pool, tiny_model_dir, refe
     assert (out / "scores.jsonl").read_bytes() == reference
 
 
-@pytest.mark.xfail(reason=STORE_XFAIL.format("both runs finish the same entry and each deletes its part files; the "
-                                              "second unlink raises FileNotFoundError (a traceback, exit 1)"), strict=False)
 def test_two_runs_sharing_one_cache_at_the_same_moment(pool, tiny_model_dir, reference, tmp_path):
     cache = tmp_path / "cache"
     procs = [start(["filter", str(pool), "-o", str(tmp_path / f"out{i}"), "--model", str(tiny_model_dir), *FILTER],

@@ -126,7 +126,7 @@ def test_saved_guard_loads_in_guard_scorer_and_gives_the_trust_block(tmp_path):
         assert t["interval"][0] <= t["estimate"] <= t["interval"][1] and t["level"] == 0.9
         assert set(t) >= {"interval", "distance", "distance_threshold", "unlike_training", "wide", "advice"}
     gs = GuardScorer(weights=str(js)).fit(X)
-    assert gs.contamination_estimate(X) == pytest.approx(g.estimate(X), abs=0.02)  # float16 support vectors
+    assert gs.contamination_estimate(X).value == pytest.approx(g.estimate(X), abs=0.02)  # float16 support vectors
     np.testing.assert_allclose(gs.score_samples(X), g.score(X), atol=0.05)
     # far from every training row: the distance says so, and the advice asks for labels
     far = np.abs(np.random.default_rng(5).normal(size=(40, 768)))

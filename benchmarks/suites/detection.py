@@ -128,7 +128,7 @@ def score_v1(X, labels, refusal) -> dict:
 
     g = GuardScorer().fit(X)
     scores = g.score_samples(X)
-    est = g.contamination_estimate(X)
+    est = g.contamination_estimate(X).value
     return {**pool_metrics(scores, labels, top_share(scores, est), refusal), "estimate": est}
 
 

@@ -171,6 +171,12 @@ def _print_summary(summary: dict) -> None:
               + (f" (standard error {se:.3f})" if se is not None else ""))
     if summary["rule"] == "certify":
         print(f"certificate: {summary['rule_params']['reason']}")
+    trust = summary.get("trust")
+    if trust:
+        print(f"  {trust['level']:.0%} interval {trust['interval'][0]:.3f}-{trust['interval'][1]:.3f}; distance to the "
+              f"guard's training rows {trust['distance']:.3f} (unlike them above {trust['distance_threshold']:.3f})")
+        if trust.get("advice"):
+            print(f"  warning: {trust['advice']}")
     if summary["rule"] != "none":
         print(f"rule {summary['rule']}: threshold {summary['threshold']:.6g}; removed {summary['n_removed']}, "
               f"kept {summary['n_kept']}")

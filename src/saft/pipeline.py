@@ -24,6 +24,7 @@ from .data import (
     Dataset, FieldOptions, load_samples, output_name, write_invalid, write_json, write_jsonl, write_subset,
 )
 from .detectors import DETECTORS, detector_positions, get_detector, get_spec
+from .detectors.guard import guard_weights
 from .encoders import ENCODER_VERSION, sentence_features
 from .features import POSITIONS, extract_features
 from .metrics import detection_metrics
@@ -78,6 +79,8 @@ class FilterConfig:
     standardize: bool = field(default=False, metadata=_help("subspace: unit-variance features before the SVD",
                                                             advanced=True))
     n_thresholds: int = field(default=100, metadata=_help("f1 rule: evenly spaced thresholds tried", advanced=True))
+    guard: str = field(default="v1", metadata=_help("packaged guard: v1, v2 (six source families, with an interval) "
+                                                     "or a weights file", advanced=True))
     delta: float = field(default=0.1, metadata=_help("--certify: the chance the certificate is wrong", advanced=True))
     certify_stratum_field: str | None = field(default=None, metadata=_help(
         "--certify: a field naming each row's stratum, each certified apart", advanced=True))
@@ -98,6 +101,7 @@ class FilterConfig:
             get_spec(self.detector)  # raises with the list of names and a suggestion
         if self.rule != "auto" and self.rule not in RULES:
             raise ValueError(f"rule must be auto or one of {', '.join(RULES)}, got {self.rule!r}")
+        guard_weights(self.guard)  # raises for an unknown version or a missing file
         if self.certify is not None:
             if not 0 < self.certify <= 1:
                 raise ValueError(f"--certify takes the largest share harmful allowed in the kept set, in (0, 1]; "
@@ -290,6 +294,8 @@ def score_and_select(config: FilterConfig, X: np.ndarray, *, labelled_X=None, la
     params = {}
     if spec.searched:  # the paper's detector: its options, and k searched by the f1 rule unless fixed
         params = {"weighted": config.weighted, "standardize": config.standardize}
+    if "weights" in spec.cls().get_params():  # the detectors built on the packaged guard
+        params["weights"] = guard_weights(config.guard)
     if spec.positions:  # the hidden-state blocks of X, in the order they were stacked
         params["positions"] = tuple(detector_positions(config.detector, config.position))
     candidates = [None]

@@ -84,6 +84,13 @@ def render_report(result, *, top: int = 25, excerpt: int = 300) -> str:
              f"<h1>saft filter report</h1><p>Input <code>{html.escape(str(ds.path))}</code>: {summary['n_samples']} samples "
              f"({summary['n_skipped_invalid']} invalid rows skipped). Rule <b>{html.escape(sel.rule)}</b>, threshold "
              f"<b>{sel.threshold:.6g}</b>: <b id='n-removed'>{sel.n_removed}</b> removed, {summary['n_kept']} kept.</p>"]
+    trust = summary.get("trust")
+    if trust:  # the label-free estimate's interval and the data's distance to the guard's rows (saft.trust)
+        parts.append(f"<h2>How far to trust the count</h2><p id='trust'>Estimated contamination {trust['estimate']:.3f}, "
+                     f"{trust['level']:.0%} interval {trust['interval'][0]:.3f}-{trust['interval'][1]:.3f}; distance to "
+                     f"the guard's training rows {trust['distance']:.3f} (unlike them above "
+                     f"{trust['distance_threshold']:.3f}).</p>"
+                     + (f"<p class='removed'><b>Warning:</b> {html.escape(trust['advice'])}</p>" if trust.get("advice") else ""))
     metric_rows = [[_cell(k), _cell(f"{v:.4f}" if isinstance(v, float) else v)] for k, v in m.items()]
     parts.append("<h2>Detection metrics</h2>" + (_table(["metric", "value"], metric_rows) if m.get("n_labeled")
                                                   else "<p>No labels in the input.</p>"))

@@ -140,7 +140,7 @@ def label_free_trust(detector, X) -> dict | None:
     reference = guard.model_["support_vectors"] if "support_vectors" in guard.model_ else None
     if reference is None:
         reference = guard._load_kernel_models(guard_file(guard), json_of(guard))[0]["support_vectors"]
-    return assess(guard.contamination_estimate(S), flagged, len(S), cal["ranges"], distance=pool_distance(S, reference),
+    return assess(guard.contamination_estimate(S).value, flagged, len(S), cal["ranges"], distance=pool_distance(S, reference),
                   threshold=cal["distance_threshold"], level=cal.get("level", LEVEL))
 
 

@@ -36,6 +36,18 @@ from ..chunks import is_out_of_core, map_chunks, n_rows
 from .base import ContaminationEstimate
 
 GUARD_FILE = Path(__file__).resolve().parent.parent / "guard_minilm_v1.json"
+# The packaged guards by version: v1 learned from BeaverTails and Llama-2 refusals; v2 from six source families,
+# with the calibration of its estimate's interval (`saft.trust`; docs/detectors/guard.md).
+GUARDS = {"v1": GUARD_FILE, "v2": GUARD_FILE.with_name("guard_minilm_v2.json")}
+
+
+def guard_weights(name: str) -> str:
+    """The weights file of a packaged guard version ("v1", "v2") or a path to one."""
+    if name in GUARDS:
+        return str(GUARDS[name])
+    if not Path(name).is_file():
+        raise ValueError(f"guard {name!r} is neither a packaged version ({', '.join(GUARDS)}) nor a weights file")
+    return name
 KERNELS = ("rbf", "linear")
 
 
