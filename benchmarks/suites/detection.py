@@ -246,6 +246,25 @@ def _fmt(s: dict | None) -> str:
     return "-" if s is None else f"{s['mean']:.3f} ± {s['sd']:.3f}"
 
 
+def readme_table(result: dict) -> str:
+    """The README's results table: each source family left out of the guard's training, with spread."""
+    rates = result["data"]["rates"]
+    lines = ["The guard's label-free ranking and count on source families it never learned from (retrained without "
+             "the family; "
+             f"{result['data']['pool_size']}-row pools at {', '.join(f'{r:.0%}' for r in rates)} harmful, "
+             f"{result['data']['draws']} draws each; mean ± sd; details in "
+             "[RESULTS](benchmarks/RESULTS.md#detection)):", "",
+             "| left-out family | AUROC | removed at " + " / ".join(f"{r:.0%}" for r in rates) + " harmful | 90% interval covers |",
+             "|---|---|---|---|"]
+    for F, r in result["families"].items():
+        pools = r["pools"]
+        auroc = _summary(pools, "auroc")
+        removed = " / ".join(f"{np.mean([p['removed_fraction'] for p in pools if p['rate'] == rate]):.2f}"
+                             for rate in rates)
+        lines.append(f"| {F} | {_fmt(auroc)} | {removed} | {r['coverage']:.2f} |")
+    return "\n".join(lines)
+
+
 def render(result: dict, plots_dir: Path) -> str:
     lines = [f"## {NAME}", "", QUESTION, "", f"`{result['command']}` (seed {result['seed']}; pools of "
              f"{result['data']['pool_size']} rows at {', '.join(f'{r:.0%}' for r in result['data']['rates'])} harmful, "
