@@ -49,8 +49,9 @@ def report() -> Path:
         body = module.render(result, common.PLOTS).strip()
         if body.startswith(f"## {name}"):  # the section's heading is written here, once
             body = body.split("\n", 1)[1].strip() if "\n" in body else ""
-        if body.startswith(module.QUESTION):  # and so is its question
-            body = body[len(module.QUESTION):].strip()
+        first, _, rest = body.partition("\n\n")
+        if module.QUESTION in first:  # and so is its question
+            body = rest.strip()
         sections.append(f"## {name}\n\n**Question.** {module.QUESTION}\n\n{body}\n\n{common.provenance(result)}\n")
     head = ("# Results\n\nEvery number here comes from a result file in `benchmarks/results/`, written by the command "
             "shown under its table; `python benchmarks/run.py report` rebuilds this page from those files.\n\n"
