@@ -94,11 +94,11 @@ def evaluate_model(model, tokenizer, *, harmful_prompts: Sequence[str], benign: 
 class EvaluateConfig:
     """Settings of `saft evaluate`; saved in metrics.json."""
 
-    model: str = field(default=EMBEDDED, metadata={"help": "base model: hub id, local folder, or the embedded default"})
+    model: str = field(default=EMBEDDED, metadata={"help": "base model: hub id, local folder, the embedded default, or embedded:smollm2-135m-aligned (its safety-tuned version)"})
     adapter: str | None = field(default=None, metadata={"help": "LoRA adapter folder from saft finetune (default: the base model alone)"})
     harmful_prompts: str | None = field(default=None, metadata={"help": "harmful prompts: .txt (one a line) or JSON/JSONL with a prompt field"})
     benign_file: str | None = field(default=None, metadata={"help": "benign samples with safe reference answers, for helpfulness"})
-    judges: tuple[str, ...] = field(default=("minilm",), metadata={"help": "minilm (offline), beaverdam[:PATH], llamaguard[:PATH]"})
+    judges: tuple[str, ...] = field(default=("tfidf",), metadata={"help": "tfidf (offline default), minilm (offline), beaverdam[:PATH], llamaguard[:PATH]"})
     max_new_tokens: int = field(default=64, metadata={"help": "tokens generated per answer"})
     batch_size: int = field(default=16, metadata={"help": "prompts per generation batch"})
     max_length: int = field(default=256, metadata={"help": "tokens per benign sample for the reference loss"})
