@@ -119,9 +119,9 @@ def test_finetune_then_evaluate_commands(tiny_model_dir, tmp_path, capsys):
                  "--max-new-tokens", "3", "--device", "cpu"]) == 0
     metrics = json.loads((ev / "metrics.json").read_text())
     assert metrics["harmful"]["n"] == 2 and metrics["helpful"]["n"] == 3
-    assert metrics["harmful"]["judges"]["minilm"]["judge_test_accuracy"] > 0.5
+    assert metrics["harmful"]["judges"]["tfidf"]["judge_test_accuracy"] > 0.5
     assert len((ev / "generations.jsonl").read_text().splitlines()) == 5
-    assert "harmful rate [minilm]" in capsys.readouterr().out
+    assert "harmful rate [tfidf]" in capsys.readouterr().out
 
 
 def test_evaluate_needs_harmful_prompts(capsys):

@@ -55,7 +55,7 @@ def test_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypatch,
     assert all(r["steps"] == (1 if r["kept"] else 0) for a, r in rows.items() if a != "base")
     assert rows["sft"]["steps"] == 1
     for r in rows.values():
-        assert 0 <= r["judges"]["minilm"]["harmful_rate"] <= 1 and r["helpful"]["n"] == 4
+        assert 0 <= r["judges"]["tfidf"]["harmful_rate"] <= 1 and r["helpful"]["n"] == 4
     table = (out / "results.md").read_text()
     assert "| 0.3 | 0 | saft |" in table and "test AUROC" in table
     assert (out / "results.png").stat().st_size > 1000

@@ -218,8 +218,11 @@ def _run_training_commands(args) -> int:
         res = run_evaluation(_from_args(EvaluateConfig, args), output_dir=args.output_dir, progress=progress)
         for name, j in res["harmful"]["judges"].items():
             acc = f" (judge accuracy {j['judge_test_accuracy']})" if j.get("judge_test_accuracy") else ""
-            print(f"harmful rate [{name}]: {j['harmful_rate']:.3f}{acc}")
+            print(f"harmful rate [{name}]: {j['harmful_rate']:.3f}{acc}; disagrees with the refusal keywords on "
+                  f"{j['disagreement_with_refusal']:.3f}")
         print(f"refusal rate on harmful prompts: {res['harmful']['refusal_rate']:.3f}")
+        if res["helpful"].get("refusal_rate") is not None:
+            print(f"refusal rate on benign prompts: {res['helpful']['refusal_rate']:.3f} (over-refusal)")
         if res["helpful"].get("rouge_l") is not None:
             print(f"ROUGE-L {res['helpful']['rouge_l']:.3f}, reference loss {res['helpful']['reference_loss']:.3f}")
         print(f"outputs: {args.output_dir}/metrics.json, generations.jsonl")

