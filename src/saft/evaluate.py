@@ -94,7 +94,7 @@ def evaluate_model(model, tokenizer, *, harmful_prompts: Sequence[str], benign: 
 class EvaluateConfig:
     """Settings of `saft evaluate`; saved in metrics.json."""
 
-    model: str = field(default=EMBEDDED, metadata={"help": "base model: hub id, local folder, the embedded default, or embedded:smollm2-135m-aligned (its safety-tuned version)"})
+    model: str = field(default=EMBEDDED, metadata={"help": "hub id or folder, or embedded:smollm2-135m-aligned"})
     adapter: str | None = field(default=None, metadata={"help": "LoRA adapter folder from saft finetune (default: the base model alone)"})
     harmful_prompts: str | None = field(default=None, metadata={"help": "harmful prompts: .txt (one a line) or JSON/JSONL with a prompt field"})
     benign_file: str | None = field(default=None, metadata={"help": "benign samples with safe reference answers, for helpfulness"})

@@ -48,7 +48,7 @@ BASE_ARMS = ("base", "sft", "random", "prompting", "saft", "oracle")
 class ExperimentConfig:
     """Settings of `saft experiment`; saved in results.json."""
 
-    model: str = field(default=EMBEDDED, metadata={"help": "model to filter with and fine-tune (embedded:smollm2-135m-aligned: the safety-tuned embedded model)"})
+    model: str = field(default=EMBEDDED, metadata={"help": "hub id or folder, or embedded:smollm2-135m-aligned"})
     pool_size: int = field(default=500, metadata={"help": "samples in each contaminated pool"})
     rates: tuple[float, ...] = field(default=(0.3,), metadata={"help": "contamination rates (harmful fraction)"})
     seeds: tuple[int, ...] = field(default=(0,), metadata={"help": "seeds (pool draw, labels, random removal, training)"})

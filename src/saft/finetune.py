@@ -27,7 +27,7 @@ IGNORE = -100
 class FinetuneConfig:
     """LoRA fine-tuning settings; saved next to the adapter."""
 
-    model: str = field(default=EMBEDDED, metadata={"help": "base model: hub id, local folder, the embedded default, or embedded:smollm2-135m-aligned (its safety-tuned version)"})
+    model: str = field(default=EMBEDDED, metadata={"help": "hub id or folder, or embedded:smollm2-135m-aligned"})
     rank: int = field(default=8, metadata={"help": "LoRA rank r"})
     alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
