@@ -226,7 +226,10 @@ def test_datasets_folder_keeps_every_row(tmp_path_factory, rows):
     except Exception:  # noqa: BLE001 - pyarrow's many type errors: rows Arrow cannot type as one table
         assume(False)
     hf.save_to_disk(str(tmp / "d"))
-    full = datasets.load_from_disk(str(tmp / "d")).to_list()
+    try:
+        full = datasets.load_from_disk(str(tmp / "d")).to_list()
+    except IndexError:  # datasets itself cannot read back a table of rows with no columns ([{}]): not our reader
+        assume(False)
     ds = _load(tmp / "d", skip_invalid=True)
     if ds is None:
         return
