@@ -119,7 +119,12 @@ def score_pool(guard, ranges, dist_t, reference, X, labels, refusal) -> dict:
     removed = top_share(scores, n_removed / len(X))
     m = pool_metrics(scores, labels, removed, refusal)
     lo, hi = t["interval"]
-    return {**m, "estimate": est, "estimates_by_level": guard.estimates_by_level(X), "interval": t["interval"], "covered": bool(lo <= m["true_fraction"] <= hi),
+    # The score distribution by label, as 20-bin histograms over the pool's range (for the RESULTS plot).
+    edges = np.linspace(float(np.min(scores)), float(np.max(scores)), 21)
+    y = np.asarray(labels)
+    hist = {"edges": edges.round(4).tolist(), "safe": np.histogram(scores[y == 0], edges)[0].tolist(),
+            "harmful": np.histogram(scores[y == 1], edges)[0].tolist()}
+    return {**m, "hist": hist, "estimate": est, "estimates_by_level": guard.estimates_by_level(X), "interval": t["interval"], "covered": bool(lo <= m["true_fraction"] <= hi),
             "distance": t["distance"], "unlike_training": t["unlike_training"], "wide": t["wide"]}
 
 
@@ -265,6 +270,34 @@ def readme_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _plot_scores(result: dict, path: Path) -> bool:
+    """Score distributions by label of each left-out family's first 30%-harmful pool; False without the data."""
+    pools = {F: next((p for p in r["pools"] if p["rate"] == max(result["data"]["rates"]) and "hist" in p), None)
+             for F, r in result["families"].items()}
+    pools = {F: p for F, p in pools.items() if p is not None}
+    if not pools:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(pools), figsize=(3.0 * len(pools), 2.6))
+    for ax, (F, p) in zip(np.atleast_1d(axes), pools.items()):
+        edges = np.array(p["hist"]["edges"])
+        for label, colour in (("safe", "tab:blue"), ("harmful", "tab:red")):
+            ax.stairs(p["hist"][label], edges, fill=True, alpha=0.5, color=colour, label=label)
+        ax.set_title(f"{F} left out", fontsize=9)
+        ax.tick_params(labelsize=7)
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.supxlabel("guard score (higher = more suspicious)", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def render(result: dict, plots_dir: Path) -> str:
     lines = [f"## {NAME}", "", QUESTION, "", f"`{result['command']}` (seed {result['seed']}; pools of "
              f"{result['data']['pool_size']} rows at {', '.join(f'{r:.0%}' for r in result['data']['rates'])} harmful, "
@@ -308,6 +341,9 @@ def render(result: dict, plots_dir: Path) -> str:
         lines.append(f"| {F} | {h['n_safe']} | {h['n_harmful']} | {h['auroc']:.3f} | {h['fpr_at_0']:.3f} | "
                      f"{h['tpr_at_0']:.3f} | {h['estimate_error_0']:+.3f} | {h['estimate_error_10']:+.3f} | "
                      f"{h['estimate_error_30']:+.3f} |")
+    if _plot_scores(result, plots_dir / "detection_scores.png"):
+        lines += ["", "Score distributions by label, each family's first 30%-harmful pool, the guard trained without it:", "",
+                  "![score distributions](results/plots/detection_scores.png)"]
     return "\n".join(lines) + "\n"
 
 
