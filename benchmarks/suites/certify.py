@@ -162,14 +162,3 @@ def render(result: dict, plots_dir: Path) -> str:
               f"certify in at least half the draws: {need}. Random labels are the certificate's tool; chosen labels "
               "(the labels suite) serve the calibrated rule and give no guarantee."]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    from saft.data import write_json
-
-    ap = argparse.ArgumentParser(description=QUESTION)
-    add_arguments(ap)
-    result = run(ap.parse_args())
-    out = Path(__file__).resolve().parents[1] / "results" / f"{NAME}.json"
-    write_json(result, out)
-    print(render(result, out.parent / "plots"))

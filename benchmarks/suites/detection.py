@@ -15,7 +15,6 @@ no guard trained on): its in-family numbers, the ceiling the left-out numbers ar
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -345,16 +344,3 @@ def render(result: dict, plots_dir: Path) -> str:
         lines += ["", "Score distributions by label, each family's first 30%-harmful pool, the guard trained without it:", "",
                   "![score distributions](results/plots/detection_scores.png)"]
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":  # until benchmarks/run.py lands: run, write the JSON, print the Markdown
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    ap = argparse.ArgumentParser(description=QUESTION)
-    add_arguments(ap)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / f"{NAME}.json"))
-    a = ap.parse_args()
-    res = run(a)
-    tmp = Path(a.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1) + "\n")
-    tmp.replace(a.out)
-    print(render(res, Path(a.out).parent / "plots"))

@@ -144,14 +144,3 @@ def render(result: dict, plots_dir: Path) -> str:
               f"{len(met_share)} ({', '.join(met_share) or 'none'}). Chosen labels are for the calibrated rule's removed count; "
               "they carry no guarantee (that needs a random sample: the certify suite)."]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    from saft.data import write_json
-
-    ap = argparse.ArgumentParser(description=QUESTION)
-    add_arguments(ap)
-    result = run(ap.parse_args())
-    out = Path(__file__).resolve().parents[1] / "results" / f"{NAME}.json"
-    write_json(result, out)
-    print(render(result, out.parent / "plots"))

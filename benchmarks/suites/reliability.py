@@ -497,16 +497,3 @@ def render(result: dict, plots_dir: Path) -> str:
               "uninterrupted\" compares scores.jsonl byte for byte (fine-tuning: the adapter's weights within 1e-6; the "
               "experiment: results.json's rows)."]
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":  # until benchmarks/run.py lands: run the suite and write its JSON atomically
-    parser = argparse.ArgumentParser(description=QUESTION)
-    add_arguments(parser)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / f"{NAME}.json"))
-    a = parser.parse_args()
-    res = run(a)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(a.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1, ensure_ascii=False))
-    tmp.replace(a.out)
-    print(render(res, Path(a.out).parent / "plots"))

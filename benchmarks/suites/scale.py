@@ -361,7 +361,6 @@ def render(result: dict, plots_dir: Path) -> str:
         if step in result:
             o, m = result[step]["out_of_core"], result[step]["numpy"]
             t_m = m.get("numpy_s", m.get("total_s"))
-            per_o, per_m = o["total_s"] / o["rows"], t_m / m["rows"]
             c_o, c_m = o["cpu_s"], m["cpu_s"]
             rows.append(f"| {label} | {o['rows']:,} | {o['total_s']:.0f} | {c_o:.0f} | {o['peak_rss_mib']:.0f} | "
                         f"{m['rows']:,} | {t_m:.1f} | {c_m:.1f} | {m['peak_rss_mib']:.0f} | "
@@ -414,13 +413,4 @@ if __name__ == "__main__":
         res["process_cpu_s"] = round(_cpu_s(), 1)
         print(json.dumps(res))
         raise SystemExit(0)
-    parser = argparse.ArgumentParser(description=QUESTION)
-    add_arguments(parser)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / f"{NAME}.json"))
-    a = parser.parse_args()
-    res = run(a)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(a.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(a.out)
-    print(render(res, Path(a.out).parent / "plots"))
+    raise SystemExit("run this suite with: python benchmarks/run.py scale [options]")
