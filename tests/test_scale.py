@@ -37,7 +37,7 @@ def test_guard_scores_a_chunked_pool_as_it_scores_an_array(kernel, tmp_path):
     guard = get_detector("guard", kernel=kernel).fit(S)
     disk = on_disk(tmp_path, S)
     np.testing.assert_allclose(guard.score_samples(disk), guard.score_samples(S), rtol=1e-12, atol=1e-12)
-    assert guard.contamination_estimate_with_se(disk) == guard.contamination_estimate_with_se(S)
+    assert guard.contamination_estimate(disk) == guard.contamination_estimate(S)
 
 
 def test_guard_model_on_a_chunked_pool_matches_the_array(tmp_path):

@@ -136,24 +136,22 @@ def test_saved_guard_loads_in_guard_scorer_and_gives_the_trust_block(tmp_path):
     assert label_free_trust(GuardScorer().fit(X), X) is None
 
 
-def test_filter_reports_trust_and_never_removes_above_the_interval(tmp_path, monkeypatch):
+def test_filter_reports_trust_and_never_removes_above_the_interval(tmp_path):
     import json as _json
 
-    import saft.detectors.guard as G
     from conftest import toy_rows, write_jsonl
     from saft import FilterConfig, filter_dataset
 
     _, _, _, js = toy_guard_files(tmp_path)
-    monkeypatch.setattr(G, "GUARD_FILE", js)
     data = write_jsonl(tmp_path / "d.jsonl", toy_rows(30))
-    for rule in ("estimate", "mixture"):
+    for rule in ("estimate",):
         res = filter_dataset(data, output_dir=tmp_path / rule, config=FilterConfig(
-            detector="guard", rule=rule, cache_dir=str(tmp_path / "c")), progress=False)
+            detector="guard", rule=rule, guard=str(js), cache_dir=str(tmp_path / "c")), progress=False)
         t = res.summary["trust"]
         assert t is not None and res.summary["n_removed"] <= np.floor(t["interval"][1] * 30 + 1e-9)
         assert _json.loads((tmp_path / rule / "summary.json").read_text())["trust"] == t
     res = filter_dataset(data, output_dir=tmp_path / "f", config=FilterConfig(
-        detector="guard", rule="fraction", fraction=0.5, cache_dir=str(tmp_path / "c")), progress=False)
+        detector="guard", rule="fraction", fraction=0.5, guard=str(js), cache_dir=str(tmp_path / "c")), progress=False)
     assert res.summary["trust"] is None and res.summary["n_removed"] == 15  # a rule the user sized is not capped
 
 
