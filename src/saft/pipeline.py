@@ -12,6 +12,7 @@ input is never modified; every output is written atomically.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import platform
 import time
@@ -294,7 +295,7 @@ def score_and_select(config: FilterConfig, X: np.ndarray, *, labelled_X=None, la
     params = {}
     if spec.searched:  # the paper's detector: its options, and k searched by the f1 rule unless fixed
         params = {"weighted": config.weighted, "standardize": config.standardize}
-    if "weights" in spec.cls().get_params():  # the detectors built on the packaged guard
+    if "weights" in inspect.signature(spec.cls).parameters:  # the detectors built on the packaged guard
         params["weights"] = guard_weights(config.guard)
     if spec.positions:  # the hidden-state blocks of X, in the order they were stacked
         params["positions"] = tuple(detector_positions(config.detector, config.position))
@@ -325,7 +326,7 @@ def score_and_select(config: FilterConfig, X: np.ndarray, *, labelled_X=None, la
     if hasattr(spec.cls, "contamination_estimate") and (rule.estimate or config.rule == "calibrated"):
         estimate = detectors[candidates[0]].contamination_estimate(X)
         if rule.estimate:  # a label-free run: the interval caps what it removes (`saft.trust`)
-            trust = label_free_trust(detectors[candidates[0]], X)
+            trust = label_free_trust(detectors[candidates[0]], X, estimate.value)
             if trust is not None:
                 estimate = dataclasses.replace(estimate, interval=tuple(trust["interval"]), level=trust["level"])
     pool_scores = {c: d.score_samples(X) for c, d in detectors.items()}

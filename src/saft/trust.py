@@ -121,10 +121,12 @@ def guard_calibration(guard) -> dict | None:
     return block.get("trust") if isinstance(block, dict) else None
 
 
-def label_free_trust(detector, X) -> dict | None:
+def label_free_trust(detector, X, estimate: float | None = None) -> dict | None:
     """The trust block of a label-free run: `assess` of the detector's guard (the detector itself when it is a
     `GuardScorer`, else its `guard_`) on the sentence-view columns of X (the first columns, in every view the
-    pipeline builds). None when the detector has no guard or its guard no calibration (guard v1)."""
+    pipeline builds). `estimate`: the guard's estimate of X when the caller has it already (the fold models'
+    decision values are the costly part). None when the detector has no guard or its guard no calibration
+    (guard v1)."""
     from .detectors.guard import GuardScorer, decision
 
     guard = detector if isinstance(detector, GuardScorer) else getattr(detector, "guard_", None)
@@ -140,7 +142,9 @@ def label_free_trust(detector, X) -> dict | None:
     reference = guard.model_["support_vectors"] if "support_vectors" in guard.model_ else None
     if reference is None:
         reference = guard._load_kernel_models(guard_file(guard), json_of(guard))[0]["support_vectors"]
-    return assess(guard.contamination_estimate(S).value, flagged, len(S), cal["ranges"], distance=pool_distance(S, reference),
+    if estimate is None:
+        estimate = guard.contamination_estimate(S).value
+    return assess(estimate, flagged, len(S), cal["ranges"], distance=pool_distance(S, reference),
                   threshold=cal["distance_threshold"], level=cal.get("level", LEVEL))
 
 
