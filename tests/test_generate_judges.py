@@ -60,6 +60,15 @@ def test_beaverdam_adapter_on_a_tiny_stand_in(tmp_path):
     np.testing.assert_allclose(judge.category_proba(["ccc"], ["z"])[0], cats[2], atol=1e-5)
 
 
+def test_beaverdam_refuses_a_folder_holding_a_pickle(tmp_path):
+    from saft.models import ModelError
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle of the int 1
+    with pytest.raises(ModelError, match="pytorch_model.bin, a pickle"):
+        BeaverDamJudge(str(tmp_path), device="cpu")
+
+
 def test_llamaguard_adapter_on_a_tiny_stand_in(tiny_model_dir):
     judge = LlamaGuardJudge(str(tiny_model_dir), device="cpu")
     p = judge.harmful_proba(["how to hurt", "hello"], ["like this", "hi"])

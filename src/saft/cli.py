@@ -205,12 +205,17 @@ def _fields(args) -> FieldOptions:
 def _run_training_commands(args) -> int:
     progress = not args.quiet
     if args.command == "finetune":
-        from .data import load_samples
+        from pathlib import Path
+
+        from .data import load_samples, write_invalid
         from .finetune import FinetuneConfig, finetune
 
         ds = load_samples(args.data, fields=_fields(args), skip_invalid=args.skip_invalid)
         res = finetune(ds.samples, output_dir=args.output_dir, config=_from_args(FinetuneConfig, args), progress=progress)
         print(f"fine-tuned on {res['n_samples']} samples, {res['steps']} steps, train loss {res['train_loss']:.4f}")
+        if ds.skipped:  # the rows left out of training are kept, as `saft filter` keeps them
+            path = write_invalid(ds, Path(args.output_dir) / "invalid.jsonl")
+            print(f"skipped {len(ds.skipped)} invalid rows (written to {path})")
         print(f"adapter: {res['adapter']}")
     elif args.command == "evaluate":
         from .evaluate import EvaluateConfig, run_evaluation

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Sample, write_json, write_jsonl
+from .data import Sample, atomic_open, write_json, write_jsonl
 from .detectors import DETECTORS, get_spec
 from .evaluate import evaluate_model
 from .finetune import FinetuneConfig, finetune
@@ -206,7 +206,8 @@ def run_experiment(config: ExperimentConfig | None = None, *, output_dir, progre
     results = {"config": dataclasses.asdict(config), "rows": rows, "seconds": round(time.time() - t0, 1),
                "judges": {j.name: getattr(j, "meta", {}) for j in judges}, "versions": versions()}
     write_json(results, out / "results.json")
-    (out / "results.md").write_text(results_table(results))
+    with atomic_open(out / "results.md") as f:
+        f.write(results_table(results))
     plot_results(results, out / "results.png")
     return results
 
@@ -246,5 +247,6 @@ def plot_results(results: dict, path: Path) -> None:
     for ax in axes:
         ax.tick_params(axis="x", labelsize=7, labelrotation=45)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_open(path, "wb") as f:  # an interrupted run leaves the previous plot, never half of one
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)

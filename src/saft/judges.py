@@ -194,12 +194,19 @@ class BeaverDamJudge:
                  batch_size: int = 8, max_length: int = 512):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from .models import pick_device, pick_dtype
+        from .models import ModelError, check_model_folder, pick_device, pick_dtype
 
+        # The same rules as every model saft loads: no pickles, no model-shipped code, safetensors only.
+        check_model_folder(model_name_or_path)
         self.device = pick_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_name_or_path, dtype=pick_dtype(None, self.device)).to(self.device).eval()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                model_name_or_path, dtype=pick_dtype(None, self.device), use_safetensors=True).to(self.device).eval()
+        except OSError as e:
+            raise ModelError(f"cannot load judge {model_name_or_path!r}: {e}. Pass beaverdam:FOLDER with a "
+                             "sequence classifier saved by save_pretrained (safetensors), or a hub id on a machine "
+                             "with a network.") from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
