@@ -210,12 +210,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=20)
     ap.add_argument("--judges", default="tfidf,minilm")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     ap.add_argument("--max-length", type=int, default=128, help="tokens per sample when fine-tuning (attack)")
     ap.add_argument("--lora-targets", default="q_proj,v_proj", help="attack LoRA modules, comma-separated, or all-linear")
     ap.add_argument("--rank", type=int, default=8, help="attack LoRA rank")
     ap.add_argument("--alpha", type=int, default=16, help="attack LoRA alpha")
     ap.add_argument("--lr", type=float, default=2e-4, help="attack learning rate")
     ap.add_argument("--epochs", type=float, default=1.0, help="attack epochs")
+    ap.add_argument("--stop-at-checkpoint", type=int, default=None, metavar="STEP",
+                    help="attack: evaluate the adapter of checkpoint STEP of a run cut short, instead of training on")
     ap.add_argument("--harmful-only", action="store_true", help="evaluate the harmful prompts only (faster)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -232,7 +235,7 @@ def main() -> None:
         return
     sets = eval_sets(raw, args.n_harmful, args.n_helpful)
     judges = [get_judge(j) for j in args.judges.split(",")]
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=args.device)
     result = {"command": "python scripts/aligned_study.py " + " ".join(__import__("sys").argv[1:]), "tag": tag,
               "model": args.model, "seed": args.seed, "threads": args.threads, "note": "CPU shared with other jobs",
               "eval_sets": {k: len(v) for k, v in sets.items()},
@@ -242,15 +245,28 @@ def main() -> None:
         from saft.finetune import FinetuneConfig, finetune
 
         pool, recipe = attack_pool(raw, rate=args.rate, benign_only=args.benign_only, n=args.pool_size, seed=args.seed)
-        t0 = time.time()
         targets = tuple(args.lora_targets.split(","))
-        ft = finetune(pool, output_dir=out / tag, model=model, tokenizer=tok, progress=False,
-                      config=FinetuneConfig(model=args.model, seed=args.seed, max_length=args.max_length,
-                                            target_modules=targets, rank=args.rank, alpha=args.alpha,
-                                            learning_rate=args.lr, epochs=args.epochs))
+        if args.stop_at_checkpoint is not None:
+            tag += f"-step{args.stop_at_checkpoint}"
+        t0 = time.time()
+        if args.stop_at_checkpoint is not None:  # the checkpoint's adapter and loss history, as Trainer saved them
+            from saft.finetune import load_adapter
+
+            ckpt = out / tag.rsplit("-step", 1)[0] / "checkpoints" / f"checkpoint-{args.stop_at_checkpoint}"
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+            losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+            ft = {"model": load_adapter(model, ckpt), "steps": state["global_step"], "train_loss": float(np.mean(losses)),
+                  "planned_steps": state["max_steps"]}
+        else:
+            ft = finetune(pool, output_dir=out / tag, model=model, tokenizer=tok, progress=False,
+                          config=FinetuneConfig(model=args.model, seed=args.seed, max_length=args.max_length,
+                                                target_modules=targets, rank=args.rank, alpha=args.alpha,
+                                                learning_rate=args.lr, epochs=args.epochs))
         model = ft["model"]
-        result.update(pool=recipe, finetune={"steps": ft["steps"], "train_loss": ft["train_loss"],
-                                             "seconds": round(time.time() - t0), "lr": args.lr, "epochs": args.epochs,
+        result.update(tag=tag, pool=recipe, finetune={"steps": ft["steps"], "planned_steps": ft.get("planned_steps", ft["steps"]),
+                                             "train_loss": ft["train_loss"],
+                                             "seconds": None if args.stop_at_checkpoint is not None else round(time.time() - t0),
+                                             "lr": args.lr, "epochs": args.epochs,
                                              "max_length": args.max_length,
                                              "lora": f"{args.lora_targets} r{args.rank} a{args.alpha}"})
     if args.harmful_only:
