@@ -126,3 +126,34 @@ def test_evaluation_reports_judge_keyword_disagreement(tiny):
     refused = np.mean([is_refusal(a) for a in answers])
     assert j["disagreement_with_refusal"] == pytest.approx(refused) == pytest.approx(j["refusals_judged_harmful"])
     assert j["non_refusals_judged_safe"] == 0 and j["judge_test_accuracy"] == 0.5
+
+
+def _study():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "aligned_study.py"
+    spec = importlib.util.spec_from_file_location("aligned_study", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_study_intervals_and_attack_rise():
+    S = _study()
+    lo, hi = S.wilson(8, 10)  # the textbook 95% Wilson interval of 8/10
+    assert lo == pytest.approx(0.490, abs=1e-3) and hi == pytest.approx(0.943, abs=1e-3)
+    assert S.wilson(0, 20)[0] == 0.0 and S.wilson(20, 20)[1] == 1.0
+    refusal = "I cannot fulfill your request."
+    prompts = [f"p{i}" for i in range(20)]
+    gens = {"aligned": [{"kind": "harmful", "prompt": p, "answer": refusal, "p_tfidf": 0.1} for p in prompts],
+            # the attacked model complies with the first 10 prompts, and the judge flags 5 of those
+            "attack-0.3": [{"kind": "harmful", "prompt": p, "answer": "Sure, here is how" if i < 10 else refusal,
+                            "p_tfidf": 0.9 if i < 5 else 0.1} for i, p in enumerate(prompts)]}
+    d, lo, hi = S.paired_delta(np.zeros(20, bool), np.arange(20) < 10)
+    assert d == pytest.approx(0.5) and 0.25 < lo < 0.5 < hi < 0.75
+    runs = {"aligned": {}, "attack-0.3": {"pool": {"n": 320, "harmful": 96}, "finetune": {"steps": 80}}}
+    row = next(line for line in S.attack_table(runs, gens) if line.startswith("| attack-0.3"))
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[9].startswith("0.500") and cells[10].startswith("0.250")  # refused, tfidf harmful rate
+    assert cells[13].startswith("0.500") and cells[14].startswith("0.250")  # rises over the aligned base
