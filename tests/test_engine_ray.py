@@ -35,11 +35,23 @@ def ray_session():
     shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.fixture
+def tiny_reference(monkeypatch):
+    """Every 100th of the guard's reference rows (both classes): the label-free detector trains on them, and their
+    sentence view (run on the driver by either engine) is what this test would otherwise spend most of its time on."""
+    import saft.reference as R
+
+    subset = R.reference_samples()[::100]
+    assert {s.label for s in subset} == {0, 1}
+    monkeypatch.setattr(R, "reference_samples", lambda: subset)
+    return subset
+
+
 def read_jsonl(p):
     return [json.loads(line) for line in p.read_text().splitlines()]
 
 
-def test_ray_engine_matches_the_local_engine(ray_session, tiny_model_dir, tmp_path, monkeypatch, small_reference):
+def test_ray_engine_matches_the_local_engine(ray_session, tiny_model_dir, tmp_path, monkeypatch, tiny_reference):
     import saft.features as F
     from saft.cli import main
     from saft.engine_ray import extract_with_ray
@@ -65,7 +77,7 @@ def test_ray_engine_matches_the_local_engine(ray_session, tiny_model_dir, tmp_pa
     slots = sorted(store.iterdir())
     assert len(slots) == 2  # the label-free detector reads two positions, one slot each
     for slot in slots:  # every row written by the workers, once
-        assert sum(len(np.load(k)) for k in slot.glob("shard-*.keys.npy")) == len(rows) + len(small_reference)
+        assert sum(len(np.load(k)) for k in slot.glob("shard-*.keys.npy")) == len(rows) + len(tiny_reference)
 
     # The sentence encoder's view runs on the driver with either engine: the local run reuses it (a minute of MiniLM
     # on a shared CPU), and computes every hidden state itself.
@@ -74,7 +86,7 @@ def test_ray_engine_matches_the_local_engine(ray_session, tiny_model_dir, tmp_pa
         shutil.copy(view, tmp_path / "cache-local" / "features" / view.name)
     assert main(["-q", "filter", str(data), "-o", str(tmp_path / "local"), "--cache-dir",
                  str(tmp_path / "cache-local"), *common]) == 0
-    assert sum(driver_rows) == len(rows) + len(small_reference)  # the local engine computed every row itself
+    assert sum(driver_rows) == len(rows) + len(tiny_reference)  # the local engine computed every row itself
     by_ray = {r["id"]: r["harm_score"] for r in read_jsonl(tmp_path / "ray" / "scores.jsonl")}
     local = {r["id"]: r["harm_score"] for r in read_jsonl(tmp_path / "local" / "scores.jsonl")}
     assert by_ray.keys() == local.keys() == {r["id"] for r in rows}
