@@ -137,3 +137,17 @@ def test_one_worker_per_gpu():
     plan = E._plan(cluster(CPU=16.0), None)
     assert (plan["workers"], plan["num_gpus"], plan["device"], plan["threads"]) == (4, 0, "cpu", 4)
     assert E._plan(cluster(CPU=2.0), 2)["threads"] == 1
+
+
+def test_a_worker_error_is_reported(ray_session, tiny, tmp_path):
+    """A worker that cannot load the model (another node without the folder) stops the run with the worker's own
+    error, not Ray's traceback and not a silent recomputation on the driver."""
+    from saft.engine_ray import extract_with_ray
+
+    model, tokenizer = tiny
+    config = FilterConfig(model=str(tmp_path / "not-on-this-node"), engine="ray", ray_workers=1)
+    samples = [Sample(id=r["id"], messages=[{"role": "user", "content": r["prompt"]},
+                                            {"role": "assistant", "content": r["response"]}]) for r in toy_rows(4)]
+    with pytest.raises(ValueError, match="a Ray worker failed: .*not-on-this-node"):
+        extract_with_ray(samples, model, tokenizer, config=config, positions=["prompt_last"],
+                         cache_dir=tmp_path / "features", progress=False)

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -80,6 +81,16 @@ class _Extractor:
                              **self.kw)
         return {"rows": np.array([len(samples)]), "computed": np.array([f.n_computed]),
                 "fingerprint": np.array([self.fingerprint]), "node": np.array([os.uname().nodename])}
+
+
+def _cause(error: BaseException) -> str:
+    """The worker's own exception behind a Ray error: Ray puts the worker's traceback in its message, whose last
+    `Name: message` line is the original error (a ModelError from the actor's constructor, ...)."""
+    lines = str(error).strip().splitlines()
+    raised = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception): ", ln)]
+    if not raised:
+        return lines[0] if lines else type(error).__name__
+    return re.sub(r"^[\w.]*\.", "", raised[-1])  # saft.models.ModelError: ... -> ModelError: ...
 
 
 def _plan(ray, workers: int | None) -> dict:
@@ -154,13 +165,17 @@ def extract_with_ray(samples: Sequence[Sample], model, tokenizer, *, config, pos
                     per_call)
         bar = tqdm(total=len(todo), disable=not progress, desc="features (ray)", unit="sample")
         others, nodes = set(), set()
-        for row in out.iter_rows():
-            bar.update(int(row["rows"]))
-            stats["computed"] += int(row["computed"])
-            nodes.add(str(row["node"]))
-            if str(row["fingerprint"]) != fingerprint:
-                others.add(str(row["fingerprint"]))
-        bar.close()
+        try:
+            for row in out.iter_rows():
+                bar.update(int(row["rows"]))
+                stats["computed"] += int(row["computed"])
+                nodes.add(str(row["node"]))
+                if str(row["fingerprint"]) != fingerprint:
+                    others.add(str(row["fingerprint"]))
+        except ray.exceptions.RayError as e:  # a worker's own error (a model it cannot load, ...), not Ray's trace
+            raise ValueError(f"a Ray worker failed: {_cause(e)}") from e
+        finally:
+            bar.close()
     finally:
         if started:
             ray.shutdown()

@@ -96,13 +96,11 @@ class FilterConfig:
     trust_remote_code: bool = field(default=False, metadata=_help("run model code from the hub (off unless asked)",
                                                                   advanced=True))
     engine: str = field(default="local", metadata=_help(
-        "local, or ray: hidden states computed by a Ray actor pool, one model per GPU (pip install 'saft-llm[ray]'; "
-        "docs/ray.md)", advanced=True))
+        "local, or ray: hidden states from Ray workers, one per GPU (docs/ray.md)", advanced=True))
     ray_address: str | None = field(default=None, metadata=_help(
-        "--engine ray: the cluster to join (auto = the one `ray start` runs here; default: a local one)",
-        advanced=True))
+        "--engine ray: cluster to join (auto: the one running here)", advanced=True))
     ray_workers: int | None = field(default=None, metadata=_help(
-        "--engine ray: actors (default: one per GPU; without GPUs one per 4 CPUs)", advanced=True))
+        "--engine ray: workers (default: one per GPU, else per 4 CPUs)", advanced=True))
 
     def __post_init__(self):
         if self.position not in POSITIONS:
