@@ -41,7 +41,7 @@ from .render import encode
 logger = logging.getLogger(__name__)
 
 INSTALL = "pip install 'saft-llm[ray]'"
-CPUS_PER_WORKER = 4  # torch threads of one CPU actor, and the CPUs per actor when --ray-workers is not given
+CPUS_PER_WORKER = 4  # on a cluster without GPUs, one worker per this many CPUs unless --ray-workers says
 CALLS_PER_WORKER = 4  # batches per actor at least, so that the pool's actors share the rows evenly
 
 
