@@ -33,7 +33,8 @@ EXAMPLES = {
 TYPES = {"layer": str, "n_components": int, "labels_file": str, "fraction": float, "threshold": float,
          "cache_dir": str, "device": str, "dtype": str, "raw_dir": str, "target_modules": str, "arms": str,
          "judges": str, "rates": float, "seeds": int, "k_candidates": int, "limit": int, "adapter": str,
-         "harmful_prompts": str, "benign_file": str, "certify": float, "certify_stratum_field": str}
+         "harmful_prompts": str, "benign_file": str, "certify": float, "certify_stratum_field": str,
+         "ray_address": str, "ray_workers": int}
 
 
 def _add_config_options(parser: argparse.ArgumentParser, cls, title: str, *, skip: tuple[str, ...] = ()) -> None:
@@ -247,7 +248,8 @@ def _quiet_third_parties(*, bars: bool) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    for noisy in ("transformers", "datasets", "huggingface_hub", "sentence_transformers", "accelerate", "peft"):
+    for noisy in ("transformers", "datasets", "huggingface_hub", "sentence_transformers", "accelerate", "peft",
+                  "ray", "ray.data"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if bars:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

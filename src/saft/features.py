@@ -198,6 +198,7 @@ class Features:
     manifest: dict
     n_truncated: int = 0
     cache_path: Path | None = None
+    n_computed: int = 0  # rows this call ran through the model (the rest came from the store)
     sources: dict = field(default_factory=dict, repr=False)  # (layer, position) -> ndarray or FeatureMatrix
 
     def _source(self, layer: int, position: str):
@@ -483,8 +484,8 @@ def extract_features(model, tokenizer, samples: Sequence[Sample], *, layers=None
                 raise RuntimeError(f"{slot.folder}: {(where[:, 0] < 0).sum()} rows just written are missing; "
                                    "is another process deleting the cache? Run again to recompute them.")
             sources[k] = FeatureMatrix(slot, where)
-        return Features(layers, positions, manifest, n_truncated, root, sources)
-    return Features(layers, positions, manifest, n_truncated, None, arrays)
+        return Features(layers, positions, manifest, n_truncated, root, n_computed, sources)
+    return Features(layers, positions, manifest, n_truncated, None, n_computed, arrays)
 
 
 def store_features(model, tokenizer, samples: Sequence[Sample], values: np.ndarray, *, layers: Sequence[int],

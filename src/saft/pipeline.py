@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 LABEL_FREE = "label-free"  # what `auto` runs without labels (docs/detectors.md)
 LABELLED = "labelled"  # what `auto` runs with labels (docs/detectors.md)
+ENGINES = ("local", "ray")  # where hidden states are computed (saft.engine_ray)
 
 
 def _help(text: str, *, advanced: bool = False) -> dict:
@@ -94,6 +95,12 @@ class FilterConfig:
                                                            "GPU)", advanced=True))
     trust_remote_code: bool = field(default=False, metadata=_help("run model code from the hub (off unless asked)",
                                                                   advanced=True))
+    engine: str = field(default="local", metadata=_help(
+        "local, or ray: hidden states from Ray workers, one per GPU (docs/ray.md)", advanced=True))
+    ray_address: str | None = field(default=None, metadata=_help(
+        "--engine ray: cluster to join (auto: the one running here)", advanced=True))
+    ray_workers: int | None = field(default=None, metadata=_help(
+        "--engine ray: workers (default: one per GPU, else per 4 CPUs)", advanced=True))
 
     def __post_init__(self):
         if self.position not in POSITIONS:
@@ -136,6 +143,16 @@ class FilterConfig:
         if self.n_thresholds < 2:
             raise ValueError(f"n_thresholds must be at least 2, got {self.n_thresholds}")
         self.k_candidates = tuple(int(k) for k in self.k_candidates)
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine != "ray" and (self.ray_address is not None or self.ray_workers is not None):
+            raise ValueError("--ray-address and --ray-workers apply to --engine ray")
+        if self.ray_workers is not None and self.ray_workers < 1:
+            raise ValueError(f"ray_workers must be at least 1, got {self.ray_workers}")
+        if self.engine == "ray":
+            from .engine_ray import require_ray
+
+            require_ray()  # says how to install it
 
 
 def resolve_auto(config: FilterConfig, *, n_labelled: int, labels_file: bool) -> FilterConfig:
@@ -363,6 +380,21 @@ def run_demo(output_dir, *, config: FilterConfig | None = None, progress: bool =
     return main, paper
 
 
+def hidden_states(config: FilterConfig, model, tokenizer, samples, *, positions, feature_cache: Path,
+                  progress: bool = False, also=()):
+    """`extract_features` at the config's layer, positions and length; with `engine="ray"` a Ray actor pool first
+    puts the rows (and the rows `also`, needed later) into the store, so this process then only reads them
+    (`saft.engine_ray`)."""
+    if config.engine == "ray":
+        from .engine_ray import extract_with_ray
+
+        extract_with_ray(list(samples) + list(also), model, tokenizer, config=config, positions=positions,
+                         cache_dir=feature_cache, progress=progress)
+    return extract_features(model, tokenizer, samples, layers=[config.layer], positions=positions,
+                            max_length=config.max_length, batch_size=config.batch_size, cache_dir=feature_cache,
+                            progress=progress)
+
+
 def detector_view(config: FilterConfig, model, tokenizer, *, feature_cache: Path, progress: bool = False):
     """`view(samples) -> X`: the configured detector's view of a list of samples (sentence-encoder columns and/or
     the model's hidden states at the detector's positions, stacked in that order), and the positions read.
@@ -376,9 +408,8 @@ def detector_view(config: FilterConfig, model, tokenizer, *, feature_cache: Path
     def view(samples, computed=None):
         if spec.view == "sentence":
             return sentence(samples)
-        f = computed or extract_features(model, tokenizer, samples, layers=[config.layer], positions=positions,
-                                         max_length=config.max_length, batch_size=config.batch_size,
-                                         cache_dir=feature_cache, progress=progress)
+        f = computed or hidden_states(config, model, tokenizer, samples, positions=positions,
+                                      feature_cache=feature_cache, progress=progress)
         hidden = np.hstack([f.get(f.layers[0], p) for p in positions])
         return np.hstack([sentence(samples), hidden]) if spec.view == "both" else hidden
 
@@ -400,9 +431,15 @@ def _feature_view(config: FilterConfig, dataset: Dataset, model, tokenizer, *, p
         model, tokenizer = load_model(config.model, cache_dir=config.cache_dir, device=config.device,
                                       dtype=config.dtype, trust_remote_code=config.trust_remote_code)
     view, positions = detector_view(config, model, tokenizer, feature_cache=feature_cache, progress=progress)
-    feats = extract_features(model, tokenizer, dataset.samples, layers=[config.layer], positions=positions,
-                             max_length=config.max_length, batch_size=config.batch_size, cache_dir=feature_cache,
-                             progress=progress)
+    also = []
+    if config.engine == "ray" and spec.reference:  # the guard's rows go to the workers with the pool's, in one pass
+        from .reference import place_shipped_views, reference_samples
+
+        also = reference_samples()
+        place_shipped_views(model, tokenizer, also, layer=config.layer, positions=positions,
+                            max_length=config.max_length, cache_dir=feature_cache)
+    feats = hidden_states(config, model, tokenizer, dataset.samples, positions=positions,
+                          feature_cache=feature_cache, progress=progress, also=also)
     layer = feats.layers[0]
     info.update(layer=layer, position=config.position, positions=positions, n_truncated=feats.n_truncated,
                 cache_path=feats.cache_path,

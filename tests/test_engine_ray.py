@@ -1,0 +1,153 @@
+"""`--engine ray`: a local Ray cluster on two CPUs with two workers and the tiny model; its scores must be the local
+engine's, its outputs must cover the input, and the driver must compute no row itself (the workers' shards are in
+the store)."""
+
+import json
+import os
+import shutil
+import tempfile
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from conftest import toy_rows, write_jsonl
+from saft.data import Sample
+from saft.pipeline import FilterConfig
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """Two CPUs, no dashboard, every file Ray writes under one temporary folder (short: it holds Unix sockets),
+    and no auth token written into HOME."""
+    temp = tempfile.mkdtemp(prefix="saft-ray-")
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+    yield
+    ray.shutdown()
+    if saved is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = saved
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def tiny_reference(monkeypatch):
+    """Every 100th of the guard's reference rows (both classes): the label-free detector trains on them, and their
+    sentence view (run on the driver by either engine) is what this test would otherwise spend most of its time on."""
+    import saft.reference as R
+
+    subset = R.reference_samples()[::100]
+    assert {s.label for s in subset} == {0, 1}
+    monkeypatch.setattr(R, "reference_samples", lambda: subset)
+    return subset
+
+
+def read_jsonl(p):
+    return [json.loads(line) for line in p.read_text().splitlines()]
+
+
+def test_ray_engine_matches_the_local_engine(ray_session, tiny_model_dir, tmp_path, monkeypatch, tiny_reference):
+    import saft.features as F
+    from saft.cli import main
+    from saft.engine_ray import extract_with_ray
+    from saft.models import load_model
+
+    rows = toy_rows(30)
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    forward = F._forward_batch
+    driver_rows = []  # rows this process (the driver) runs through the model; the workers are other processes
+
+    def counting(model, blocks, layers, n_layers, batch, *args):
+        driver_rows.append(len(batch))
+        return forward(model, blocks, layers, n_layers, batch, *args)
+
+    monkeypatch.setattr(F, "_forward_batch", counting)
+    # The label-free detector: the pool's rows and the guard's reference rows both go through the workers.
+    common = ["--model", str(tiny_model_dir), "--device", "cpu", "--detector", "label-free", "--rule", "fraction",
+              "--fraction", "0.2"]
+    assert main(["-q", "filter", str(data), "-o", str(tmp_path / "ray"), "--cache-dir", str(tmp_path / "cache-ray"),
+                 "--engine", "ray", "--ray-workers", "2", *common]) == 0
+    assert driver_rows == []
+    store = tmp_path / "cache-ray" / "features" / F.STORE
+    slots = sorted(store.iterdir())
+    assert len(slots) == 2  # the label-free detector reads two positions, one slot each
+    for slot in slots:  # every row written by the workers, once
+        assert sum(len(np.load(k)) for k in slot.glob("shard-*.keys.npy")) == len(rows) + len(tiny_reference)
+
+    # The sentence encoder's view runs on the driver with either engine: the local run reuses it (a minute of MiniLM
+    # on a shared CPU), and computes every hidden state itself.
+    (tmp_path / "cache-local" / "features").mkdir(parents=True)
+    for view in (tmp_path / "cache-ray" / "features").glob("sentence-*.npy"):
+        shutil.copy(view, tmp_path / "cache-local" / "features" / view.name)
+    assert main(["-q", "filter", str(data), "-o", str(tmp_path / "local"), "--cache-dir",
+                 str(tmp_path / "cache-local"), *common]) == 0
+    assert sum(driver_rows) == len(rows) + len(tiny_reference)  # the local engine computed every row itself
+    by_ray = {r["id"]: r["harm_score"] for r in read_jsonl(tmp_path / "ray" / "scores.jsonl")}
+    local = {r["id"]: r["harm_score"] for r in read_jsonl(tmp_path / "local" / "scores.jsonl")}
+    assert by_ray.keys() == local.keys() == {r["id"] for r in rows}
+    np.testing.assert_allclose([by_ray[i] for i in local], list(local.values()), atol=1e-4, rtol=0)
+    assert len(set(local.values())) > 1  # scores that tell rows apart, not a constant both engines would share
+
+    kept, removed = read_jsonl(tmp_path / "ray" / "kept.jsonl"), read_jsonl(tmp_path / "ray" / "removed.jsonl")
+    assert len(kept) == 24 and len(removed) == 6
+    assert sorted(r["id"] for r in kept + removed) == sorted(r["id"] for r in rows)
+    summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    assert summary["config"]["engine"] == "ray" and summary["n_kept"] + summary["n_removed"] == len(rows)
+
+    # A rerun finds every row in the store and starts no workers.
+    model, tokenizer = load_model(str(tiny_model_dir), device="cpu")
+    config = FilterConfig(model=str(tiny_model_dir), engine="ray", ray_workers=2, detector="label-free")
+    samples = [Sample(id=r["id"], messages=[{"role": "user", "content": r["prompt"]},
+                                              {"role": "assistant", "content": r["response"]}]) for r in rows]
+    again = extract_with_ray(samples, model, tokenizer, config=config, positions=["prompt_last"],
+                             cache_dir=tmp_path / "cache-ray" / "features", progress=False)
+    assert again["sent"] == 0 and again["workers"] == 0
+
+
+def test_engine_options_are_checked(monkeypatch):
+    import saft.engine_ray as E
+
+    with pytest.raises(ValueError, match="engine must be one of local, ray"):
+        FilterConfig(engine="spark")
+    with pytest.raises(ValueError, match="apply to --engine ray"):
+        FilterConfig(ray_workers=2)
+    with pytest.raises(ValueError, match="at least 1"):
+        FilterConfig(engine="ray", ray_workers=0)
+    monkeypatch.setattr(E, "ray_available", lambda: False)
+    with pytest.raises(ValueError, match=r"pip install 'saft-llm\[ray\]'"):
+        FilterConfig(engine="ray")
+
+
+def test_one_worker_per_gpu():
+    import saft.engine_ray as E
+
+    def cluster(**resources):
+        return SimpleNamespace(cluster_resources=lambda: resources)
+
+    plan = E._plan(cluster(GPU=4.0, CPU=32.0), None)
+    assert (plan["workers"], plan["num_gpus"], plan["device"]) == (4, 1, "cuda")
+    assert E._plan(cluster(GPU=4.0, CPU=32.0), 2)["workers"] == 2
+    with pytest.raises(ValueError, match="4 GPUs"):
+        E._plan(cluster(GPU=4.0, CPU=32.0), 5)
+    plan = E._plan(cluster(CPU=16.0), None)
+    assert (plan["workers"], plan["num_gpus"], plan["device"], plan["threads"]) == (4, 0, "cpu", 4)
+    assert E._plan(cluster(CPU=2.0), 2)["threads"] == 1
+
+
+def test_a_worker_error_is_reported(ray_session, tiny, tmp_path):
+    """A worker that cannot load the model (another node without the folder) stops the run with the worker's own
+    error, not Ray's traceback and not a silent recomputation on the driver."""
+    from saft.engine_ray import extract_with_ray
+
+    model, tokenizer = tiny
+    config = FilterConfig(model=str(tmp_path / "not-on-this-node"), engine="ray", ray_workers=1)
+    samples = [Sample(id=r["id"], messages=[{"role": "user", "content": r["prompt"]},
+                                            {"role": "assistant", "content": r["response"]}]) for r in toy_rows(4)]
+    with pytest.raises(ValueError, match="a Ray worker failed: .*not-on-this-node"):
+        extract_with_ray(samples, model, tokenizer, config=config, positions=["prompt_last"],
+                         cache_dir=tmp_path / "features", progress=False)
