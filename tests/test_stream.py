@@ -166,3 +166,14 @@ def test_streamed_sentence_view_equals_in_memory(tmp_path):
     np.testing.assert_allclose(np.asarray(X), Y, atol=1e-6)
     # the same cache file: the in-memory call reads what the streamed one wrote
     assert (np.asarray(sentence_features(load_samples(path).samples, cache_dir=tmp_path / "a")) == np.asarray(X)).all()
+
+
+def test_a_repeated_id_is_found_by_the_streamed_scan(tmp_path):
+    rows = toy_rows(6)
+    rows[4]["id"] = rows[1]["id"]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=r"line 5: id 'r1' repeats the id of line 2"):
+        scan_samples(path)
+    streamed, loaded = scan_samples(path, skip_invalid=True), load_samples(path, skip_invalid=True)
+    _same(loaded, streamed)
+    assert len(streamed) == 5

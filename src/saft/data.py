@@ -24,6 +24,7 @@ Untrusted input: nothing here unpickles, and a `datasets` folder that holds a pi
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -741,15 +742,23 @@ def scan_samples(path: str | os.PathLike, *, format: str | None = None, fields: 
     if fmt not in STREAMED_FORMATS:
         return load_samples(path, format=fmt, fields=fields, skip_invalid=skip_invalid)
     opts = fields or FieldOptions()
-    parser = _RowParser(path, fmt, opts, skip_invalid)
-    lines, labels = array("q"), array("b")
-    with _reading(path):
-        columns, header, rows = _stream_rows(path, fmt)
-        for i, (lineno, row, raw) in enumerate(rows):
-            sample = parser.parse(i, row, lineno, raw)
-            if sample is not None:
-                lines.append(lineno)
-                labels.append(-1 if sample.label is None else sample.label)
+    for exact in (False, True):
+        # Ids are checked unique by an 8-byte hash each; only when two hashes agree (an id may repeat) is the
+        # file scanned again with every id held, which finds the repeat and names both lines.
+        parser = _RowParser(path, fmt, opts, skip_invalid, check_ids=exact)
+        lines, labels, hashes = array("q"), array("b"), array("q")
+        with _reading(path):
+            columns, header, rows = _stream_rows(path, fmt)
+            for i, (lineno, row, raw) in enumerate(rows):
+                sample = parser.parse(i, row, lineno, raw)
+                if sample is not None:
+                    lines.append(lineno)
+                    labels.append(-1 if sample.label is None else sample.label)
+                    if not exact:
+                        digest = hashlib.blake2b(sample.id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+                        hashes.append(int.from_bytes(digest, "little", signed=True))
+        if exact or len(np.unique(np.frombuffer(hashes, dtype=np.int64))) == len(hashes):
+            break
     parser.finish(len(lines))
     return StreamedDataset(path, fmt, opts, skip_invalid, schema=parser.schema,
                            lines=np.frombuffer(lines, dtype=np.int64), labels=np.frombuffer(labels, dtype=np.int8),
