@@ -127,6 +127,25 @@ def sentence_features(samples, *, encoder: str | Path | None = None, device: str
     return X
 
 
+def _release_freed_memory() -> None:
+    """Hand memory freed by the encoder back to the system (glibc's malloc_trim; a no-op elsewhere).
+
+    Measured: without it, glibc keeps the encoder's freed buffers, and resident memory grows by about 30 KiB a
+    row encoded, however the rows are chunked; with it after each chunk, it stays at one chunk's worth."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to call
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 # Rows encoded per write into the cache file: the encoder's batches of this many texts, then written out.
 ENCODE_CHUNK_ROWS = 1024
 
@@ -152,6 +171,7 @@ def _encode_to_file(samples, path: Path, *, encoder, device: str, batch_size: in
             f.write(np.ascontiguousarray(X, dtype=np.float32).tobytes())
             written += len(chunk)
             bar.update(len(chunk))
+            _release_freed_memory()
 
         chunk = []
         for s in samples:
