@@ -905,12 +905,14 @@ def write_parts(dataset: Dataset | StreamedDataset, part: Sequence[int], paths: 
             writers = [stack.enter_context(pq.ParquetWriter(f, schema)) for f in files]
             positions = dataset.lines - 1  # each sample's row in the table
 
-            def on_batch(batch, start):  # this batch's kept and removed rows, in table order
+            def write_batch(batch, start):  # this batch's kept and removed rows, in table order
                 lo, hi = np.searchsorted(positions, [start, start + batch.num_rows])
                 for j, writer in enumerate(writers):
                     local = positions[lo:hi][part[lo:hi] == j] - start
                     if len(local):
                         writer.write_batch(batch.take(pa.array(local, type=pa.int64())))
+
+            on_batch = write_batch
         elif fmt == "csv":
             header, end = _csv_header(dataset.header)
             for f in files:
