@@ -130,8 +130,9 @@ def sentence_features(samples, *, encoder: str | Path | None = None, device: str
 def _release_freed_memory() -> None:
     """Hand memory freed by the encoder back to the system (glibc's malloc_trim; a no-op elsewhere).
 
-    Measured: without it, glibc keeps the encoder's freed buffers, and resident memory grows by about 30 KiB a
-    row encoded, however the rows are chunked; with it after each chunk, it stays at one chunk's worth."""
+    glibc keeps the encoder's freed buffers: with it after each chunk, the peak resident memory of
+    `saft filter --detector guard` grew by 20 KiB a row from 1k to 4k rows instead of 29 KiB (benchmarks/suites/
+    scale.py); the remaining growth is in the encoder's run and not yet explained."""
     global _MALLOC_TRIM
     if _MALLOC_TRIM is None:
         import ctypes

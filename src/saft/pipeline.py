@@ -10,7 +10,8 @@ input is never modified; every output is written atomically.
 
 JSONL, CSV and Parquet inputs are streamed (`saft.data.scan_samples`): one pass checks the rows, the sentence view
 (`--detector guard`) is encoded a chunk at a time into its cache file and scored from it a chunk at a time, and
-one pass writes scores.jsonl, kept and removed; memory per row is a few dozen bytes. The detectors on the
+one pass writes scores.jsonl, kept and removed; apart from the sentence encoder's run, memory per row is a few
+dozen bytes (benchmarks/suites/scale.py, guard-filter). The detectors on the
 language model's hidden states hold the samples' text while the features are extracted, and `--report` and
 `--certify` read the samples whole; JSON and `datasets` inputs are read whole.
 """
