@@ -14,7 +14,10 @@ Steps:
   too), against solver="full" (numpy's SVD) on the in-memory pool, with the largest score difference.
 - pool-side: the label-free detector's pool PCA (64 components) and student, fitted on the bounded sample, every row scored
   in chunks, against the same steps on every row of the in-memory pool.
-- guard-filter: `saft filter --detector guard` (the whole command, sentence encoder included) on N short rows.
+- guard-filter: `saft filter --detector guard` (the whole command, sentence encoder included) on N short rows;
+  with --filter-stand-in-rows also with the encoder replaced by a stand-in of the same output shape, which
+  measures the memory of the data path (read, view file, score, write) on more rows than the encoder's CPU
+  time allows.
 - extraction: the CPU's fp32 matmul rate measured with torch, the extractor's tokens/s with the embedded model
   at its default layer (so the FLOP utilisation), the naive loop (one sample at a time, full model with every
   hidden state and the LM head) on the same rows, and `saft demo` (the default filter, then the paper's on the
@@ -51,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None, help="where the synthetic features go (default: "
                         "$SAFT_CACHE/scale-bench)")
     parser.add_argument("--filter-rows", type=int, nargs="*", default=[20000, 80000])
+    parser.add_argument("--filter-stand-in-rows", type=int, nargs="*", default=[],
+                        help="guard-filter also on these row counts with the sentence encoder replaced by a stand-in "
+                        "of the same output (random unit rows): the memory of everything but the encoder, cheaply")
     parser.add_argument("--extract-rows", type=int, default=200, help="demo rows timed for extraction")
     parser.add_argument("--naive-rows", type=int, default=48)
     parser.add_argument("--threads", type=int, default=1, help="OMP/MKL/torch threads of every step")
@@ -191,8 +197,19 @@ def step_guard_filter(p: dict) -> dict:
     from saft.cli import main
 
     logging.disable(logging.WARNING)
-    folder = Path(p["work"]) / f"guard-{p['n']}"
-    folder.mkdir(parents=True, exist_ok=True)
+    if p.get("stand_in"):  # same shape and dtype as the encoder's output, none of its cost
+        import saft.encoders as E
+
+        def embed_pairs(prompts, responses, **kw):
+            X = np.random.default_rng(len(prompts)).standard_normal((len(prompts), E.DIM)).astype(np.float32)
+            return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+        E.embed_pairs = embed_pairs
+    folder = Path(p["work"]) / f"guard-{p['n']}{'-stand-in' if p.get('stand_in') else ''}"
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)  # the whole command from an empty cache, every time
+    folder.mkdir(parents=True)
     data = folder / "rows.jsonl"
     rng = np.random.default_rng(p["seed"])
     words = ["how", "do", "I", "bake", "bread", "fix", "a", "bike", "learn", "python", "hurt", "someone", "steal",
@@ -209,7 +226,8 @@ def step_guard_filter(p: dict) -> dict:
                "--cache-dir", str(folder / "cache")])
     kept = sum(1 for _ in open(next((folder / "out").glob("*kept*"))))
     removed = sum(1 for _ in open(next((folder / "out").glob("*removed*"))))
-    return {"rows": p["n"], "rc": rc, "s": round(time.perf_counter() - t0, 1), "rss_before_mib": round(base, 1),
+    return {"rows": p["n"], "encoder": "stand-in" if p.get("stand_in") else "all-MiniLM-L6-v2", "rc": rc,
+            "s": round(time.perf_counter() - t0, 1), "rss_before_mib": round(base, 1),
             "kept_plus_removed": kept + removed}
 
 
@@ -337,11 +355,47 @@ def run(args) -> dict:
             result[step] = {"out_of_core": _child(step, {**base, "memory": False}, args.threads),
                             "numpy": _child(step, {**base, "memory": True}, args.threads)}
     if "guard-filter" not in args.skip:
-        result["guard-filter"] = [_child("guard-filter", {**base, "n": n}, args.threads) for n in args.filter_rows]
+        result["guard-filter"] = ([_child("guard-filter", {**base, "n": n, "stand_in": True}, args.threads)
+                                   for n in args.filter_stand_in_rows]
+                                  + [_child("guard-filter", {**base, "n": n}, args.threads) for n in args.filter_rows])
     if "extraction" not in args.skip:
         result["extraction"] = _child("extraction", {**base, "extract_rows": args.extract_rows,
                                                      "naive_rows": args.naive_rows}, args.threads)
-    return result
+    return _merged(result, set(args.skip))
+
+
+def _steps_of(command: str) -> set:
+    """The steps a `run.py scale` command line ran: every step its --skip did not name."""
+    words = command.split()
+    skip = set()
+    if "--skip" in words:
+        for w in words[words.index("--skip") + 1:]:
+            if w.startswith("--"):
+                break
+            skip.add(w)
+    return set(STEPS) - skip
+
+
+def _merged(result: dict, skipped: set) -> dict:
+    """This run's steps over the result file's: the steps skipped here keep their earlier numbers, and the
+    command line lists every command behind the file (each step's numbers come from the one that ran it)."""
+    import common
+
+    old = common.load_result(NAME)
+    if not old:
+        return result
+    kept = [s for s in STEPS if s in skipped and s in old]
+    if not kept:
+        return result
+    merged = {**{s: old[s] for s in kept}, **result}
+    if {"subspace", "pool-side"} <= skipped and isinstance(old.get("data"), dict):
+        merged["data"] = old["data"]  # the synthetic pool the kept out-of-core steps ran on
+    ran = set(STEPS) - skipped
+    # an earlier command whose steps all ran again here no longer stands behind any number
+    commands = [c for c in old["command"].split(" ; ") if not _steps_of(c) <= ran]
+    merged["command"] = " ; ".join(commands + [result["command"]])
+    merged["cpu"] = result["cpu"] if old.get("cpu") == result["cpu"] else f"{old.get('cpu')} ; {result['cpu']}"
+    return merged
 
 
 def render(result: dict, plots_dir: Path) -> str:
@@ -383,11 +437,22 @@ def render(result: dict, plots_dir: Path) -> str:
         out.append("")
     g = result.get("guard-filter")
     if g:
-        out += ["| `saft filter --detector guard` rows | s | peak RSS MiB | kept + removed |", "|---|---|---|---|"]
-        out += [f"| {r['rows']:,} | {r['s']} | {r['peak_rss_mib']:.0f} | {r['kept_plus_removed']:,} |" for r in g]
-        if len(g) > 1:
-            out.append(f"\nPeak RSS grows by {g[-1]['peak_rss_mib'] - g[0]['peak_rss_mib']:.0f} MiB from "
-                       f"{g[0]['rows']:,} to {g[-1]['rows']:,} rows.")
+        out += ["| `saft filter --detector guard` rows | sentence encoder | s | peak RSS MiB | kept + removed |",
+                "|---|---|---|---|---|"]
+        out += [f"| {r['rows']:,} | {r.get('encoder', 'all-MiniLM-L6-v2')} | {r['s']} | {r['peak_rss_mib']:.0f} | "
+                f"{r['kept_plus_removed']:,} |" for r in g]
+        for enc in dict.fromkeys(r.get("encoder", "all-MiniLM-L6-v2") for r in g):
+            runs = [r for r in g if r.get("encoder", "all-MiniLM-L6-v2") == enc]
+            if len(runs) > 1:
+                a, b = runs[0], runs[-1]
+                out.append(f"\nWith the {enc} encoder, peak RSS grows by {b['peak_rss_mib'] - a['peak_rss_mib']:.0f} "
+                           f"MiB from {a['rows']:,} to {b['rows']:,} rows "
+                           f"({(b['peak_rss_mib'] - a['peak_rss_mib']) * 2**20 / (b['rows'] - a['rows']):.0f} bytes a "
+                           "row).")
+        if any(r.get("encoder") == "stand-in" for r in g):
+            out.append("\nThe stand-in gives random unit rows of the encoder's shape at no cost, so its runs measure "
+                       "everything else (reading, the view file, scoring, writing) on more rows than the encoder's "
+                       "CPU time allows here.")
         out.append("")
     e = result.get("extraction")
     if e:

@@ -95,6 +95,7 @@ def filter(data, *, output_dir=None, fields: FieldOptions | None = None, skip_in
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
             result = filter_dataset(path, **kw)
+            result.dataset.samples  # read now: the temporary file goes when this block ends
         result.summary["input"] = f"<{kind}: {len(rows)} rows>"
         source = data
         # The temporary file has one line per row, so a sample's line number is its row's position.

@@ -6,11 +6,17 @@ chat `messages`/`conversations` (the last assistant turn is the response, earlie
 `prompt`/`completion`, `prompt`/`response`, `instruction`/`input`/`output`, `instruction`/`context`/`response`
 (Dolly), `question`/`answer`.
 
-Raw rows are kept untouched next to the parsed samples so that `write_subset` can write kept and removed rows
-with every input field preserved: for JSONL, JSON and CSV the row's own text, byte for byte (key order, number
-spelling, escapes, quoting); for Parquet and `datasets` folders the table's own rows. Rows that cannot be used are
-kept too (`Dataset.skipped`, with their raw text) so that `write_invalid` can write them out: every input row ends
-in exactly one output. Nothing here knows about models or tokenizers.
+Kept and removed rows are written with every input field preserved: for JSONL, JSON and CSV the row's own text,
+byte for byte (key order, number spelling, escapes, quoting); for Parquet and `datasets` folders the table's own
+rows. Rows that cannot be used are listed (`skipped`, with their raw text) so that `write_invalid` can write them
+out: every input row ends in exactly one output. Nothing here knows about models or tokenizers.
+
+Two loaders, with the same samples, checks and errors: `load_samples` holds every row, its raw text and its
+sample in memory (a `Dataset`); `scan_samples`, which `saft filter` uses, reads JSONL, CSV and Parquet in a
+streaming pass (a line, a CSV record or a Parquet record batch at a time) and keeps only each sample's line number
+and label (a `StreamedDataset`, a few bytes a row); later passes read the file again for the samples' text and to
+write kept and removed (`write_parts`, one pass for every output). JSON (one list) and `datasets` folders are
+read whole by both.
 
 Untrusted input: nothing here unpickles, and a `datasets` folder that holds a pickle is refused.
 """
@@ -18,6 +24,7 @@ Untrusted input: nothing here unpickles, and a `datasets` folder that holds a pi
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -25,9 +32,13 @@ import re
 import shutil
 import stat
 import tempfile
+from array import array
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -191,10 +202,11 @@ def _utf8(data: bytes) -> tuple[str, str | None]:
                 f"not UTF-8 text ({e.reason} at byte {e.start + 1} of the line); re-encode the file as UTF-8")
 
 
-def _read_jsonl(path: Path) -> _Rows:
-    # Lines end at "\n" only (JSONL's definition), so a lone "\r" or U+2028 inside a line does not split it; the
-    # file is read as bytes so that one line that is not UTF-8 is one invalid row, not an unreadable file.
-    rows, lines, raw = [], [], []
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str]]:
+    """(line number, parsed row or `_Malformed`, the line's text) for every non-blank line, read a line at a time.
+
+    Lines end at "\n" only (JSONL's definition), so a lone "\r" or U+2028 inside a line does not split it; the
+    file is read as bytes so that one line that is not UTF-8 is one invalid row, not an unreadable file."""
     with open(path, "rb") as f:
         for lineno, data in enumerate(f, 1):
             if lineno == 1 and data.startswith(b"\xef\xbb\xbf"):  # a byte-order mark, written by some editors
@@ -205,17 +217,24 @@ def _read_jsonl(path: Path) -> _Rows:
             if not text.strip(JSON_WHITESPACE):
                 continue
             if problem:
-                rows.append(_Malformed(problem))
+                row = _Malformed(problem)
             else:
                 try:
-                    rows.append(json.loads(text))
+                    row = json.loads(text)
                 except json.JSONDecodeError as e:
-                    rows.append(_Malformed(f"not valid JSON ({e.msg} at column {e.colno})"))
+                    row = _Malformed(f"not valid JSON ({e.msg} at column {e.colno})")
                 except RecursionError:
-                    rows.append(_Malformed("nested deeper than the JSON reader allows"))
-            lines.append(lineno)
-            raw.append(text)
-    return _Rows(rows, lines, raw)
+                    row = _Malformed("nested deeper than the JSON reader allows")
+            yield lineno, row, text
+
+
+def _read_jsonl(path: Path) -> _Rows:
+    read = _Rows([], [], [])
+    for lineno, row, text in _iter_jsonl(path):
+        read.rows.append(row)
+        read.linenos.append(lineno)
+        read.raw.append(text)
+    return read
 
 
 def _read_json(path: Path) -> _Rows:
@@ -278,11 +297,11 @@ def _read_json(path: Path) -> _Rows:
 CSV_FIELD_LIMIT = 2**31 - 1
 
 
-def _read_csv(path: Path) -> _Rows:
-    """Rows as dicts by header name (missing cells are None), each record's own lines kept as its raw text."""
+def _iter_csv(path: Path):
+    """A generator: first (columns, header text), then (line number, row or `_Malformed`, the record's own
+    lines) for every record, read a record at a time. Rows are dicts by header name (missing cells are None)."""
     if csv.field_size_limit() < CSV_FIELD_LIMIT:
         csv.field_size_limit(CSV_FIELD_LIMIT)
-    rows, lines, raw = [], [], []
     with open(path, encoding="utf-8-sig", newline="") as f:
         consumed: list[str] = []
 
@@ -298,6 +317,7 @@ def _read_csv(path: Path) -> _Rows:
             raise DataError(f"{path}, line 1: cannot read the CSV header ({e}).") from None
         header = "".join(consumed)
         consumed.clear()
+        yield columns, header
         while True:
             try:
                 cells = next(reader)
@@ -309,15 +329,57 @@ def _read_csv(path: Path) -> _Rows:
             consumed.clear()
             if cells == []:  # a blank line
                 continue
-            lines.append(reader.line_num - n_lines + 1)  # where the record starts (a quoted cell may span lines)
-            raw.append(text)
+            lineno = reader.line_num - n_lines + 1  # where the record starts (a quoted cell may span lines)
             if isinstance(cells, _Malformed):
-                rows.append(cells)
+                row = cells
             elif len(cells) > len(columns):
-                rows.append(_Malformed(f"{len(cells)} cells but the header has {len(columns)}"))
+                row = _Malformed(f"{len(cells)} cells but the header has {len(columns)}")
             else:
-                rows.append(dict(zip(columns, cells + [None] * (len(columns) - len(cells)))))
-    return _Rows(rows, lines, raw, columns=columns, header=header)
+                row = dict(zip(columns, cells + [None] * (len(columns) - len(cells))))
+            yield lineno, row, text
+
+
+def _read_csv(path: Path) -> _Rows:
+    """Rows as dicts by header name (missing cells are None), each record's own lines kept as its raw text."""
+    records = _iter_csv(path)
+    columns, header = next(records)
+    read = _Rows([], [], [], columns=columns, header=header)
+    for lineno, row, text in records:
+        read.rows.append(row)
+        read.linenos.append(lineno)
+        read.raw.append(text)
+    return read
+
+
+# Rows of a Parquet file converted to Python at a time: bounds the memory of a streaming pass.
+PARQUET_BATCH_ROWS = 4096
+
+
+def _parquet_file(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for unreadable files
+        raise DataError(f"{path}: cannot read as Parquet ({e}).") from None
+
+
+def _iter_parquet(path: Path, on_batch=None) -> Iterator[tuple[int, Any, None]]:
+    """(row number, row, None) for every row, a record batch at a time; `on_batch(batch, first row index)` is
+    called before each batch's rows are given (the streaming writer writes the batch's kept and removed rows)."""
+    start, batches = 0, _parquet_file(path).iter_batches(batch_size=PARQUET_BATCH_ROWS)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:  # a corrupt page shows only when it is read
+            raise DataError(f"{path}: cannot read as Parquet ({e}).") from None
+        if on_batch is not None:
+            on_batch(batch, start)
+        for j, row in enumerate(batch.to_pylist()):
+            yield start + j + 1, row, None
+        start += batch.num_rows
 
 
 def _read_rows(path: Path, fmt: str) -> _Rows:
@@ -463,33 +525,23 @@ def _label_of(row: dict, opts: FieldOptions) -> tuple[int | None, str | None]:
     return int(flag if meaning == "harmful" else not flag), name
 
 
-def load_samples(path: str | os.PathLike, *, format: str | None = None, fields: FieldOptions | None = None,
-                 skip_invalid: bool = False) -> Dataset:
-    """Read a dataset file or folder into a `Dataset` of `Sample`s.
+class _RowParser:
+    """Turns rows into `Sample`s one at a time, with the checks that span rows (unique ids) and what a load
+    reports at the end (schemas, skipped rows, rows with lone surrogates). Both loaders run rows through this,
+    so a streamed dataset has exactly the samples, ids, labels and errors of a loaded one."""
 
-    Raises `DataError` naming the file, row (line for JSONL/CSV) and field of the first bad row, unless
-    `skip_invalid` is set: then bad rows are skipped and listed, with their raw text, in `Dataset.skipped`.
-    Text that is not valid Unicode (a lone surrogate, written as a JSON escape) reaches the model with U+FFFD
-    in its place; the row itself is kept as written.
-    """
-    path = Path(path)
-    opts = fields or FieldOptions()
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder.")
-    fmt = format or detect_format(path)
-    if fmt not in FORMATS:
-        raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}.")
-    try:
-        read = _read_rows(path, fmt)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}). Re-encode the file as UTF-8.") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror}).") from None
-    where = "line" if fmt in ("jsonl", "csv") else "row"
-    samples, rows, index, skipped = [], [], [], []
-    schemas, seen_ids, label_names = set(), {}, set()
-    raw_rows, linenos, raw_kept, n_replaced = read.rows, read.linenos, [], 0
-    for i, (row, lineno) in enumerate(zip(raw_rows, linenos)):
+    def __init__(self, path: Path, fmt: str, opts: FieldOptions, skip_invalid: bool, *, check_ids: bool = True):
+        self.path, self.opts, self.skip_invalid, self.check_ids = path, opts, skip_invalid, check_ids
+        self.where = "line" if fmt in ("jsonl", "csv") else "row"
+        self.seen_ids: dict[str, int] = {}
+        self.schemas: set[str] = set()
+        self.skipped: list[tuple[int, str, str]] = []
+        self.n_rows = self.n_replaced = 0
+
+    def parse(self, i: int, row: Any, lineno: int, raw: str | None) -> Sample | None:
+        """The sample of row `i` (0-based among the rows read), or None when it is skipped as invalid."""
+        self.n_rows += 1
+        opts = self.opts
         try:
             if isinstance(row, _Malformed):
                 raise _RowError(row.reason)
@@ -497,41 +549,220 @@ def load_samples(path: str | os.PathLike, *, format: str | None = None, fields: 
                 raise _RowError(f"expected an object, got {type(row).__name__}")
             schema = _schema_of(row, opts)
             messages, replaced = _valid_unicode(_messages_of(row, schema, opts))
-            label, label_name = _label_of(row, opts)
+            label, _ = _label_of(row, opts)
             id_name = opts.id_field or ("id" if "id" in row else None)
             if id_name is not None and id_name not in row:
                 raise _RowError(f"id field {id_name!r} is missing")
             sid = str(row[id_name]) if id_name else str(i)
-            if sid in seen_ids:
-                raise _RowError(f"id {sid!r} repeats the id of {where} {seen_ids[sid]}; ids must be unique")
+            if self.check_ids and sid in self.seen_ids:
+                raise _RowError(f"id {sid!r} repeats the id of {self.where} {self.seen_ids[sid]}; ids must be unique")
         except (_RowError, RecursionError) as e:
             reason = str(e) if isinstance(e, _RowError) else "nested too deeply to read"
-            msg = f"{path}, {where} {lineno}: {reason}."
-            if not skip_invalid:
+            msg = f"{self.path}, {self.where} {lineno}: {reason}."
+            if not self.skip_invalid:
                 raise DataError(msg + " Fix the row, or pass --skip-invalid to skip such rows.") from None
-            skipped.append((lineno, reason, read.raw[i] if read.raw is not None else _row_text(row)))
+            self.skipped.append((lineno, reason, raw if raw is not None else _row_text(row)))
+            return None
+        self.n_replaced += replaced
+        if self.check_ids:
+            self.seen_ids[sid] = lineno
+        self.schemas.add(schema)
+        return Sample(id=sid, messages=messages, label=label, meta={"row": i, "line": lineno})
+
+    def finish(self, n_samples: int) -> None:
+        if self.skipped:
+            logger.warning("%s: skipped %d invalid rows (first: %s %d: %s)", self.path, len(self.skipped), self.where,
+                           *self.skipped[0][:2])
+        if self.n_replaced:
+            logger.warning("%s: %d samples hold lone surrogates (not valid Unicode); the model sees U+FFFD in their "
+                           "place", self.path, self.n_replaced)
+        if not n_samples:
+            raise DataError(f"{self.path}: no usable samples ({self.n_rows} rows read, {len(self.skipped)} invalid). "
+                            "Check that the file holds fine-tuning samples.")
+        self.seen_ids = {}
+
+    @property
+    def schema(self) -> str:
+        return "+".join(sorted(self.schemas))
+
+
+def _checked_path(path, format: str | None) -> tuple[Path, str]:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder.")
+    fmt = format or detect_format(path)
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    return path, fmt
+
+
+class _reading:
+    """Turns the errors of reading a file into `DataError`s naming it (a context manager around a pass)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, UnicodeDecodeError):
+            raise DataError(f"{self.path}: not UTF-8 text ({exc.reason} at byte {exc.start}). Re-encode the file as "
+                            "UTF-8.") from None
+        if exc_type is not None and issubclass(exc_type, OSError):
+            raise DataError(f"{self.path}: cannot read ({exc.strerror}).") from None
+        return False
+
+
+def load_samples(path: str | os.PathLike, *, format: str | None = None, fields: FieldOptions | None = None,
+                 skip_invalid: bool = False) -> Dataset:
+    """Read a dataset file or folder into a `Dataset` of `Sample`s, every row in memory (`scan_samples` reads
+    JSONL, CSV and Parquet without holding their rows).
+
+    Raises `DataError` naming the file, row (line for JSONL/CSV) and field of the first bad row, unless
+    `skip_invalid` is set: then bad rows are skipped and listed, with their raw text, in `Dataset.skipped`.
+    Text that is not valid Unicode (a lone surrogate, written as a JSON escape) reaches the model with U+FFFD
+    in its place; the row itself is kept as written.
+    """
+    path, fmt = _checked_path(path, format)
+    with _reading(path):
+        read = _read_rows(path, fmt)
+    parser = _RowParser(path, fmt, fields or FieldOptions(), skip_invalid)
+    samples, rows, index, raw_kept = [], [], [], []
+    for i, (row, lineno) in enumerate(zip(read.rows, read.linenos)):
+        sample = parser.parse(i, row, lineno, read.raw[i] if read.raw is not None else None)
+        if sample is None:
             continue
-        n_replaced += replaced
-        seen_ids[sid] = lineno
-        schemas.add(schema)
-        if label_name:
-            label_names.add(label_name)
-        samples.append(Sample(id=sid, messages=messages, label=label, meta={"row": i, "line": lineno}))
+        samples.append(sample)
         rows.append(row)
         index.append(i)
         if read.raw is not None:
             raw_kept.append(read.raw[i])
-    if skipped:
-        logger.warning("%s: skipped %d invalid rows (first: %s %d: %s)", path, len(skipped), where, *skipped[0][:2])
-    if n_replaced:
-        logger.warning("%s: %d samples hold lone surrogates (not valid Unicode); the model sees U+FFFD in their place",
-                       path, n_replaced)
-    if not samples:
-        raise DataError(f"{path}: no usable samples ({len(raw_rows)} rows read, {len(skipped)} invalid). "
-                        "Check that the file holds fine-tuning samples.")
-    return Dataset(path=path, format=fmt, samples=samples, rows=rows, row_index=index,
-                   schema="+".join(sorted(schemas)), table=read.table, columns=read.columns, skipped=skipped,
+    parser.finish(len(samples))
+    return Dataset(path=path, format=fmt, samples=samples, rows=rows, row_index=index, schema=parser.schema,
+                   table=read.table, columns=read.columns, skipped=parser.skipped,
                    raw=raw_kept if read.raw is not None else None, header=read.header)
+
+
+STREAMED_FORMATS = ("jsonl", "csv", "parquet")
+
+
+def _stream_rows(path: Path, fmt: str, on_batch=None):
+    """(columns, header, rows): `rows` yields (line or row number, row or `_Malformed`, raw text or None) in
+    file order, reading a line (JSONL), a record (CSV) or a record batch (Parquet) at a time."""
+    if fmt == "jsonl":
+        return None, None, _iter_jsonl(path)
+    if fmt == "csv":
+        records = _iter_csv(path)
+        columns, header = next(records)
+        return columns, header, records
+    if fmt == "parquet":
+        return _parquet_file(path).schema_arrow.names, None, _iter_parquet(path, on_batch)
+    raise AssertionError(fmt)  # pragma: no cover - callers pass STREAMED_FORMATS only
+
+
+class StreamedDataset:
+    """A JSONL, CSV or Parquet dataset read in passes, never held whole: in memory stay each sample's line (row)
+    number and label, and the invalid rows `skip_invalid` dropped. The samples are read again from the file for
+    each pass that needs them (`iter_samples`), and `write_parts` writes subsets back in one pass, each row as
+    its input text (JSONL, CSV) or its input table's row (Parquet). The file must not change between passes; a
+    pass that finds it changed raises `DataError`.
+
+    `samples` and `rows` give the whole lists (read once, then kept), for callers that need them all at once.
+    """
+
+    def __init__(self, path: Path, format: str, fields: FieldOptions, skip_invalid: bool, *, schema: str,
+                 lines: np.ndarray, labels: np.ndarray, skipped: list, columns, header, n_rows: int):
+        self.path, self.format, self.fields, self.skip_invalid = path, format, fields, skip_invalid
+        self.schema, self.lines, self._labels, self.skipped = schema, lines, labels, skipped
+        self.columns, self.header, self.n_rows = columns, header, n_rows
+        self._samples: list[Sample] | None = None
+        self._rows: list[Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    @property
+    def labels(self) -> list[int | None]:
+        return [None if v < 0 else int(v) for v in self._labels]
+
+    def records(self, on_batch=None) -> Iterator[tuple[Sample, Any, str | None]]:
+        """(sample, parsed row, raw text or None) of every sample, in order, read from the file again."""
+        parser = _RowParser(self.path, self.format, self.fields, True, check_ids=False)
+        k, n, n_rows = 0, len(self.lines), 0
+        with _reading(self.path):
+            _, _, rows = _stream_rows(self.path, self.format, on_batch)
+            for i, (lineno, row, raw) in enumerate(rows):
+                n_rows += 1
+                if k < n and lineno == self.lines[k]:  # the rows between are the invalid ones skipped
+                    sample = parser.parse(i, row, lineno, raw)
+                    if sample is None:
+                        break
+                    yield sample, row, raw
+                    k += 1
+        if k != n or n_rows != self.n_rows:
+            raise DataError(f"{self.path}: changed while it was being read ({k} of {n} samples found again); rerun "
+                            "on a file that is not being written to.")
+
+    def iter_samples(self) -> Iterator[Sample]:
+        if self._samples is not None:  # read whole already (`samples`)
+            yield from self._samples
+            return
+        for sample, _, _ in self.records():
+            yield sample
+
+    def __iter__(self) -> Iterator[Sample]:
+        return self.iter_samples()
+
+    def _load(self) -> None:
+        self._samples, self._rows = [], []
+        for sample, row, _ in self.records():
+            self._samples.append(sample)
+            self._rows.append(row)
+
+    @property
+    def samples(self) -> list[Sample]:
+        if self._samples is None:
+            self._load()
+        return self._samples
+
+    @property
+    def rows(self) -> list[Any]:
+        if self._rows is None:
+            self._load()
+        return self._rows
+
+
+def scan_samples(path: str | os.PathLike, *, format: str | None = None, fields: FieldOptions | None = None,
+                 skip_invalid: bool = False) -> Dataset | StreamedDataset:
+    """Like `load_samples`, with the same samples, checks and errors, but JSONL, CSV and Parquet are read in a
+    streaming pass and come back as a `StreamedDataset`, whose memory is a few bytes a row. JSON (one list) and
+    `datasets` folders are read whole (`load_samples`)."""
+    path, fmt = _checked_path(path, format)
+    if fmt not in STREAMED_FORMATS:
+        return load_samples(path, format=fmt, fields=fields, skip_invalid=skip_invalid)
+    opts = fields or FieldOptions()
+    for exact in (False, True):
+        # Ids are checked unique by an 8-byte hash each; only when two hashes agree (an id may repeat) is the
+        # file scanned again with every id held, which finds the repeat and names both lines.
+        parser = _RowParser(path, fmt, opts, skip_invalid, check_ids=exact)
+        lines, labels, hashes = array("q"), array("b"), array("q")
+        with _reading(path):
+            columns, header, rows = _stream_rows(path, fmt)
+            for i, (lineno, row, raw) in enumerate(rows):
+                sample = parser.parse(i, row, lineno, raw)
+                if sample is not None:
+                    lines.append(lineno)
+                    labels.append(-1 if sample.label is None else sample.label)
+                    if not exact:
+                        digest = hashlib.blake2b(sample.id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+                        hashes.append(int.from_bytes(digest, "little", signed=True))
+        if exact or len(np.unique(np.frombuffer(hashes, dtype=np.int64))) == len(hashes):
+            break
+    parser.finish(len(lines))
+    return StreamedDataset(path, fmt, opts, skip_invalid, schema=parser.schema,
+                           lines=np.frombuffer(lines, dtype=np.int64), labels=np.frombuffer(labels, dtype=np.int8),
+                           skipped=parser.skipped, columns=columns, header=header, n_rows=parser.n_rows)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -588,13 +819,17 @@ def output_name(dataset: Dataset, stem: str) -> str:
     return stem if dataset.format == "datasets" else f"{stem}.{dataset.format}"
 
 
-def write_subset(dataset: Dataset, positions: Sequence[int], path: str | os.PathLike) -> Path:
+def write_subset(dataset: Dataset | StreamedDataset, positions: Sequence[int], path: str | os.PathLike) -> Path:
     """Write the rows at `positions` (indices into `dataset.samples`) in the dataset's format, atomically.
 
     JSONL, JSON and CSV rows are written as their input text (a JSON file's rows as one list, a CSV file's under
     its header); Parquet and `datasets` rows as the input table's rows.
     """
     path = Path(path)
+    if isinstance(dataset, StreamedDataset):
+        part = np.full(len(dataset), -1, dtype=np.int8)
+        part[np.asarray(positions, dtype=np.int64)] = 0
+        return write_parts(dataset, part, [path])[0]
     fmt = dataset.format
     if fmt == "datasets":
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -622,8 +857,8 @@ def write_subset(dataset: Dataset, positions: Sequence[int], path: str | os.Path
             else:  # the list sat inside an object: its rows have no text of their own
                 f.write(json_text([dataset.rows[p] for p in positions], indent=1) + "\n")
         elif fmt == "csv":
-            end = "\r\n" if dataset.header.endswith("\r\n") else "\n"
-            f.write(dataset.header if dataset.header.endswith(("\n", "\r")) else dataset.header + end)
+            header, end = _csv_header(dataset.header)
+            f.write(header)
             for record in raw:  # only the file's last record can lack a line ending
                 f.write(record if record.endswith(("\n", "\r")) else record + end)
         elif fmt == "parquet":
@@ -634,6 +869,63 @@ def write_subset(dataset: Dataset, positions: Sequence[int], path: str | os.Path
             take = pa.array([dataset.row_index[p] for p in positions], type=pa.int64())
             pq.write_table(dataset.table.take(take), f)
     return path
+
+def _csv_header(header: str) -> tuple[str, str]:
+    """(the header as written, with a line ending; the line ending records lacking one get)."""
+    end = "\r\n" if header.endswith("\r\n") else "\n"
+    return (header if header.endswith(("\n", "\r")) else header + end), end
+
+
+def write_parts(dataset: Dataset | StreamedDataset, part: Sequence[int], paths: Sequence[str | os.PathLike], *,
+                on_sample=None) -> list[Path]:
+    """Write every sample to `paths[part[k]]` (k: its position in the dataset; -1: to none), each output in the
+    dataset's format and atomically, as `write_subset` writes it; `on_sample(k, sample)` is called for every
+    sample in order (scores.jsonl is written alongside). A `StreamedDataset` is read once, in one pass for every
+    output; a `Dataset` is in memory already."""
+    paths = [Path(p) for p in paths]
+    part = np.asarray(part)
+    if len(part) != len(dataset):
+        raise ValueError(f"part has {len(part)} entries for {len(dataset)} samples")
+    if not isinstance(dataset, StreamedDataset):
+        for j, path in enumerate(paths):
+            write_subset(dataset, np.flatnonzero(part == j).tolist(), path)
+        if on_sample is not None:
+            for k, sample in enumerate(dataset.samples):
+                on_sample(k, sample)
+        return paths
+    fmt = dataset.format
+    with ExitStack() as stack:
+        files = [stack.enter_context(atomic_open(p, "wb" if fmt == "parquet" else "w", newline="")) for p in paths]
+        on_batch = None
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            schema = _parquet_file(dataset.path).schema_arrow
+            writers = [stack.enter_context(pq.ParquetWriter(f, schema)) for f in files]
+            positions = dataset.lines - 1  # each sample's row in the table
+
+            def write_batch(batch, start):  # this batch's kept and removed rows, in table order
+                lo, hi = np.searchsorted(positions, [start, start + batch.num_rows])
+                for j, writer in enumerate(writers):
+                    local = positions[lo:hi][part[lo:hi] == j] - start
+                    if len(local):
+                        writer.write_batch(batch.take(pa.array(local, type=pa.int64())))
+
+            on_batch = write_batch
+        elif fmt == "csv":
+            header, end = _csv_header(dataset.header)
+            for f in files:
+                f.write(header)
+        for k, (sample, _, raw) in enumerate(dataset.records(on_batch)):
+            j = part[k]
+            if j >= 0 and fmt == "jsonl":
+                files[j].write(raw + "\n")
+            elif j >= 0 and fmt == "csv":  # only the file's last record can lack a line ending
+                files[j].write(raw if raw.endswith(("\n", "\r")) else raw + end)
+            if on_sample is not None:
+                on_sample(k, sample)
+    return paths
 
 
 def write_invalid(dataset: Dataset, path: str | os.PathLike) -> Path:

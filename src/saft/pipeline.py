@@ -7,6 +7,13 @@
 - `summary.json`: the resolved settings, the threshold applied, counts and detection metrics.
 kept + removed + invalid always equals the input rows (n_kept + n_removed + n_invalid = n_input_rows). The
 input is never modified; every output is written atomically.
+
+JSONL, CSV and Parquet inputs are streamed (`saft.data.scan_samples`): one pass checks the rows, the sentence view
+(`--detector guard`) is encoded a chunk at a time into its cache file and scored from it a chunk at a time, and
+one pass writes scores.jsonl, kept and removed; apart from the sentence encoder's run, memory per row is a few
+dozen bytes (benchmarks/suites/scale.py, guard-filter). The detectors on the
+language model's hidden states hold the samples' text while the features are extracted, and `--report` and
+`--certify` read the samples whole; JSON and `datasets` inputs are read whole.
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .chunks import take
 from .data import (
-    Dataset, FieldOptions, load_samples, output_name, write_invalid, write_json, write_jsonl, write_subset,
+    Dataset, FieldOptions, StreamedDataset, atomic_open, json_text, load_samples, output_name, scan_samples,
+    write_invalid, write_json, write_parts,
 )
 from .detectors import DETECTORS, detector_positions, get_detector, get_spec
 from .detectors.guard import guard_weights
@@ -195,7 +204,10 @@ def pool_positions(dataset: Dataset, labels_ds: Dataset) -> list[int]:
 
 @dataclass
 class FilterResult:
-    dataset: Dataset
+    """`dataset`: the input as read: a `StreamedDataset` for JSONL, CSV and Parquet (its `samples` and `rows`
+    are read from the file when first asked for), a `Dataset` for JSON and `datasets` folders."""
+
+    dataset: Dataset | StreamedDataset
     scores: np.ndarray
     selection: Selection
     summary: dict
@@ -224,7 +236,8 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
     """
     config = config or FilterConfig()
     t0 = time.time()
-    dataset = load_samples(path, fields=fields, skip_invalid=skip_invalid)
+    # JSONL, CSV and Parquet are read in passes (scan, view, write), never held whole; see `scan_samples`.
+    dataset = scan_samples(path, fields=fields, skip_invalid=skip_invalid)
     labels_ds = None
     if config.labels_file:
         labels_ds = load_samples(config.labels_file, fields=fields, skip_invalid=skip_invalid)
@@ -245,24 +258,26 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
             raise ValueError("--certify needs --labels-file: labels on a uniformly random sample of the data "
                              "(saft label DATA -o labels.jsonl --random -n 400)")
         labeled_idx = np.asarray(pool_positions(dataset, labels_ds))
-        Xv, val_labels = X[labeled_idx], labels_ds.labels
+        Xv, val_labels = take(X, labeled_idx, dtype=None), labels_ds.labels
     elif RULES[config.rule].labels or get_spec(config.detector).labels:
         if labels_ds is not None:
             Xv, val_labels = embed(labels_ds), labels_ds.labels
         else:
             labeled_idx = draw_labeled(dataset.labels, config.n_labels, seed=config.seed)
-            Xv, val_labels = X[labeled_idx], [dataset.labels[i] for i in labeled_idx]
+            Xv, val_labels = take(X, labeled_idx, dtype=None), [dataset.labels[i] for i in labeled_idx]
     strata = None
     if config.certify_stratum_field:
         name = config.certify_stratum_field
-        missing = next((s.meta["line"] for s, row in zip(dataset.samples, dataset.rows) if name not in row), None)
-        if missing is not None:
-            raise ValueError(f"{dataset.path}, row {missing}: no field {name!r} (--certify-stratum-field)")
-        strata = [str(row[name]) for row in dataset.rows]
+        strata = []
+        for s, row in _sample_rows(dataset):
+            if name not in row:
+                raise ValueError(f"{dataset.path}, row {s.meta['line']}: no field {name!r} (--certify-stratum-field)")
+            strata.append(str(row[name]))
     scores, selection, candidate = score_and_select(config, X, labelled_X=Xv, labels=val_labels,
                                                     labelled_idx=labeled_idx, reference=info["reference"],
                                                     strata=strata)
     n = len(dataset)
+    used = set() if labeled_idx is None else set(labeled_idx.tolist())
     summary = {
         "input": str(dataset.path), "format": dataset.format, "schema": dataset.schema,
         "n_input_rows": n + len(dataset.skipped), "n_samples": n, "n_invalid": len(dataset.skipped),
@@ -272,13 +287,12 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
         "rule": selection.rule, "threshold": selection.threshold, "k": candidate,
         "detector": config.detector, "layer": info["layer"],
         "position": info["position"], "positions": info["positions"], "rule_params": selection.params,
-        "n_truncated": info["n_truncated"], "labeled_rows_used": None if labeled_idx is None else [dataset.samples[i].id for i in labeled_idx],
+        "n_truncated": info["n_truncated"], "labeled_rows_used": None if labeled_idx is None else _ids_at(dataset, labeled_idx),
         "metrics": detection_metrics(scores, dataset.labels, selection.removed),
         # The same on the labelled rows that neither trained the detector nor chose the threshold: the honest
         # number when labels were drawn from the data (None otherwise).
         "metrics_unused_labels": None if labeled_idx is None else detection_metrics(
-            scores, [None if i in set(labeled_idx.tolist()) else lab for i, lab in enumerate(dataset.labels)],
-            selection.removed),
+            scores, [None if i in used else lab for i, lab in enumerate(dataset.labels)], selection.removed),
         "config": dataclasses.asdict(config), "requested": {"detector": requested.detector, "rule": requested.rule},
         "model": info["model"],
         "feature_cache": str(info["cache_path"]) if info["cache_path"] else None,
@@ -403,7 +417,8 @@ def detector_view(config: FilterConfig, model, tokenizer, *, feature_cache: Path
     positions = detector_positions(config.detector, config.position)
 
     def sentence(samples):
-        return sentence_features(samples, device=config.device or "cpu", cache_dir=feature_cache, progress=progress)
+        return sentence_features(samples, device=config.device or "cpu", cache_dir=feature_cache, progress=progress,
+                                 out_of_core=isinstance(samples, StreamedDataset))
 
     def view(samples, computed=None):
         if spec.view == "sentence":
@@ -426,7 +441,8 @@ def _feature_view(config: FilterConfig, dataset: Dataset, model, tokenizer, *, p
             "cache_path": None, "reference": None}
     if spec.view == "sentence":  # no language model needed: the model being fine-tuned is not even loaded
         view, _ = detector_view(config, None, None, feature_cache=feature_cache, progress=progress)
-        return (lambda ds: view(ds.samples)), info
+        # a streamed dataset's view is encoded into the cache file and read from it a chunk at a time
+        return (lambda ds: view(ds if isinstance(ds, StreamedDataset) else ds.samples)), info
     if model is None:
         model, tokenizer = load_model(config.model, cache_dir=config.cache_dir, device=config.device,
                                       dtype=config.dtype, trust_remote_code=config.trust_remote_code)
@@ -450,35 +466,66 @@ def _feature_view(config: FilterConfig, dataset: Dataset, model, tokenizer, *, p
     return (lambda ds: view(ds.samples, feats if ds is dataset else None)), info
 
 
-def score_rows(dataset: Dataset, scores: np.ndarray, selection: Selection) -> list[dict]:
-    """One tidy row per sample, as in scores.jsonl: id, harm_score, rank (1 = most suspicious), removed, reason,
-    and label when known."""
-    ranks = np.empty(len(scores), dtype=int)
-    ranks[np.argsort(-scores, kind="stable")] = np.arange(1, len(scores) + 1)
-    rows = []
-    for i, s in enumerate(dataset.samples):
-        row = {"id": s.id, "harm_score": float(scores[i]), "rank": int(ranks[i]), "removed": bool(selection.removed[i]),
-               "reason": selection.reason(float(scores[i])) if selection.removed[i] else ""}
+def _sample_rows(dataset):
+    """(sample, parsed row) of every sample, in order; a streamed dataset's read from its file."""
+    if isinstance(dataset, StreamedDataset):
+        return ((s, row) for s, row, _ in dataset.records())
+    return zip(dataset.samples, dataset.rows)
+
+
+def _ids_at(dataset, positions) -> list[str]:
+    """The ids of the samples at `positions`, in that order (a streamed dataset is read once for them)."""
+    if not isinstance(dataset, StreamedDataset) or dataset._samples is not None:
+        return [dataset.samples[i].id for i in positions]
+    wanted = {int(i): None for i in positions}
+    for k, s in enumerate(dataset.iter_samples()):
+        if k in wanted:
+            wanted[k] = s.id
+    return [wanted[int(i)] for i in positions]
+
+
+class _ScoreRows:
+    """scores.jsonl's row for each sample from its position and the sample: ranks are computed once."""
+
+    def __init__(self, scores: np.ndarray, selection: Selection):
+        self.scores, self.selection = scores, selection
+        self.ranks = np.empty(len(scores), dtype=np.int64)
+        self.ranks[np.argsort(-scores, kind="stable")] = np.arange(1, len(scores) + 1)
+
+    def __call__(self, i: int, s) -> dict:
+        removed, score = bool(self.selection.removed[i]), float(self.scores[i])
+        row = {"id": s.id, "harm_score": score, "rank": int(self.ranks[i]), "removed": removed,
+               "reason": self.selection.reason(score) if removed else ""}
         if s.label is not None:
             row["label"] = s.label
-        rows.append(row)
-    return rows
+        return row
 
 
-def _write_outputs(dataset: Dataset, scores: np.ndarray, selection: Selection, summary: dict, out: Path,
+def score_rows(dataset, scores: np.ndarray, selection: Selection) -> list[dict]:
+    """One tidy row per sample, as in scores.jsonl: id, harm_score, rank (1 = most suspicious), removed, reason,
+    and label when known."""
+    row = _ScoreRows(scores, selection)
+    samples = dataset.samples if isinstance(dataset, Dataset) else dataset.iter_samples()
+    return [row(i, s) for i, s in enumerate(samples)]
+
+
+def _write_outputs(dataset, scores: np.ndarray, selection: Selection, summary: dict, out: Path,
                    extra: dict) -> None:
+    """scores.jsonl, kept and removed in one pass over the input (each written atomically), then invalid.jsonl
+    and summary.json."""
     targets = [out / "scores.jsonl", out / "summary.json", out / "invalid.jsonl"] + [
         out / output_name(dataset, s) for s in ("kept", "removed")]
     if any(t.resolve() == dataset.path.resolve() for t in targets):
         raise ValueError(f"{dataset.path}: writing to {out} would overwrite the input; choose another -o folder")
-    rows = score_rows(dataset, scores, selection)
-    write_jsonl(rows, out / "scores.jsonl")
-    kept = [i for i in range(len(dataset)) if not selection.removed[i]]
-    removed = [i for i in range(len(dataset)) if selection.removed[i]]
+    kept_path, removed_path = out / output_name(dataset, "kept"), out / output_name(dataset, "removed")
+    score_row = _ScoreRows(scores, selection)
+    with atomic_open(out / "scores.jsonl") as f:
+        write_parts(dataset, np.asarray(selection.removed, dtype=np.int8), [kept_path, removed_path],
+                    on_sample=lambda i, s: f.write(json_text(score_row(i, s)) + "\n"))
     summary["outputs"] = {
         "scores": str(out / "scores.jsonl"),
-        "kept": str(write_subset(dataset, kept, out / output_name(dataset, "kept"))),
-        "removed": str(write_subset(dataset, removed, out / output_name(dataset, "removed"))),
+        "kept": str(kept_path),
+        "removed": str(removed_path),
         "invalid": str(write_invalid(dataset, out / "invalid.jsonl")),
         "summary": str(out / "summary.json"),
         **extra,
