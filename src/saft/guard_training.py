@@ -131,8 +131,10 @@ def choose_family_level(cv: np.ndarray, y: np.ndarray, families: np.ndarray, *, 
     held-out rows of the families it learned from (`heldout` = X, y, family, with `heldout_decisions` = each fold
     model's decision values on them, in the order of the families' first appearance), or without `heldout` the
     family-held-out rates of the families other than g. So both shifts weigh: safe rows that cross the threshold
-    more often (a low threshold suffers) and harmful rows that cross it less often (a high one suffers). The
-    level with the smallest worst-family RMSE wins. (Adjusting with rates other than the ones the estimate
+    more often (a low threshold suffers) and harmful rows that cross it less often (a high one suffers). With
+    `heldout`, each family's held-out rows also make pools counted by every fold model as shipped
+    (`_seen_pool_rmse`): data like a family the guard learned from. The level with the smallest worst RMSE over
+    all of those wins. (Adjusting with rates other than the ones the estimate
     uses chose a threshold that counted most of BeaverTails' safe answers as harmful with that family left out.)
     """
     rng = np.random.default_rng(seed)
@@ -165,8 +167,38 @@ def choose_family_level(cv: np.ndarray, y: np.ndarray, families: np.ndarray, *, 
                     z = np.concatenate([rng.choice(harm, n_h), rng.choice(safe, pool_size - n_h)])
                     err.append(np.clip(((z > t).mean() - fpr) / (tpr - fpr), 0, 1) - rate)
             rmse.append(float(np.sqrt(np.mean(np.square(err)))))
+        if heldout is not None:
+            rmse += _seen_pool_rmse(heldout, heldout_decisions, seen, t, rng, reps=reps, pool_size=pool_size)
         worst[level] = round(max(rmse), 4)
     return min(worst, key=worst.get), worst
+
+
+def _seen_pool_rmse(heldout, heldout_decisions, seen, t, rng, *, reps: int, pool_size: int) -> list[float]:
+    """Per family: the RMSE of the shipped estimate (the median over every fold model, each with its seen rates)
+    on simulated pools of that family's held-out rows (harmful rows from the other families' held-out rows when it
+    has none), i.e. on data like a family the guard learned from. Rates pooled over families with equal weight
+    undercount a family whose safe rows cross the threshold far more often than the others' (BeaverTails' safe
+    answers to risky questions): a low threshold that suits unseen families overshoots on such a family."""
+    _, yh, fh = heldout
+    flagged = np.vstack(heldout_decisions) > t  # fold models x rows
+    out = []
+    for g in dict.fromkeys(fh):
+        safe = np.flatnonzero((fh == g) & (yh == 0))
+        harm = np.flatnonzero((fh == g) & (yh == 1))
+        if not len(safe):
+            continue
+        if not len(harm):
+            harm = np.flatnonzero((fh != g) & (yh == 1))
+        err = []
+        for _ in range(reps):
+            for rate in (0.0,) + RATES:
+                n_h = int(round(rate * pool_size))
+                idx = np.concatenate([rng.choice(harm, n_h), rng.choice(safe, pool_size - n_h)])
+                shares = flagged[:, idx].mean(axis=1)
+                est = np.median([np.clip((q - fpr) / max(tpr - fpr, 1e-9), 0, 1) for q, (tpr, fpr) in zip(shares, seen)])
+                err.append(est - n_h / pool_size)
+        out.append(float(np.sqrt(np.mean(np.square(err)))))
+    return out
 
 
 @dataclass
