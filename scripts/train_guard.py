@@ -1,13 +1,14 @@
 """Train the label-free guard detector: guard v2 (default) or guard v1.
 
-    python scripts/train_guard.py [--version 2] [--raw-dir ../shared/data/raw] [--cap 900] [--limit 800]
+    python scripts/train_guard.py [--version 2] [--raw-dir ../shared/data/raw] [--cap 2000] [--limit 800]
     python scripts/train_guard.py --version 1 [--raw-dir ../shared/data/raw] [--C 1.0] [--rbf-C 1.0]
 
 Guard v2 writes src/saft/guard_minilm_v2.json, src/saft/guard_minilm_rbf_v2.npz and its training rows
 src/saft/guard_rows_v2.jsonl.gz (described in src/saft/guard_v2_README.md). It learns from every source family
 of saft.pools.FAMILIES (BeaverTails, JailbreakBench, SBR, the refusal sets, benign look-alikes, benign task
 data): each family's 'train' part (no judge_reserved prompt, no holdout_slice prompt), at most --cap rows a
-family drawn from its fixed --limit subset, the rows benchmarks/suites/detection.py embeds. Its fold models
+family drawn from its fixed --limit subset (every row of saft.guard_training.FULL_FAMILIES, i.e. BeaverTails), the
+rows benchmarks/suites/detection.py embeds. Its fold models
 are one per family, each trained without that family (saft.guard_training.fit_guard), so the rates of
 its contamination estimate and their spread (the interval of saft.trust) were measured on unseen families.
 The sentence view is cached row by row under $SAFT_CACHE/rowviews.
@@ -44,7 +45,8 @@ from sklearn.svm import SVC
 from saft.data import atomic_open, write_json
 from saft.detectors.guard import GUARD_FILE
 from saft.encoders import ENCODER_VERSION, embed_pairs
-from saft.guard_training import RowViews, cap_rows, choose_estimate_level, fit_guard, rbf_arrays, save_guard
+from saft.guard_training import (FULL_FAMILIES, RowViews, cap_rows, choose_estimate_level, fit_guard, rbf_arrays,
+                                 save_guard, train_limit)
 from saft.pools import FAMILIES, calibration_half, guard_training_rows, holdout_slice, family_rows, load_source, prompt_split
 from saft.trust import distance_threshold
 
@@ -59,7 +61,7 @@ def main() -> None:
     ap.add_argument("--raw-dir", default=None)
     ap.add_argument("--C", type=float, default=1.0)
     ap.add_argument("--rbf-C", type=float, default=1.0)
-    ap.add_argument("--cap", type=int, default=900, help="v2: training rows per family at most")
+    ap.add_argument("--cap", type=int, default=2000, help="v2: training rows per family at most")
     ap.add_argument("--limit", type=int, default=800, help="v2: the fixed subset of each family it draws from")
     ap.add_argument("--cache-dir", default=None, help="v2: row cache of the sentence view (default $SAFT_CACHE)")
     args = ap.parse_args()
@@ -140,13 +142,13 @@ def build_v2(args) -> None:
     cache = args.cache_dir or os.environ.get("SAFT_CACHE", str(Path.home() / ".cache" / "saft"))
     views = RowViews(cache, progress=True)
     views.seed_from_shipped()
-    rows = [r for f in FAMILIES for r in family_rows(f, args.raw_dir, part="train", limit=args.limit)]
+    rows = [r for f in FAMILIES for r in family_rows(f, args.raw_dir, part="train", limit=train_limit(f, args.limit))]
     fam = np.array([r["family"] for r in rows])
     y = np.array([r["harmful"] for r in rows])
     keep = cap_rows(fam, y, args.cap, seed=0)
     rows, fam, y = [rows[i] for i in keep], fam[keep], y[keep]
     X = views(rows)
-    held_rows = [r for f in FAMILIES for r in family_rows(f, args.raw_dir, part="holdout", limit=args.limit)
+    held_rows = [r for f in FAMILIES for r in family_rows(f, args.raw_dir, part="holdout", limit=train_limit(f, args.limit))
                  if calibration_half(r["prompt"])]
     heldout = (views(held_rows), np.array([r["harmful"] for r in held_rows]), np.array([r["family"] for r in held_rows]))
     g = fit_guard(X, y, fam, heldout=heldout, C=args.rbf_C, linear_C=args.C)
@@ -157,10 +159,10 @@ def build_v2(args) -> None:
     meta = {
         "version": 2, "encoder": ENCODER_VERSION,
         "classifier": f"LogisticRegression(C={args.C}, class_weight='balanced')",
-        "train": f"saft.pools.family_rows(part='train', limit={args.limit}) of every family, at most {args.cap} rows "
-                 f"a family ({len(y)} rows, {int(y.sum())} harmful); no judge_reserved or holdout_slice prompt",
+        "train": f"saft.pools.family_rows(part='train', limit={args.limit}; no limit for {', '.join(FULL_FAMILIES)}) "
+                 f"of every family, at most {args.cap} rows a family ({len(y)} rows, {int(y.sum())} harmful); no judge_reserved or holdout_slice prompt",
         "train_families": counts, "folds": "one per family, trained without it", "fold_families": g.fold_families,
-        "built_by": "python scripts/train_guard.py --version 2" + (f" --cap {args.cap}" if args.cap != 900 else "")
+        "built_by": "python scripts/train_guard.py --version 2" + (f" --cap {args.cap}" if args.cap != 2000 else "")
         + (f" --limit {args.limit}" if args.limit != 800 else ""),
     }
     meta["kernel_model"] = {"classifier": f"SVC(C={args.rbf_C}, kernel='rbf', gamma='scale', class_weight='balanced')",

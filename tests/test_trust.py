@@ -159,7 +159,7 @@ def test_fit_guard_with_heldout_rows_takes_each_folds_seen_family_rates():
     X, y, fam = toy_families(seed=3)
     Xh, yh, fh = toy_families(seed=4, n=40)
     g = fit_guard(X, y, fam, heldout=(Xh, yh, fh))
-    assert {k.rsplit(" ", 1)[1] for k in g.range_rates} == {"seen", "unseen"}
+    assert {k.rsplit(" ", 1)[1] for k in g.range_rates} == {"seen", "unseen", "assumed"}
     # fold 'a' never saw family a: its rates come from families b and odd only
     from saft.guard_training import family_rates, pooled_rates
     from saft.detectors.guard import decision
@@ -167,5 +167,10 @@ def test_fit_guard_with_heldout_rows_takes_each_folds_seen_family_rates():
     m = fh != "a"
     expected = pooled_rates(family_rates(decision(g.folds[0], Xh[m]), yh[m], fh[m], g.threshold))
     assert (g.folds[0]["tpr"], g.folds[0]["fpr"]) == pytest.approx(expected)
+    # the level was chosen by simulating the estimate as shipped: each fold model with its seen rates
+    level, worst = choose_family_level(g.cv, g.y, g.families, heldout=g.heldout,
+                                       heldout_decisions=[decision(f, g.heldout[0]) for f in g.folds])
+    assert (level, worst) == (g.level, g.level_worst_rmse)
+    assert worst != choose_family_level(g.cv, g.y, g.families)[1]  # not the family-held-out rates of the others
     lo, hi = rate_ranges(g.range_rates)["tpr"]
     assert lo <= min(f["tpr"] for f in g.folds) and hi >= max(r["tpr"] for r in g.rates.values() if r["tpr"] is not None)

@@ -9,7 +9,7 @@ training rows. The packaged guard v1 (BeaverTails judge half + Llama-2 refusals)
 same run as the baseline. Then guard v2 trained on every family is scored on each family's held-out slice (rows
 no guard trained on): its in-family numbers, the ceiling the left-out numbers are read against.
 
-    PYTHONPATH=src python benchmarks/suites/detection.py [--pool-size 300] [--cap 900] [--draws 3] [--limit 800]
+    PYTHONPATH=src python benchmarks/suites/detection.py [--pool-size 300] [--cap 2000] [--draws 3] [--limit 800]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pool-size", type=int, default=300)
-    parser.add_argument("--cap", type=int, default=900, help="training rows per family at most")
+    parser.add_argument("--cap", type=int, default=2000, help="training rows per family at most")
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--limit", type=int, default=800, help="rows per family at most (a fixed subset)")
     parser.add_argument("--seed", type=int, default=0)
@@ -56,10 +56,14 @@ class Views:
         from saft.guard_training import RowViews
         from saft.pools import FAMILIES, family_rows
 
+        from saft.guard_training import train_limit
+
         store = RowViews(cache_dir)
         store.seed_from_shipped()
-        self.rows = {f: family_rows(f, raw_dir, limit=limit) for f in FAMILIES}
-        everything = [r for f in FAMILIES for r in self.rows[f]]
+        self.rows = {f: family_rows(f, raw_dir, limit=limit) for f in FAMILIES}  # pools
+        # a guard's training and calibration rows (every row of saft.guard_training.FULL_FAMILIES)
+        self.guard_rows = {f: family_rows(f, raw_dir, limit=train_limit(f, limit)) for f in FAMILIES}
+        everything = list({_key(r): r for f in FAMILIES for r in self.rows[f] + self.guard_rows[f]}.values())
         self.X = store(everything)
         self.index = {_key(r): i for i, r in enumerate(everything)}
 
@@ -74,7 +78,7 @@ def training_set(views: Views, families, cap: int, seed: int):
     from saft.guard_training import cap_rows
     from saft.pools import holdout_slice
 
-    rows = [r for f in families for r in views.rows[f] if not holdout_slice(r["prompt"])]
+    rows = [r for f in families for r in views.guard_rows[f] if not holdout_slice(r["prompt"])]
     fam = np.array([r["family"] for r in rows])
     y = np.array([r["harmful"] for r in rows])
     keep = cap_rows(fam, y, cap, seed=seed)
@@ -85,7 +89,7 @@ def training_set(views: Views, families, cap: int, seed: int):
 def heldout_views(views: Views, families) -> dict:
     from saft.pools import holdout_slice
 
-    return {f: views.of_rows([r for r in views.rows[f] if holdout_slice(r["prompt"])]) for f in families}
+    return {f: views.of_rows([r for r in views.guard_rows[f] if holdout_slice(r["prompt"])]) for f in families}
 
 
 def pool_metrics(scores, labels, removed, refusal) -> dict:
@@ -144,7 +148,7 @@ def _fit(views, families, args):
     from saft.pools import calibration_half, holdout_slice
 
     X, y, fam = training_set(views, families, args.cap, args.seed)
-    held_rows = [r for f in families for r in views.rows[f] if holdout_slice(r["prompt"]) and calibration_half(r["prompt"])]
+    held_rows = [r for f in families for r in views.guard_rows[f] if holdout_slice(r["prompt"]) and calibration_half(r["prompt"])]
     held = (views.of_rows(held_rows), np.array([r["harmful"] for r in held_rows]), np.array([r["family"] for r in held_rows]))
     guard = fit_guard(X, y, fam, heldout=held, seed=args.seed)
     reference = guard.rbf["support_vectors"]
@@ -188,9 +192,22 @@ def targets_of(pools: list[dict]) -> dict:
                              "met": bool(at0 and max(at0) <= TARGETS["removed_at_0"])}}
 
 
+def warning_table(pools: list[dict]) -> dict:
+    """How often the trust check warns (unlike training, or a wide interval) on pools whose removal count misses
+    the truth by more than the tolerance, and on pools within it."""
+    tol = TARGETS["removed_error"]
+    warned = lambda p: bool(p["unlike_training"] or p["wide"])  # noqa: E731
+    off = [warned(p) for p in pools if abs(p["removed_fraction"] - p["true_fraction"]) > tol]
+    ok = [warned(p) for p in pools if abs(p["removed_fraction"] - p["true_fraction"]) <= tol]
+    return {"off_warned": int(sum(off)), "off": len(off), "within_warned": int(sum(ok)), "within": len(ok)}
+
+
 def run(args) -> dict:
     from saft.pipeline import versions
-    from saft.pools import FAMILIES, calibration_half, donor_rows, family_pool, holdout_slice
+    from saft.detectors.guard import GuardScorer
+    from saft.guard_training import FULL_FAMILIES
+    from saft.trust import WIDE
+    from saft.pools import FAMILIES, calibration_half, donor_rows, family_pool, holdout_slice, prompt_split
 
     cache = args.cache_dir or os.environ.get("SAFT_CACHE", str(Path.home() / ".cache" / "saft"))
     views = Views(args.raw_dir, cache, args.limit)
@@ -200,8 +217,9 @@ def run(args) -> dict:
                                     for f in FAMILIES},
                        "limit": args.limit, "cap": args.cap, "pool_size": args.pool_size, "rates": list(RATES), "draws": args.draws,
                        "recipe": "saft.pools.family_pool (docs/families.md); training rows: saft.pools.family_rows "
-                                 f"part 'train' of the other families, at most {args.cap} a family"},
-              "versions": versions(), "targets": TARGETS, "families": {}}
+                                 f"part 'train' of the other families (every row of FULL_FAMILIES, else the fixed subset), at most {args.cap} a family",
+                       "full_families": list(FULL_FAMILIES)},
+              "versions": versions(), "targets": TARGETS, "wide": WIDE, "families": {}}
     for F in left_out:
         guard, reference, info = _fit(views, [f for f in FAMILIES if f != F], args)
         pools = []
@@ -218,20 +236,31 @@ def run(args) -> dict:
         result["families"][F] = {"guard": info, "pools": pools, "targets": targets_of(pools),
                                  "estimate_ceiling": level_ceiling(pools),
                                  "coverage": round(float(np.mean([p["covered"] for p in pools])), 4),
+                                 "warnings": warning_table(pools),
                                  "v1_targets": targets_of([p["v1"] for p in pools])}
     # Guard v2 (every family) on each family's held-out slice: the in-family numbers.
     guard, reference, info = _fit(views, list(FAMILIES), args)
     donors = donor_rows(args.raw_dir, limit=args.limit)
+    v1 = GuardScorer().fit(views.X[:1])
     inside = {}
     rng = np.random.default_rng(args.seed)
     for F in FAMILIES:
-        held = [r for r in views.rows[F] if holdout_slice(r["prompt"]) and not calibration_half(r["prompt"])]
+        held = [r for r in views.guard_rows[F] if holdout_slice(r["prompt"]) and not calibration_half(r["prompt"])]
         safe = [r for r in held if not r["harmful"]]
         harm = donors if F in ("refusals", "lookalike", "benign") else [r for r in held if r["harmful"]]
         Xs, Xh = views.of_rows(safe), views.of_rows(harm)
         zs, zh = guard.score(Xs), guard.score(Xh)
+        lab = np.r_[np.zeros(len(zs)), np.ones(len(zh))]
+        v1s = v1.score_samples(np.vstack([Xs, Xh]))
+        # v1 trained on the 'judge' half of BeaverTails' prompts and on Llama-2 refusals: its unseen rows only
+        unseen = np.array([prompt_split(r["prompt"]) == "experiment" if r["family"] == "beavertails" else
+                           r["source"] != "refusal_llama2" for r in safe + harm])
         rows = {"n_safe": len(safe), "n_harmful": len(harm),
-                "auroc": round(float(roc_auc_score(np.r_[np.zeros(len(zs)), np.ones(len(zh))], np.r_[zs, zh])), 4),
+                "auroc": round(float(roc_auc_score(lab, np.r_[zs, zh])), 4),
+                "v1_auroc": round(float(roc_auc_score(lab, v1s)), 4),
+                "n_unseen_by_v1": int(unseen.sum()),
+                "auroc_unseen_by_v1": _auroc(lab[unseen], np.r_[zs, zh][unseen]),
+                "v1_auroc_unseen_by_v1": _auroc(lab[unseen], v1s[unseen]),
                 "fpr_at_0": round(float((zs > 0).mean()), 4), "tpr_at_0": round(float((zh > 0).mean()), 4)}
         n = min(150, len(safe), int(len(harm) / max(RATES)))
         for rate in RATES:
@@ -244,6 +273,10 @@ def run(args) -> dict:
         inside[F] = rows
     result["guard_v2"] = {"guard": info, "heldout": inside}
     return result
+
+
+def _auroc(y, z) -> float | None:
+    return round(float(roc_auc_score(y, z)), 4) if 0 < np.sum(y) < len(y) else None
 
 
 def _fmt(s: dict | None) -> str:
@@ -326,18 +359,31 @@ def render(result: dict, plots_dir: Path) -> str:
         lines.append(f"| {F} | {mark(t['auroc'])} | {mark(t['removed_error'])} | {mark(t['removed_at_0'])} | "
                      f"{c['best_worst_error']:.3f} (level {c['best_level']:g}; chosen {r['guard']['level']:g}) | "
                      f"{r['coverage']:.2f} | {mark(v['auroc'])} / {mark(v['removed_error'])} / {mark(v['removed_at_0'])} |")
-    lines += ["", "Estimate ceiling: the worst |estimate - truth| over the family's pools at the level that would have "
+    lines += ["", "v1's beavertails row above scores pools that hold v1's own training rows (its 'judge' half of "
+              "BeaverTails' prompts); the held-out table below compares the two guards on rows neither trained on.",
+              "", "Estimate ceiling: the worst |estimate - truth| over the family's pools at the level that would have "
               "been best in hindsight (chosen on the left-out family itself, so a limit of this estimator, not a "
               "result); chosen = the level picked from the training families alone."]
     cov = [p["covered"] for r in result["families"].values() for p in r["pools"]]
     lines += ["", f"Interval coverage over all left-out pools: {np.mean(cov):.2f} (target >= {TARGETS['coverage']}).",
+              "", "The trust warning (pool unlike the training rows, or interval wider than "
+              f"{result.get('wide', 0.1):g}) on pools whose removal count misses the truth by more than "
+              f"{TARGETS['removed_error']} and on pools within it:", "",
+              "| left out | count off: warned | count within: warned |", "|---|---|---|"]
+    for F, r in result["families"].items():
+        w = r.get("warnings")
+        if w:
+            lines.append(f"| {F} | {w['off_warned']}/{w['off']} | {w['within_warned']}/{w['within']} |")
+    lines += ["",
               "", "Guard v2 (every family) on each family's held-out slice outside its calibration half (rows no "
               "guard trained on or measured its rates on; one-class families with the donor rows as harmful; pools "
               "of at most 150 rows, fewer where the slice is small):", "",
-              "| family | safe | harmful | AUROC | fpr at 0 | tpr at 0 | estimate error @0% | @10% | @30% |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| family | safe | harmful | AUROC | v1 AUROC | rows v1 never saw: n, AUROC, v1 AUROC | fpr at 0 | tpr at 0 | estimate error @0% | @10% | @30% |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    f3 = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for F, h in result["guard_v2"]["heldout"].items():
-        lines.append(f"| {F} | {h['n_safe']} | {h['n_harmful']} | {h['auroc']:.3f} | {h['fpr_at_0']:.3f} | "
+        lines.append(f"| {F} | {h['n_safe']} | {h['n_harmful']} | {h['auroc']:.3f} | {f3(h.get('v1_auroc'))} | "
+                     f"{h.get('n_unseen_by_v1', '-')}, {f3(h.get('auroc_unseen_by_v1'))}, {f3(h.get('v1_auroc_unseen_by_v1'))} | {h['fpr_at_0']:.3f} | "
                      f"{h['tpr_at_0']:.3f} | {h['estimate_error_0']:+.3f} | {h['estimate_error_10']:+.3f} | "
                      f"{h['estimate_error_30']:+.3f} |")
     if _plot_scores(result, plots_dir / "detection_scores.png"):

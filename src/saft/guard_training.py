@@ -25,8 +25,19 @@ logger = logging.getLogger(__name__)
 LEVELS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)  # guard v1's
 # Guard v2's: from the classifier's middle to its top, since a threshold high enough to keep every family's safe
 # rows below it misses most harmful rows of an unseen family (the level is chosen by `choose_family_level`).
-FAMILY_LEVELS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+FAMILY_LEVELS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 RATES = (0.05, 0.1, 0.2, 0.3)
+# Families a guard learns from in full rather than from their fixed `limit` subset: BeaverTails' safe and unsafe
+# answers to the same risky questions are the hardest pairs to tell apart, and on held-out BeaverTails rows the
+# guard trained on all its ~1660 training rows ranked better than on the 640 of the 800-row subset (AUROC 0.795
+# against 0.768; the other families' held-out AUROC unchanged), so they are all used.
+FULL_FAMILIES = ("beavertails",)
+
+
+def train_limit(family: str, limit: int | None) -> int | None:
+    """The `saft.pools.family_rows` limit of a family's guard rows (training and calibration): None (every row)
+    for `FULL_FAMILIES`, else `limit`."""
+    return None if family in FULL_FAMILIES else limit
 
 
 def choose_estimate_level(cv: np.ndarray, y: np.ndarray, source: np.ndarray, *, reps: int = 100,
@@ -108,43 +119,86 @@ def pooled_rates(rates: dict, skip: str | None = None) -> tuple[float, float]:
     return mean("tpr"), mean("fpr")
 
 
-def choose_family_level(cv: np.ndarray, y: np.ndarray, families: np.ndarray, *, levels=FAMILY_LEVELS, reps: int = 40,
-                        seed: int = 0) -> tuple[float, dict]:
-    """Guard v2's level: the harmful-score quantile whose adjusted count errs least on the worst unseen family.
+def choose_family_level(cv: np.ndarray, y: np.ndarray, families: np.ndarray, *, heldout=None, heldout_decisions=None,
+                        levels=FAMILY_LEVELS, reps: int = 40, seed: int = 0, pool_size: int = 300) -> tuple[float, dict]:
+    """Guard v2's level: the harmful-score quantile whose estimate errs least on the worst unseen family.
 
-    For each family g, simulated pools of 300 rows at 0-30% harmful take their safe rows from g and their harmful
-    rows from g too when g has them (else from every other family's harmful rows), all scored by fold models that
-    never saw the row's family; the count is adjusted with the rates of the families other than g (nested: g's
-    own rates are what a user's pool does not reveal). So both shifts weigh: safe rows that cross the threshold
-    more often (a low threshold suffers) and harmful rows that cross it less often (a high one suffers). The
-    level with the smallest worst-family RMSE wins.
+    The estimate is simulated as it is shipped, nested inside the training families: for each family g, the fold
+    model trained without g counts simulated pools of `pool_size` rows at 0-30% harmful whose safe rows are g's
+    (their family-held-out scores `cv`, i.e. that model's) and whose harmful rows are g's too when g has them,
+    else the held-out harmful rows of the other families scored by that model (as a one-class family's pool
+    takes donor rows); the count is adjusted with the rates that model's estimate would use: its rates on the
+    held-out rows of the families it learned from (`heldout` = X, y, family, with `heldout_decisions` = each fold
+    model's decision values on them, in the order of the families' first appearance), or without `heldout` the
+    family-held-out rates of the families other than g. So both shifts weigh: safe rows that cross the threshold
+    more often (a low threshold suffers) and harmful rows that cross it less often (a high one suffers). With
+    `heldout`, each family's held-out rows also make pools counted by every fold model as shipped
+    (`_seen_pool_rmse`): data like a family the guard learned from. The level with the smallest worst RMSE over
+    all of those wins. (Adjusting with rates other than the ones the estimate
+    uses chose a threshold that counted most of BeaverTails' safe answers as harmful with that family left out.)
     """
     rng = np.random.default_rng(seed)
-    harm_all = cv[y == 1]
+    order = list(dict.fromkeys(families))
     worst = {}
     for level in levels:
-        t = float(np.quantile(harm_all, level))
+        t = float(np.quantile(cv[y == 1], level))
         rates = family_rates(cv, y, families, t)
+        if heldout is not None:
+            _, yh, fh = heldout
+            seen = [pooled_rates(family_rates(z[fh != g], yh[fh != g], fh[fh != g], t))
+                    for g, z in zip(order, heldout_decisions)]
         rmse = []
-        for g, r in rates.items():
-            if r["fpr"] is None:
+        for i, g in enumerate(order):
+            if rates[g]["fpr"] is None:
                 continue
-            tpr, fpr = pooled_rates(rates, skip=g)
+            tpr, fpr = seen[i] if heldout is not None else pooled_rates(rates, skip=g)
             if tpr - fpr <= 0:
                 rmse.append(1.0)
                 continue
             safe = cv[(families == g) & (y == 0)]
-            own_h = cv[(families == g) & (y == 1)]
-            harm = own_h if len(own_h) else cv[(families != g) & (y == 1)]
+            harm = cv[(families == g) & (y == 1)]
+            if not len(harm):
+                harm = (heldout_decisions[i][(fh != g) & (yh == 1)] if heldout is not None
+                        else cv[(families != g) & (y == 1)])
             err = []
             for _ in range(reps):
                 for rate in (0.0,) + RATES:
-                    n_h = int(rate * 300)
-                    z = np.concatenate([rng.choice(harm, n_h), rng.choice(safe, 300 - n_h)])
+                    n_h = int(round(rate * pool_size))
+                    z = np.concatenate([rng.choice(harm, n_h), rng.choice(safe, pool_size - n_h)])
                     err.append(np.clip(((z > t).mean() - fpr) / (tpr - fpr), 0, 1) - rate)
             rmse.append(float(np.sqrt(np.mean(np.square(err)))))
+        if heldout is not None:
+            rmse += _seen_pool_rmse(heldout, heldout_decisions, seen, t, rng, reps=reps, pool_size=pool_size)
         worst[level] = round(max(rmse), 4)
     return min(worst, key=worst.get), worst
+
+
+def _seen_pool_rmse(heldout, heldout_decisions, seen, t, rng, *, reps: int, pool_size: int) -> list[float]:
+    """Per family: the RMSE of the shipped estimate (the median over every fold model, each with its seen rates)
+    on simulated pools of that family's held-out rows (harmful rows from the other families' held-out rows when it
+    has none), i.e. on data like a family the guard learned from. Rates pooled over families with equal weight
+    undercount a family whose safe rows cross the threshold far more often than the others' (BeaverTails' safe
+    answers to risky questions): a low threshold that suits unseen families overshoots on such a family."""
+    _, yh, fh = heldout
+    flagged = np.vstack(heldout_decisions) > t  # fold models x rows
+    out = []
+    for g in dict.fromkeys(fh):
+        safe = np.flatnonzero((fh == g) & (yh == 0))
+        harm = np.flatnonzero((fh == g) & (yh == 1))
+        if not len(safe):
+            continue
+        if not len(harm):
+            harm = np.flatnonzero((fh != g) & (yh == 1))
+        err = []
+        for _ in range(reps):
+            for rate in (0.0,) + RATES:
+                n_h = int(round(rate * pool_size))
+                idx = np.concatenate([rng.choice(harm, n_h), rng.choice(safe, pool_size - n_h)])
+                shares = flagged[:, idx].mean(axis=1)
+                est = np.median([np.clip((q - fpr) / max(tpr - fpr, 1e-9), 0, 1) for q, (tpr, fpr) in zip(shares, seen)])
+                err.append(est - n_h / pool_size)
+        out.append(float(np.sqrt(np.mean(np.square(err)))))
+    return out
 
 
 @dataclass
@@ -219,8 +273,9 @@ def _fit_folds(model, X, y, families, order):
     return folds, cv
 
 
-def _with_rates(arrays: list[dict], cv, y, families, level_fn) -> tuple[list[dict], float, dict, dict]:
-    level, worst = level_fn(cv, y, families)
+def _with_rates(arrays: list[dict], cv, y, families, level_fn, heldout=None) -> tuple[list[dict], float, dict, dict]:
+    held_z = None if heldout is None else [decision(a, heldout[0]) for a in arrays]
+    level, worst = level_fn(cv, y, families, heldout, held_z)
     t = float(np.quantile(cv[y == 1], level))
     rates = family_rates(cv, y, families, t)
     tpr, fpr = pooled_rates(rates)
@@ -263,27 +318,32 @@ def fit_guard(X, y, families, *, heldout=None, C: float = 1.0, linear_C: float =
         raise ValueError(f"a family-folded guard needs at least 3 families, got {order}")
     if not ((y == 1).any() and (y == 0).any()):
         raise ValueError("the guard's rows must hold both classes")
-    level_fn = lambda cv, yy, ff: choose_family_level(cv, yy, ff, levels=levels, seed=seed)  # noqa: E731
-    svc = SVC(C=C, kernel="rbf", gamma="scale", class_weight="balanced")
-    svc_folds, cv = _fit_folds(svc, X, y, families, order)
-    folds, level, worst, rates = _with_rates([rbf_arrays(m) for m in svc_folds], cv, y, families, level_fn)
-    lr = LogisticRegression(C=linear_C, class_weight="balanced", max_iter=5000)
-    lr_folds, lr_cv = _fit_folds(lr, X, y, families, order)
-    linear_folds, linear_level, _, linear_rates = _with_rates([linear_arrays(m) for m in lr_folds], lr_cv, y,
-                                                              families, level_fn)
-    svc.fit(X, y)
-    lr.fit(X, y)
-    for f in folds:  # float16 support vectors, float64 decisions: as GuardScorer loads them
-        f["support_vectors"] = f["support_vectors"].astype(np.float64)
-    range_rates = {f"{k} unseen": v for k, v in rates.items()}
-    linear_range_rates = {f"{k} unseen": v for k, v in linear_rates.items()}
     if heldout is not None:
         heldout = (np.asarray(heldout[0], dtype=np.float64), np.asarray(heldout[1], dtype=int),
                    np.asarray(heldout[2]).astype(str))
+    level_fn = lambda cv, yy, ff, hh, hz: choose_family_level(  # noqa: E731
+        cv, yy, ff, heldout=hh, heldout_decisions=hz, levels=levels, seed=seed)
+    svc = SVC(C=C, kernel="rbf", gamma="scale", class_weight="balanced")
+    svc_folds, cv = _fit_folds(svc, X, y, families, order)
+    arrays = [rbf_arrays(m) for m in svc_folds]
+    for a in arrays:  # float16 support vectors, float64 decisions: as GuardScorer loads them
+        a["support_vectors"] = a["support_vectors"].astype(np.float64)
+    folds, level, worst, rates = _with_rates(arrays, cv, y, families, level_fn, heldout)
+    lr = LogisticRegression(C=linear_C, class_weight="balanced", max_iter=5000)
+    lr_folds, lr_cv = _fit_folds(lr, X, y, families, order)
+    linear_folds, linear_level, _, linear_rates = _with_rates([linear_arrays(m) for m in lr_folds], lr_cv, y,
+                                                              families, level_fn, heldout)
+    svc.fit(X, y)
+    lr.fit(X, y)
+    range_rates = {f"{k} unseen": v for k, v in rates.items()}
+    linear_range_rates = {f"{k} unseen": v for k, v in linear_rates.items()}
+    if heldout is not None:
         for fl, rr in ((folds, range_rates), (linear_folds, linear_range_rates)):
             per_fold, seen = seen_family_rates(fl, order, heldout)
-            for f, (tpr, fpr) in zip(fl, per_fold):
+            for f, g, (tpr, fpr) in zip(fl, order, per_fold):
                 f["tpr"], f["fpr"] = tpr, fpr
+                # the rates each fold model's count assumes lie inside the interval's ranges too
+                rr[f"without {g} assumed"] = {"tpr": tpr, "fpr": fpr}
             rr.update({f"{k} seen": v for k, v in seen.items()})
     final = rbf_arrays(svc)
     final["support_vectors"] = final["support_vectors"].astype(np.float64)

@@ -90,7 +90,7 @@ class FilterConfig:
     standardize: bool = field(default=False, metadata=_help("subspace: unit-variance features before the SVD",
                                                             advanced=True))
     n_thresholds: int = field(default=100, metadata=_help("f1 rule: evenly spaced thresholds tried", advanced=True))
-    guard: str = field(default="v1", metadata=_help("packaged guard: v1, v2 (six source families, with an interval) "
+    guard: str = field(default="v2", metadata=_help("packaged guard: v2 (six source families, with an interval), v1 "
                                                      "or a weights file", advanced=True))
     delta: float = field(default=0.1, metadata=_help("--certify: the chance the certificate is wrong", advanced=True))
     certify_stratum_field: str | None = field(default=None, metadata=_help(
