@@ -206,8 +206,6 @@ def _fields(args) -> FieldOptions:
 def _run_training_commands(args) -> int:
     progress = not args.quiet
     if args.command == "finetune":
-        from pathlib import Path
-
         from .data import load_samples, write_invalid
         from .finetune import FinetuneConfig, finetune
 
