@@ -59,11 +59,14 @@ def estimate_interval(flagged: float, n: int, ranges: dict, *, level: float = LE
 
 def nearest_distances(X, reference) -> np.ndarray:
     """Each row's cosine distance to its nearest reference row (rows need not be normalised)."""
-    X = np.asarray(X, dtype=np.float64)
+    from .chunks import iter_chunks
+
     R = np.asarray(reference, dtype=np.float64)
-    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
     R = R / np.maximum(np.linalg.norm(R, axis=1, keepdims=True), 1e-12)
-    out = [1.0 - (X[i:i + 2048] @ R.T).max(axis=1) for i in range(0, len(X), 2048)]
+    out = []
+    for block in iter_chunks(X, 2048):  # a block at a time: the pool's view may be a file of any size
+        block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+        out.append(1.0 - (block @ R.T).max(axis=1))
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -135,7 +138,10 @@ def label_free_trust(detector, X, estimate: float | None = None) -> dict | None:
     cal = guard_calibration(guard)
     if cal is None:
         return None
-    S = np.asarray(X, dtype=np.float64)[:, :len(guard.coef_)]
+    from .chunks import Columns, is_out_of_core
+
+    # The sentence-view columns, read a chunk at a time when X is out of core (never copied whole)
+    S = Columns(X, 0, len(guard.coef_)) if is_out_of_core(X) else np.asarray(X)[:, :len(guard.coef_)]
     shares = [(decision(f, S) > f["threshold"]).mean() for f in guard.estimate_models_]
     flagged = float(np.median(shares) if guard.meta_.get("estimate_combine") == "median" else np.mean(shares))
     # The reference set: the RBF model's support vectors (the rows nearest the decision boundary and the rest).
