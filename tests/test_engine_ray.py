@@ -70,6 +70,16 @@ def test_ray_engine_matches_the_local_engine(ray_session, tiny_model_dir, tmp_pa
     # The label-free detector: the pool's rows and the guard's reference rows both go through the workers.
     common = ["--model", str(tiny_model_dir), "--device", "cpu", "--detector", "label-free", "--rule", "fraction",
               "--fraction", "0.2"]
+    import saft.engine_ray as E
+
+    sent = []  # (Ray Data read the input, rows sent from the driver) of each actor-pool pass
+    run_pool = E._run_pool
+
+    def recording(ray, pool, rows_sent, *args, **kw):
+        sent.append((pool is not None, len(rows_sent)))
+        return run_pool(ray, pool, rows_sent, *args, **kw)
+
+    monkeypatch.setattr(E, "_run_pool", recording)
     assert main(["-q", "filter", str(data), "-o", str(tmp_path / "ray"), "--cache-dir", str(tmp_path / "cache-ray"),
                  "--engine", "ray", "--ray-workers", "2", *common]) == 0
     assert driver_rows == []
@@ -99,14 +109,69 @@ def test_ray_engine_matches_the_local_engine(ray_session, tiny_model_dir, tmp_pa
     summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
     assert summary["config"]["engine"] == "ray" and summary["n_kept"] + summary["n_removed"] == len(rows)
 
+    # Ray Data read the JSONL itself: the driver sent the workers only the guard's reference rows.
+    assert sent == [(True, len(tiny_reference))]
+
     # A rerun finds every row in the store and starts no workers.
     model, tokenizer = load_model(str(tiny_model_dir), device="cpu")
     config = FilterConfig(model=str(tiny_model_dir), engine="ray", ray_workers=2, detector="label-free")
     samples = [Sample(id=r["id"], messages=[{"role": "user", "content": r["prompt"]},
                                               {"role": "assistant", "content": r["response"]}]) for r in rows]
-    again = extract_with_ray(samples, model, tokenizer, config=config, positions=["prompt_last"],
-                             cache_dir=tmp_path / "cache-ray" / "features", progress=False)
-    assert again["sent"] == 0 and again["workers"] == 0
+    feats, again = extract_with_ray(samples, model, tokenizer, config=config, positions=["prompt_last"],
+                                    cache_dir=tmp_path / "cache-ray" / "features", progress=False)
+    assert again["sent"] == again["computed"] == again["workers"] == 0
+    assert feats.n_computed == 0 and feats.get(feats.layers[0], "prompt_last").shape[0] == len(rows)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_ray_data_reads_the_input(ray_session, tiny, tiny_model_dir, tmp_path, fmt):
+    """JSONL and Parquet inputs are read by Ray Data's read tasks and parsed there by saft's own parser: every row
+    the driver parsed (a byte-order mark, CRLF, a U+2028 inside a string, a blank and an invalid line included) is
+    found in the store without the driver sending it, and the features equal the local engine's."""
+    import pandas as pd
+
+    from saft.data import scan_samples
+    from saft.engine_ray import extract_with_ray
+    from saft.features import extract_features
+
+    model, tokenizer = tiny
+    rows = toy_rows(12)
+    rows[3]["response"] += " line\u2028separator"
+    data = tmp_path / f"data.{fmt}"
+    if fmt == "jsonl":
+        lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+        data.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines[:6] + ["", "{not json"] + lines[6:]).encode())
+    else:
+        pd.DataFrame(rows).to_parquet(data)
+    dataset = scan_samples(data, skip_invalid=True)
+    assert len(dataset) == len(rows)
+    config = FilterConfig(model=str(tiny_model_dir), engine="ray", ray_workers=2)
+    feats, stats = extract_with_ray(dataset.samples, model, tokenizer, config=config, positions=["prompt_last"],
+                                    cache_dir=tmp_path / "features", source=dataset, progress=False)
+    assert stats["sent"] == 0 and stats["computed"] == len(rows) and stats["workers"] == 2
+    local = extract_features(model, tokenizer, dataset.samples, layers=[config.layer], positions=["prompt_last"],
+                             max_length=config.max_length, progress=False)
+    layer = feats.layers[0]
+    np.testing.assert_allclose(feats.get(layer, "prompt_last"), local.get(layer, "prompt_last"), atol=1e-4, rtol=0)
+
+
+def test_rows_ray_read_otherwise_are_sent_from_the_driver(ray_session, tiny, tiny_model_dir, tmp_path):
+    """A row Ray Data's pass did not produce as the driver parsed it (here: the file the workers read differs in
+    one row) is sent from the driver's parse, so the features are complete and right either way."""
+    from saft.data import Sample, scan_samples
+    from saft.engine_ray import extract_with_ray
+
+    model, tokenizer = tiny
+    rows = toy_rows(8)
+    source = scan_samples(write_jsonl(tmp_path / "data.jsonl", rows))
+    samples = list(source.samples)
+    samples[5] = Sample(id="5", messages=[{"role": "user", "content": "a prompt only the driver has"},
+                                          {"role": "assistant", "content": "and its answer"}])
+    config = FilterConfig(model=str(tiny_model_dir), engine="ray", ray_workers=1)
+    feats, stats = extract_with_ray(samples, model, tokenizer, config=config, positions=["prompt_last"],
+                                    cache_dir=tmp_path / "features", source=source, progress=False)
+    assert stats["sent"] == 1 and stats["computed"] == len(rows) + 1
+    assert feats.n_computed == 0 and feats.get(feats.layers[0], "prompt_last").shape[0] == len(rows)
 
 
 def test_engine_options_are_checked(monkeypatch):
@@ -136,7 +201,9 @@ def test_one_worker_per_gpu():
         E._plan(cluster(GPU=4.0, CPU=32.0), 5)
     plan = E._plan(cluster(CPU=16.0), None)
     assert (plan["workers"], plan["num_gpus"], plan["device"], plan["threads"]) == (4, 0, "cpu", 4)
-    assert E._plan(cluster(CPU=2.0), 2)["threads"] == 1
+    assert (plan["num_cpus"], E._plan(cluster(CPU=2.0), 2)["threads"]) == (1, 1)
+    # workers on every CPU leave one for Ray Data's read tasks, which would otherwise never be scheduled
+    assert E._plan(cluster(CPU=2.0), 2)["num_cpus"] == 0.5 and E._plan(cluster(CPU=1.0), 1)["num_cpus"] == 0.5
 
 
 def test_a_worker_error_is_reported(ray_session, tiny, tmp_path):

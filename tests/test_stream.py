@@ -177,3 +177,26 @@ def test_a_repeated_id_is_found_by_the_streamed_scan(tmp_path):
     streamed, loaded = scan_samples(path, skip_invalid=True), load_samples(path, skip_invalid=True)
     _same(loaded, streamed)
     assert len(streamed) == 5
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+def test_rows_parsed_elsewhere_are_the_readers_samples(tmp_path, chunk):
+    """`--engine ray`'s read tasks split a JSONL stream into lines themselves (`engine_ray._lines`, any chunk size)
+    and parse them with `parse_records`: every valid row's messages are the streaming reader's, the invalid
+    ones are left out, and a U+2028 inside a line does not split it."""
+    import io
+
+    from saft.data import jsonl_records, parse_records
+    from saft.engine_ray import _lines
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + JSONL.encode() + '\n{"prompt": "a\u2028b", "response": "r"}\n'.encode())
+    read = scan_samples(path, fields=None, skip_invalid=True)
+    with open(path, "rb") as f:
+        stream = io.BytesIO(f.read())
+    parsed = list(parse_records(jsonl_records(_lines(stream, size=chunk)), path=path, format="jsonl"))
+    # the row whose id repeats another's is valid alone: the reader that writes the outputs drops it
+    dup = [{"role": "user", "content": "dup"}, {"role": "assistant", "content": "dup"}]
+    assert [s.messages for s in parsed if s.messages != dup] == [s.messages for s in read.samples]
+    assert [s.label for s in parsed if s.messages != dup] == read.labels
+    assert len(parsed) == len(read) + 1 == 6 and parsed[-1].messages[0]["content"] == "a\u2028b"

@@ -17,7 +17,8 @@ Steps:
 - guard-filter: `saft filter --detector guard` (the whole command, sentence encoder included) on N short rows;
   with --filter-stand-in-rows also with the encoder replaced by a stand-in of the same output shape, which
   measures the memory of the data path (read, view file, score, write) on more rows than the encoder's CPU
-  time allows.
+  time allows; with --filter-gib G also on a JSONL file of G GiB of long rows (about 4 KiB each), stand-in
+  encoder, against the stand-in's smallest short-row run.
 - extraction: the CPU's fp32 matmul rate measured with torch, the extractor's tokens/s with the embedded model
   at its default layer (so the FLOP utilisation), the naive loop (one sample at a time, full model with every
   hidden state and the LM head) on the same rows, and `saft demo` (the default filter, then the paper's on the
@@ -57,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--filter-stand-in-rows", type=int, nargs="*", default=[],
                         help="guard-filter also on these row counts with the sentence encoder replaced by a stand-in "
                         "of the same output (random unit rows): the memory of everything but the encoder, cheaply")
+    parser.add_argument("--filter-gib", type=float, default=None,
+                        help="guard-filter (stand-in encoder) also on a JSONL file of this many GiB of ~4 KiB rows")
     parser.add_argument("--extract-rows", type=int, default=200, help="demo rows timed for extraction")
     parser.add_argument("--naive-rows", type=int, default=48)
     parser.add_argument("--threads", type=int, default=1, help="OMP/MKL/torch threads of every step")
@@ -205,7 +208,7 @@ def step_guard_filter(p: dict) -> dict:
             return X / np.linalg.norm(X, axis=1, keepdims=True)
 
         E.embed_pairs = embed_pairs
-    folder = Path(p["work"]) / f"guard-{p['n']}{'-stand-in' if p.get('stand_in') else ''}"
+    folder = Path(p["work"]) / f"guard-{p.get('gib') or p['n']}{'-stand-in' if p.get('stand_in') else ''}"
     import shutil
 
     shutil.rmtree(folder, ignore_errors=True)  # the whole command from an empty cache, every time
@@ -214,21 +217,32 @@ def step_guard_filter(p: dict) -> dict:
     rng = np.random.default_rng(p["seed"])
     words = ["how", "do", "I", "bake", "bread", "fix", "a", "bike", "learn", "python", "hurt", "someone", "steal",
              "car", "write", "poem", "about", "the", "sea", "make", "weapon", "plant", "trees", "at", "home"]
+    gib = p.get("gib")
+    if gib:  # long rows (a 40-word prompt, a ~4 KiB answer): slices of one long random text, until the size is met
+        text = " ".join(rng.choice(words, 200_000))
+        starts = rng.integers(0, len(text) - 5000, size=1 << 16)
     with open(data, "w") as f:
-        for i in range(p["n"]):
-            q = " ".join(rng.choice(words, 6))
-            a = " ".join(rng.choice(words, 10))
+        i = 0
+        while (f.tell() < gib * 2**30) if gib else (i < p["n"]):
+            if gib:
+                a = starts[i % len(starts)]
+                q, r = text[a:a + 220], text[a + 220:a + 220 + 3900]
+            else:
+                q, r = " ".join(rng.choice(words, 6)), " ".join(rng.choice(words, 10))
             f.write(json.dumps({"id": i, "messages": [{"role": "user", "content": f"{q} {i}?"},
-                                                      {"role": "assistant", "content": f"{a}."}]}) + "\n")
+                                                      {"role": "assistant", "content": f"{r}."}]}) + "\n")
+            i += 1
+    n, size = i, data.stat().st_size
     base = _rss_mib()
     t0 = time.perf_counter()
     rc = main(["-q", "filter", str(data), "--detector", "guard", "-o", str(folder / "out"),
                "--cache-dir", str(folder / "cache")])
     kept = sum(1 for _ in open(next((folder / "out").glob("*kept*"))))
     removed = sum(1 for _ in open(next((folder / "out").glob("*removed*"))))
-    return {"rows": p["n"], "encoder": "stand-in" if p.get("stand_in") else "all-MiniLM-L6-v2", "rc": rc,
-            "s": round(time.perf_counter() - t0, 1), "rss_before_mib": round(base, 1),
-            "kept_plus_removed": kept + removed}
+    shutil.rmtree(folder)  # the next run's disk (a 2 GiB input, its view file and outputs)
+    return {"rows": n, "encoder": "stand-in" if p.get("stand_in") else "all-MiniLM-L6-v2", "rc": rc,
+            "input_mib": round(size / 2**20, 1), "s": round(time.perf_counter() - t0, 1),
+            "rss_before_mib": round(base, 1), "kept_plus_removed": kept + removed}
 
 
 def step_extraction(p: dict) -> dict:
@@ -357,7 +371,9 @@ def run(args) -> dict:
     if "guard-filter" not in args.skip:
         result["guard-filter"] = ([_child("guard-filter", {**base, "n": n, "stand_in": True}, args.threads)
                                    for n in args.filter_stand_in_rows]
-                                  + [_child("guard-filter", {**base, "n": n}, args.threads) for n in args.filter_rows])
+                                  + [_child("guard-filter", {**base, "n": n}, args.threads) for n in args.filter_rows]
+                                  + ([_child("guard-filter", {**base, "n": 0, "gib": args.filter_gib, "stand_in": True},
+                                             args.threads)] if args.filter_gib else []))
     if "extraction" not in args.skip:
         result["extraction"] = _child("extraction", {**base, "extract_rows": args.extract_rows,
                                                      "naive_rows": args.naive_rows}, args.threads)
@@ -384,18 +400,38 @@ def _merged(result: dict, skipped: set) -> dict:
     old = common.load_result(NAME)
     if not old:
         return result
+    if "guard-filter" in result and old.get("guard-filter"):
+        # guard-filter's runs are one per (encoder, input): the ones this command did not repeat stay, each with
+        # the command behind it
+        ran_gf = [c for c in old["command"].split(" ; ") if "guard-filter" in _steps_of(c)]
+        for r in old["guard-filter"]:
+            r.setdefault("command", ran_gf[-1] if ran_gf else old["command"])
+        for r in result["guard-filter"]:
+            r["command"] = result["command"]
+        new_keys = {_run_key(r) for r in result["guard-filter"]}
+        earlier = [r for r in old["guard-filter"] if _run_key(r) not in new_keys]
+        result["guard-filter"] = sorted(earlier + result["guard-filter"], key=lambda r: (
+            r.get("input_mib", 0) > 1024, r.get("encoder") != "stand-in", r["rows"]))
+        if earlier:
+            skipped = skipped | {"guard-filter-earlier"}
     kept = [s for s in STEPS if s in skipped and s in old]
-    if not kept:
+    if not kept and "guard-filter-earlier" not in skipped:
         return result
     merged = {**{s: old[s] for s in kept}, **result}
     if {"subspace", "pool-side"} <= skipped and isinstance(old.get("data"), dict):
         merged["data"] = old["data"]  # the synthetic pool the kept out-of-core steps ran on
     ran = set(STEPS) - skipped
+    behind = {r["command"] for r in merged.get("guard-filter", [])}
     # an earlier command whose steps all ran again here no longer stands behind any number
-    commands = [c for c in old["command"].split(" ; ") if not _steps_of(c) <= ran]
+    commands = [c for c in old["command"].split(" ; ") if not _steps_of(c) <= ran or c in behind]
     merged["command"] = " ; ".join(commands + [result["command"]])
     merged["cpu"] = result["cpu"] if old.get("cpu") == result["cpu"] else f"{old.get('cpu')} ; {result['cpu']}"
     return merged
+
+
+def _run_key(r: dict) -> tuple:
+    """What makes one guard-filter run: its encoder and its input (a row count, or a file of long rows)."""
+    return (r.get("encoder"), r.get("input_mib", 0) > 1024, r["rows"] if r.get("input_mib", 0) <= 1024 else None)
 
 
 def render(result: dict, plots_dir: Path) -> str:
@@ -437,12 +473,18 @@ def render(result: dict, plots_dir: Path) -> str:
         out.append("")
     g = result.get("guard-filter")
     if g:
-        out += ["| `saft filter --detector guard` rows | sentence encoder | s | peak RSS MiB | kept + removed |",
-                "|---|---|---|---|---|"]
-        out += [f"| {r['rows']:,} | {r.get('encoder', 'all-MiniLM-L6-v2')} | {r['s']} | {r['peak_rss_mib']:.0f} | "
-                f"{r['kept_plus_removed']:,} |" for r in g]
+        out += ["| `saft filter --detector guard` rows | input MiB | sentence encoder | s | peak RSS MiB | "
+                "kept + removed |", "|---|---|---|---|---|---|"]
+        out += [f"| {r['rows']:,} | {r.get('input_mib', '')} | {r.get('encoder', 'all-MiniLM-L6-v2')} | {r['s']} | "
+                f"{r['peak_rss_mib']:.0f} | {r['kept_plus_removed']:,} |" for r in g]
+        long = [r for r in g if r.get("input_mib", 0) > 1024]
+        short = [r for r in g if r.get("encoder") == "stand-in" and r not in long]
+        for r in long[:1] if short else []:
+            out.append(f"\nOn the {r['input_mib'] / 1024:.1f} GiB JSONL file ({r['rows']:,} long rows, stand-in "
+                       f"encoder) peak RSS is {r['peak_rss_mib'] - short[0]['peak_rss_mib']:+.0f} MiB from the "
+                       f"stand-in's {short[0]['rows']:,} short rows ({short[0].get('input_mib', '?')} MiB).")
         for enc in dict.fromkeys(r.get("encoder", "all-MiniLM-L6-v2") for r in g):
-            runs = [r for r in g if r.get("encoder", "all-MiniLM-L6-v2") == enc]
+            runs = [r for r in g if r.get("encoder", "all-MiniLM-L6-v2") == enc and r not in long]
             if len(runs) > 1:
                 a, b = runs[0], runs[-1]
                 out.append(f"\nWith the {enc} encoder, peak RSS grows by {b['peak_rss_mib'] - a['peak_rss_mib']:.0f} "

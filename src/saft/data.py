@@ -36,7 +36,7 @@ from array import array
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -203,29 +203,36 @@ def _utf8(data: bytes) -> tuple[str, str | None]:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str]]:
-    """(line number, parsed row or `_Malformed`, the line's text) for every non-blank line, read a line at a time.
+    """(line number, parsed row or `_Malformed`, the line's text) for every non-blank line, read a line at a time."""
+    with open(path, "rb") as f:
+        yield from jsonl_records(f)
+
+
+def jsonl_records(lines: Iterable[bytes]) -> Iterator[tuple[int, Any, str]]:
+    """(line number, parsed row or `_Malformed`, the line's text) for every non-blank line of a JSONL file given
+    as its lines of bytes (each with its "\n", as a binary file gives them).
 
     Lines end at "\n" only (JSONL's definition), so a lone "\r" or U+2028 inside a line does not split it; the
     file is read as bytes so that one line that is not UTF-8 is one invalid row, not an unreadable file."""
-    with open(path, "rb") as f:
-        for lineno, data in enumerate(f, 1):
-            if lineno == 1 and data.startswith(b"\xef\xbb\xbf"):  # a byte-order mark, written by some editors
-                data = data[3:]
-            text, problem = _utf8(data)
-            text = text[:-1] if text.endswith("\n") else text
-            text = text[:-1] if text.endswith("\r") else text
-            if not text.strip(JSON_WHITESPACE):
-                continue
-            if problem:
-                row = _Malformed(problem)
-            else:
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as e:
-                    row = _Malformed(f"not valid JSON ({e.msg} at column {e.colno})")
-                except RecursionError:
-                    row = _Malformed("nested deeper than the JSON reader allows")
-            yield lineno, row, text
+    for lineno, data in enumerate(lines, 1):
+        if lineno == 1 and data.startswith(b"\xef\xbb\xbf"):  # a byte-order mark, written by some editors
+            data = data[3:]
+        text, problem = _utf8(data)
+        text = text[:-1] if text.endswith("\n") else text
+        text = text[:-1] if text.endswith("\r") else text
+        if not text.strip(JSON_WHITESPACE):
+            continue
+        yield lineno, _Malformed(problem) if problem else _jsonl_row(text), text
+
+
+def _jsonl_row(text: str) -> Any:
+    """One JSONL line's row, or `_Malformed` saying why it is none."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        return _Malformed(f"not valid JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        return _Malformed("nested deeper than the JSON reader allows")
 
 
 def _read_jsonl(path: Path) -> _Rows:
@@ -763,6 +770,21 @@ def scan_samples(path: str | os.PathLike, *, format: str | None = None, fields: 
     return StreamedDataset(path, fmt, opts, skip_invalid, schema=parser.schema,
                            lines=np.frombuffer(lines, dtype=np.int64), labels=np.frombuffer(labels, dtype=np.int8),
                            skipped=parser.skipped, columns=columns, header=header, n_rows=parser.n_rows)
+
+
+def parse_records(records: Iterable[tuple[int, Any, str | None]], *, path: str | os.PathLike, format: str,
+                  fields: FieldOptions | None = None) -> Iterator[Sample]:
+    """The samples of (line or row number, row, raw text) records another reader read (Ray Data's, for
+    `--engine ray`; JSONL lines through `jsonl_records`). Each row is parsed as this module's readers parse it, so
+    its sample (messages and all) is the one `scan_samples` gives; invalid rows are left out without a word (the
+    reader that reports them, and the checks across rows such as unique ids, belong to the pass that writes the
+    outputs)."""
+    parser = _RowParser(Path(path), format, fields or FieldOptions(), True, check_ids=False)
+    for i, (lineno, row, raw) in enumerate(records):
+        sample = parser.parse(i, row, lineno, raw)
+        if sample is not None:
+            yield sample
+        parser.skipped.clear()
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -221,6 +221,10 @@ class Features:
         return np.stack([np.stack([self.get(l, p) for l in self.layers], 1) for p in self.positions], 1)
 
 
+class MissingFeatures(LookupError):
+    """`extract_features(..., compute_missing=False)` met a row the store lacks (raised at the first such block)."""
+
+
 class _StopForward(Exception):
     """Raised by a hook once the deepest needed layer has been captured, to skip the rest of the model."""
 
@@ -406,17 +410,22 @@ class _Writer:
 
 def extract_features(model, tokenizer, samples: Sequence[Sample], *, layers=None,
                      positions: str | Sequence[str] = "prompt_last", max_length: int = 512, batch_size: int = 8,
-                     cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Features:
+                     cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                     compute_missing: bool = True) -> Features:
     """Hidden states of `samples` at `layers` and `positions`; see the module docstring.
 
     With `cache_dir`, rows live in the store under `cache_dir/rows-v2/`, found by content: only rows no earlier
-    run computed for this model, layer, position and maximum length are run through the model.
+    run computed for this model, layer, position and maximum length are run through the model. With
+    `compute_missing=False` nothing is computed: the first block holding a row the store lacks raises
+    `MissingFeatures` (the Ray engine's check that its workers left nothing to do).
     """
     from tqdm.auto import tqdm
 
     if not samples:
         raise ValueError("no samples to extract features from")
     positions = _check_args(positions, max_length, batch_size)
+    if not compute_missing and cache_dir is None:
+        raise ValueError("compute_missing=False needs a cache_dir to read the rows from")
     n_layers = num_layers(model)
     layers = resolve_layers(layers, n_layers)
     n = len(samples)
@@ -445,6 +454,9 @@ def extract_features(model, tokenizer, samples: Sequence[Sample], *, layers=None
             need = np.logical_or.reduce(list(missing.values()))
             _, first = np.unique(keys, return_index=True)  # a row repeated in the block is computed once
             todo = [i for i in np.sort(first) if need[i]]
+            if todo and not compute_missing:
+                bar.close()
+                raise MissingFeatures(f"{root}: rows {start + todo[0]}.. (at least {len(todo)}) are not stored")
         else:
             todo = list(range(len(encoded)))
         bar.update(len(encoded) - len(todo))
@@ -486,6 +498,22 @@ def extract_features(model, tokenizer, samples: Sequence[Sample], *, layers=None
             sources[k] = FeatureMatrix(slot, where)
         return Features(layers, positions, manifest, n_truncated, root, n_computed, sources)
     return Features(layers, positions, manifest, n_truncated, None, n_computed, arrays)
+
+
+def missing_rows(model, tokenizer, samples: Sequence[Sample], *, layers, positions: Sequence[str],
+                 max_length: int, cache_dir: str | os.PathLike) -> np.ndarray:
+    """Positions in `samples` of the rows some slot of the store under `cache_dir` lacks (each distinct row
+    once: a row repeated in `samples` is named at its first position)."""
+    positions = _check_args(positions, max_length, 1)
+    slots = _slots(Path(cache_dir) / STORE, model, resolve_layers(layers, num_layers(model)), list(positions),
+                   max_length)
+    for slot in slots.values():
+        slot.refresh()  # shards other processes (Ray workers) wrote since the slot was read
+    keys = np.concatenate([row_keys([encode(s, tokenizer, max_length=max_length) for s in samples[a:a + BLOCK_ROWS]])
+                           for a in range(0, len(samples), BLOCK_ROWS)]) if len(samples) else np.empty(0, KEY)
+    need = np.logical_or.reduce([slot.lookup(keys)[:, 0] < 0 for slot in slots.values()])
+    _, first = np.unique(keys, return_index=True)
+    return np.sort(first[need[first]])
 
 
 def store_features(model, tokenizer, samples: Sequence[Sample], values: np.ndarray, *, layers: Sequence[int],

@@ -395,15 +395,15 @@ def run_demo(output_dir, *, config: FilterConfig | None = None, progress: bool =
 
 
 def hidden_states(config: FilterConfig, model, tokenizer, samples, *, positions, feature_cache: Path,
-                  progress: bool = False, also=()):
-    """`extract_features` at the config's layer, positions and length; with `engine="ray"` a Ray actor pool first
-    puts the rows (and the rows `also`, needed later) into the store, so this process then only reads them
-    (`saft.engine_ray`)."""
+                  progress: bool = False, also=(), source=None):
+    """`extract_features` at the config's layer, positions and length; with `engine="ray"` computed by a Ray
+    actor pool, with the rows `also` (needed later; stored only), Ray Data reading `source`'s file itself where
+    it can (`saft.engine_ray`)."""
     if config.engine == "ray":
         from .engine_ray import extract_with_ray
 
-        extract_with_ray(list(samples) + list(also), model, tokenizer, config=config, positions=positions,
-                         cache_dir=feature_cache, progress=progress)
+        return extract_with_ray(samples, model, tokenizer, config=config, positions=positions,
+                                cache_dir=feature_cache, also=also, source=source, progress=progress)[0]
     return extract_features(model, tokenizer, samples, layers=[config.layer], positions=positions,
                             max_length=config.max_length, batch_size=config.batch_size, cache_dir=feature_cache,
                             progress=progress)
@@ -455,7 +455,7 @@ def _feature_view(config: FilterConfig, dataset: Dataset, model, tokenizer, *, p
         place_shipped_views(model, tokenizer, also, layer=config.layer, positions=positions,
                             max_length=config.max_length, cache_dir=feature_cache)
     feats = hidden_states(config, model, tokenizer, dataset.samples, positions=positions,
-                          feature_cache=feature_cache, progress=progress, also=also)
+                          feature_cache=feature_cache, progress=progress, also=also, source=dataset)
     layer = feats.layers[0]
     info.update(layer=layer, position=config.position, positions=positions, n_truncated=feats.n_truncated,
                 cache_path=feats.cache_path,
