@@ -81,7 +81,7 @@ def test_bad_input_gives_a_clear_error(tiny_model_dir, tmp_path, capsys):
     assert run(["filter", str(data), "-o", str(tmp_path / "o"), "--rule", "fraction", "--fraction", "0.5",
                 "--skip-invalid"], tiny_model_dir, tmp_path) == 0
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
-    assert s["n_skipped_invalid"] == 1 and s["n_samples"] == 1 and s["skipped_invalid"][0]["line"] == 2
+    assert s["n_invalid"] == 1 and "n_skipped_invalid" not in s and s["n_samples"] == 1 and s["skipped_invalid"][0]["line"] == 2
     # the f1 rule without labels says what to do
     assert run(["filter", str(data), "-o", str(tmp_path / "o2"), "--skip-invalid"], tiny_model_dir, tmp_path) == 2
     assert "--n-labels" in capsys.readouterr().err

@@ -124,6 +124,10 @@ def test_saved_guard_loads_in_guard_scorer_and_gives_the_trust_block(tmp_path):
         assert guard_calibration(gs)["distance_threshold"] == 0.3
         t = label_free_trust(gs, X)
         assert t["interval"][0] <= t["estimate"] <= t["interval"][1] and t["level"] == 0.9
+        est = gs.contamination_estimate(X)  # the pipeline passes its estimate: the same block, the flagged share
+        shares = [(z > f["threshold"]).mean() for f, z in zip(gs.estimate_models_, gs.fold_decisions(X))]
+        combine = np.median if gs.meta_.get("estimate_combine") == "median" else np.mean
+        assert est.flagged == pytest.approx(combine(shares)) and label_free_trust(gs, X, est) == t
         assert set(t) >= {"interval", "distance", "distance_threshold", "unlike_training", "wide", "advice"}
     gs = GuardScorer(weights=str(js)).fit(X)
     assert gs.contamination_estimate(X).value == pytest.approx(g.estimate(X), abs=0.02)  # float16 support vectors

@@ -33,23 +33,31 @@ def compute_dtype(X) -> np.dtype:
     return np.dtype(np.float32) if dtype in (np.float16, np.float32) else np.dtype(np.float64)
 
 
-def cast(block, dtype) -> np.ndarray:
-    """`block` as a new array of `dtype` (None: its own). float16 sources are widened by torch: numpy's scalar
-    float16 conversion runs at about a tenth of the speed, which made it the largest cost of a pass over the
-    feature store."""
+def cast(block, dtype=None, *, shift: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """`block`, minus `shift` when one is given, as an array of `dtype` (None: `out`'s, else the block's own):
+    a new array, or written into `out[:len(block)]`. float16 sources are widened by torch, in the same pass as
+    the shift: numpy's scalar float16 conversion runs at about a tenth of the speed, which made it the largest
+    cost of a pass over the feature store."""
     block = np.asarray(block)
-    dtype = block.dtype if dtype is None else np.dtype(dtype)
-    if block.dtype == np.float16 and dtype in (np.float32, np.float64) and block.size:
-        import warnings
+    dtype = np.dtype(dtype) if dtype is not None else out.dtype if out is not None else block.dtype
+    dest = out[: len(block)] if out is not None else np.empty(block.shape, dtype=dtype)
+    if not block.size:
+        return dest
+    if block.dtype != np.float16 and shift is None:
+        np.copyto(dest, block)
+        return dest
+    import warnings
 
-        import torch
+    import torch
 
-        out = np.empty(block.shape, dtype=dtype)
-        with warnings.catch_warnings():  # a read-only map is only read here
-            warnings.simplefilter("ignore", UserWarning)
-            torch.from_numpy(out).copy_(torch.from_numpy(np.ascontiguousarray(block)))
-        return out
-    return np.array(block, dtype=dtype, copy=True)
+    with warnings.catch_warnings():  # a read-only map is only read here
+        warnings.simplefilter("ignore", UserWarning)
+        src, target = torch.from_numpy(np.ascontiguousarray(block)), torch.from_numpy(dest)
+        if shift is None:
+            target.copy_(src)
+        else:
+            torch.sub(src, torch.from_numpy(np.asarray(shift, dtype=dtype)), out=target)
+    return dest
 
 
 def iter_blocks(X, size: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
@@ -62,20 +70,6 @@ def iter_blocks(X, size: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
     else:
         for start in range(0, X.shape[0], size):
             yield X[start:start + size]
-
-
-def shifted(block, shift: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """`block - shift` written into `out[:len(block)]` (out's dtype) in one pass, widening float16 on the way."""
-    import warnings
-
-    import torch
-
-    dest = out[: len(block)]
-    with warnings.catch_warnings():  # a read-only block is only read here
-        warnings.simplefilter("ignore", UserWarning)
-        torch.sub(torch.from_numpy(np.ascontiguousarray(block)), torch.from_numpy(shift.astype(out.dtype)),
-                  out=torch.from_numpy(dest))
-    return dest
 
 
 def iter_chunks(X, size: int = CHUNK_ROWS, *, dtype=np.float64) -> Iterator[np.ndarray]:

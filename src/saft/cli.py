@@ -147,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print_summary(summary: dict) -> None:
     print(f"{summary['n_samples']} samples from {summary['input']} ({summary['format']}, {summary['schema']})")
-    if summary["n_skipped_invalid"]:
-        print(f"  skipped {summary['n_skipped_invalid']} invalid rows (written to invalid.jsonl)")
+    if summary["n_invalid"]:
+        print(f"  skipped {summary['n_invalid']} invalid rows (written to invalid.jsonl)")
     if summary["n_truncated"]:
         print(f"  truncated {summary['n_truncated']} samples to {summary['config']['max_length']} tokens")
     detector = f"k={summary['k']}" if summary["k"] is not None else f"detector {summary['detector']}"

@@ -281,7 +281,6 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
     summary = {
         "input": str(dataset.path), "format": dataset.format, "schema": dataset.schema,
         "n_input_rows": n + len(dataset.skipped), "n_samples": n, "n_invalid": len(dataset.skipped),
-        "n_skipped_invalid": len(dataset.skipped),
         "skipped_invalid": [{"line": ln, "reason": r} for ln, r, _ in dataset.skipped[:100]],
         "n_removed": selection.n_removed, "n_kept": n - selection.n_removed,
         "rule": selection.rule, "threshold": selection.threshold, "k": candidate,
@@ -357,7 +356,7 @@ def score_and_select(config: FilterConfig, X: np.ndarray, *, labelled_X=None, la
     if hasattr(spec.cls, "contamination_estimate") and (rule.estimate or config.rule == "calibrated"):
         estimate = detectors[candidates[0]].contamination_estimate(X)
         if rule.estimate:  # a label-free run: the interval caps what it removes (`saft.trust`)
-            trust = label_free_trust(detectors[candidates[0]], X, estimate.value)
+            trust = label_free_trust(detectors[candidates[0]], X, estimate)
             if trust is not None:
                 estimate = dataclasses.replace(estimate, interval=tuple(trust["interval"]), level=trust["level"])
     pool_scores = {c: d.score_samples(X) for c, d in detectors.items()}

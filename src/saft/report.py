@@ -82,7 +82,7 @@ def render_report(result, *, top: int = 25, excerpt: int = 300) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>saft report: {html.escape(ds.path.name)}</title>"
              f"<style>{STYLE}</style></head><body>",
              f"<h1>saft filter report</h1><p>Input <code>{html.escape(str(ds.path))}</code>: {summary['n_samples']} samples "
-             f"({summary['n_skipped_invalid']} invalid rows skipped). Rule <b>{html.escape(sel.rule)}</b>, threshold "
+             f"({summary['n_invalid']} invalid rows skipped). Rule <b>{html.escape(sel.rule)}</b>, threshold "
              f"<b>{sel.threshold:.6g}</b>: <b id='n-removed'>{sel.n_removed}</b> removed, {summary['n_kept']} kept.</p>"]
     trust = summary.get("trust")
     if trust:  # the label-free estimate's interval and the data's distance to the guard's rows (saft.trust)

@@ -124,13 +124,13 @@ def guard_calibration(guard) -> dict | None:
     return block.get("trust") if isinstance(block, dict) else None
 
 
-def label_free_trust(detector, X, estimate: float | None = None) -> dict | None:
+def label_free_trust(detector, X, estimate=None) -> dict | None:
     """The trust block of a label-free run: `assess` of the detector's guard (the detector itself when it is a
     `GuardScorer`, else its `guard_`) on the sentence-view columns of X (the first columns, in every view the
-    pipeline builds). `estimate`: the guard's estimate of X when the caller has it already (the fold models'
-    decision values are the costly part). None when the detector has no guard or its guard no calibration
-    (guard v1)."""
-    from .detectors.guard import GuardScorer, decision
+    pipeline builds). `estimate`: the guard's `ContaminationEstimate` of X when the caller has it already (its
+    fold models' decision values are the costly part, and its `flagged` share is what trust needs). None when
+    the detector has no guard or its guard no calibration (guard v1)."""
+    from .detectors.guard import GuardScorer
 
     guard = detector if isinstance(detector, GuardScorer) else getattr(detector, "guard_", None)
     if guard is None:
@@ -142,15 +142,13 @@ def label_free_trust(detector, X, estimate: float | None = None) -> dict | None:
 
     # The sentence-view columns, read a chunk at a time when X is out of core (never copied whole)
     S = Columns(X, 0, len(guard.coef_)) if is_out_of_core(X) else np.asarray(X)[:, :len(guard.coef_)]
-    shares = [(decision(f, S) > f["threshold"]).mean() for f in guard.estimate_models_]
-    flagged = float(np.median(shares) if guard.meta_.get("estimate_combine") == "median" else np.mean(shares))
+    if estimate is None or estimate.flagged is None:
+        estimate = guard.contamination_estimate(S)
     # The reference set: the RBF model's support vectors (the rows nearest the decision boundary and the rest).
     reference = guard.model_["support_vectors"] if "support_vectors" in guard.model_ else None
     if reference is None:
         reference = guard._load_kernel_models(guard_file(guard), json_of(guard))[0]["support_vectors"]
-    if estimate is None:
-        estimate = guard.contamination_estimate(S).value
-    return assess(estimate, flagged, len(S), cal["ranges"], distance=pool_distance(S, reference),
+    return assess(estimate.value, estimate.flagged, len(S), cal["ranges"], distance=pool_distance(S, reference),
                   threshold=cal["distance_threshold"], level=cal.get("level", LEVEL))
 
 

@@ -19,13 +19,15 @@ class ContaminationEstimate:
     """A label-free estimate of the harmful share of a pool.
 
     `se` is the sampling standard error of the count alone; `interval` (lo, hi) at `level`, when given, also
-    covers the shift between the pool and the rows the estimator learned from (see `saft.trust`).
+    covers the shift between the pool and the rows the estimator learned from (see `saft.trust`). `flagged`: for
+    a count-based estimate, the share of the pool its models flagged before the adjustment (trust's input).
     """
 
     value: float
     se: float | None = None
     interval: tuple[float, float] | None = None
     level: float | None = None
+    flagged: float | None = None
 
     def as_dict(self) -> dict:
         out = {"contamination_estimate": float(self.value)}

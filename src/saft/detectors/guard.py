@@ -174,15 +174,16 @@ class GuardScorer(BaseEstimator):
         binomial standard error of the count (the pool's sampling noise only, not the bias a shift in the
         pool's safe rows brings). The threshold is high, so few rows are counted and the error is large on
         small pools."""
-        value, se = self._estimate(X)
-        return ContaminationEstimate(value, se)
+        value, se, flagged = self._estimate(X)
+        return ContaminationEstimate(value, se, flagged=flagged)
 
-    def _estimate(self, X) -> tuple[float, float]:
+    def _estimate(self, X) -> tuple[float, float, float]:
         X = check_rows(X)
-        estimates, errors = [], []
+        estimates, errors, shares = [], [], []
         for f, z in zip(self.estimate_models_, self.fold_decisions(X)):
             tpr, fpr = f["tpr"], f["fpr"]
             flagged = float((z > f["threshold"]).mean())
+            shares.append(flagged)
             se = float(np.sqrt(flagged * (1 - flagged) / n_rows(X)))
             if tpr - fpr <= 0:  # a model that cannot separate: fall back to the raw flagged share
                 estimates.append(flagged)
@@ -194,5 +195,5 @@ class GuardScorer(BaseEstimator):
         # Guard v2's folds each miss one source family, and one of them can flag a whole pool far from its rows
         # (an RBF model's intercept): its meta asks for the median of the fold estimates instead of the mean.
         combine = np.median if self.meta_.get("estimate_combine") == "median" else np.mean
-        return float(combine(estimates)), float(np.mean(errors))
+        return float(combine(estimates)), float(np.mean(errors)), float(combine(shares))
 

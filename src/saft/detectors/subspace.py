@@ -24,7 +24,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.extmath import randomized_svd
 from sklearn.utils.validation import check_array, check_is_fitted
 
-from ..chunks import compute_dtype, is_out_of_core, iter_blocks, n_rows, shifted, take
+from ..chunks import cast, compute_dtype, is_out_of_core, iter_blocks, n_rows, take
 
 SOLVERS = ("auto", "full", "streaming")
 
@@ -43,7 +43,7 @@ def streaming_moments(X, shift: np.ndarray, *, chunk_rows: int) -> tuple[np.ndar
     buf = np.empty((min(chunk_rows, n_rows(X)), X.shape[1]), dtype=dtype)
     n, total, squares = 0, np.zeros(X.shape[1]), np.zeros(X.shape[1])
     for block in iter_blocks(X, chunk_rows):
-        y = shifted(block, shift, buf)
+        y = cast(block, shift=shift, out=buf)
         n += len(y)
         total += y.sum(axis=0)
         squares += np.einsum("ij,ij->j", y, y)
@@ -91,7 +91,7 @@ def streaming_top_directions(X, mean: np.ndarray, scale: np.ndarray, k: int, *, 
         Wc = W.astype(dtype)
         G = np.zeros((d, block))
         for chunk in iter_blocks(X, chunk_rows):
-            y = shifted(chunk, shift, buf)
+            y = cast(chunk, shift=shift, out=buf)
             G += y.T @ (y @ Wc)
         Z = (G - n * np.outer(m, m @ W)) / scale[:, None]
         # Rayleigh-Ritz: the best approximations to C's eigenpairs within span(Q)
@@ -202,7 +202,7 @@ class SubspaceScorer(BaseEstimator):
         Wc, buf = W.astype(dtype), np.empty((min(self.chunk_rows, n_rows(X)), X.shape[1]), dtype=dtype)
         parts = []
         for chunk in iter_blocks(X, self.chunk_rows):
-            proj = shifted(chunk, shift, buf) @ Wc - offset
+            proj = cast(chunk, shift=shift, out=buf) @ Wc - offset
             parts.append((proj**2 * weights).mean(axis=1))
         return np.concatenate(parts) if parts else np.zeros(0)
 
