@@ -116,6 +116,29 @@ def test_store_reuses_rows_by_content_for_any_subset_order_and_slot(model_tok, t
     assert sum(rows) == 7  # another maximum length is another slot
 
 
+def test_store_only_reads_never_computes_and_names_the_missing_rows(model_tok, tmp_path, monkeypatch):
+    """`compute_missing=False` (the Ray engine's driver) raises at the first block with a row the store lacks and
+    runs no forward pass; `missing_rows` names each missing distinct row once; once stored, every row is read."""
+    model, tok = model_tok
+    data = samples()
+    kw = dict(layers=[2], positions=["prompt_last", "last"], max_length=64, cache_dir=tmp_path, progress=False)
+    F.extract_features(model, tok, data[:4], **kw)  # two slots, rows 0-3 stored
+    calls = []
+    forward = F._forward_batch
+    monkeypatch.setattr(F, "_forward_batch", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    with pytest.raises(F.MissingFeatures):
+        F.extract_features(model, tok, data, compute_missing=False, **kw)
+    assert calls == []
+    twice = data + [data[5]]  # a repeated row is named at its first position
+    assert F.missing_rows(model, tok, twice, layers=[2], positions=["prompt_last", "last"], max_length=64,
+                          cache_dir=tmp_path).tolist() == [4, 5, 6]
+    F.extract_features(model, tok, data[4:], **kw)
+    feats = F.extract_features(model, tok, data, compute_missing=False, **kw)
+    assert calls and feats.n_computed == 0 and feats.get(2, "last").shape == (len(data), 32)
+    with pytest.raises(ValueError, match="needs a cache_dir"):
+        F.extract_features(model, tok, data, compute_missing=False, layers=[2], progress=False)
+
+
 def test_store_matrix_reads_in_chunks_and_matches_get(model_tok, tmp_path):
     from saft.chunks import iter_chunks, take
 
