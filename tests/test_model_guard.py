@@ -149,6 +149,31 @@ def test_filter_with_guard_model(tiny_model_dir, tmp_path, monkeypatch, small_re
     np.testing.assert_allclose(again.scores, res.scores)
 
 
+def test_label_free_on_a_streamed_file_reads_its_view_in_chunks(tiny_model_dir, tmp_path, monkeypatch,
+                                                               small_reference):
+    """A streamed JSONL is read a block at a time for the hidden states (its samples never held as one list), and
+    a view over VIEW_IN_MEMORY_BYTES reaches the detector as a chunked HStack over the store and the sentence
+    view's file: the scores and the removal are the in-memory view's."""
+    import saft.pipeline as P
+    from saft import load_model
+    from saft.chunks import HStack
+    from saft.data import StreamedDataset
+
+    model, tok = load_model(str(tiny_model_dir), device="cpu")
+    data = write_jsonl(tmp_path / "data.jsonl", toy_rows(30))
+    cfg = FilterConfig(detector="label-free", cache_dir=str(tmp_path / "c"), layer=2)
+    in_memory = filter_dataset(data, config=cfg, model=model, tokenizer=tok, progress=False)
+    monkeypatch.setattr(StreamedDataset, "_load", lambda self: pytest.fail("read the whole file into a list"))
+    views = []
+    score_and_select = P.score_and_select
+    monkeypatch.setattr(P, "score_and_select", lambda config, X, **kw: views.append(X) or score_and_select(config, X, **kw))
+    monkeypatch.setattr(P, "VIEW_IN_MEMORY_BYTES", 0)
+    chunked = filter_dataset(data, config=cfg, model=model, tokenizer=tok, progress=False)
+    assert isinstance(views[0], HStack) and views[0].shape[0] == 30
+    np.testing.assert_allclose(chunked.scores, in_memory.scores, atol=1e-5)
+    assert chunked.selection.n_removed == in_memory.selection.n_removed
+
+
 def test_guard_model_probe_weighs_guard_models_parts_with_labels(tmp_path):
     rng = np.random.default_rng(2)
     y_ref, X_ref = view(rng, 400, harmful_every=3)

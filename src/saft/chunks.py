@@ -126,6 +126,34 @@ class Columns:
         return take(self.X, indices, dtype=None)[:, self.start:self.stop]
 
 
+class HStack:
+    """Chunked sources (or arrays) of the same rows side by side, itself a chunked source: a detector's view
+    (sentence-encoder columns, then each position's hidden states) read a chunk at a time from the files behind
+    it. `np.asarray` of it gathers every row into memory."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        rows = {int(part.shape[0]) for part in self.parts}
+        if len(rows) != 1:
+            raise ValueError(f"HStack parts have different row counts: {sorted(rows)}")
+        self.shape = (rows.pop(), sum(int(part.shape[1]) for part in self.parts))
+        self.dtype = np.result_type(*[getattr(part, "dtype", np.float64) for part in self.parts])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def iter_chunks(self, size: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
+        for blocks in zip(*[iter_chunks(part, size, dtype=self.dtype) for part in self.parts]):
+            yield np.hstack(blocks)
+
+    def take(self, indices) -> np.ndarray:
+        return np.hstack([take(part, indices, dtype=self.dtype) for part in self.parts])
+
+    def __array__(self, dtype=None, copy=None):
+        arr = np.hstack([np.asarray(part, dtype=self.dtype) for part in self.parts])
+        return arr if dtype is None else arr.astype(dtype)
+
+
 class NpyMatrix:
     """A 2-d `.npy` file read by explicit reads, never mapped: memory stays at one chunk however large the file.
     `rows` reads only the first rows."""

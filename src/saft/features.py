@@ -408,11 +408,30 @@ class _Writer:
         self.keys, self.rows, self.pending = [], [], set()
 
 
+def _sample_blocks(samples) -> Iterator[tuple[int, list[Sample]]]:
+    """(first position, samples) of consecutive blocks of `BLOCK_ROWS`: sliced from a list, read in one pass from
+    a collection that gives its samples afresh when iterated (a `saft.data.StreamedDataset`)."""
+    if isinstance(samples, Sequence):
+        for start in range(0, len(samples), BLOCK_ROWS):
+            yield start, samples[start:start + BLOCK_ROWS]
+        return
+    block, start = [], 0
+    for sample in samples:
+        block.append(sample)
+        if len(block) == BLOCK_ROWS:
+            yield start, block
+            start, block = start + len(block), []
+    if block:
+        yield start, block
+
+
 def extract_features(model, tokenizer, samples: Sequence[Sample], *, layers=None,
                      positions: str | Sequence[str] = "prompt_last", max_length: int = 512, batch_size: int = 8,
                      cache_dir: str | os.PathLike | None = None, progress: bool = True,
                      compute_missing: bool = True) -> Features:
-    """Hidden states of `samples` at `layers` and `positions`; see the module docstring.
+    """Hidden states of `samples` at `layers` and `positions`; see the module docstring. `samples`: a list, or a
+    sized collection that gives its samples afresh when iterated (a `saft.data.StreamedDataset`, read in one pass
+    a block at a time, so that memory does not grow with the rows when the features go to the store).
 
     With `cache_dir`, rows live in the store under `cache_dir/rows-v2/`, found by content: only rows no earlier
     run computed for this model, layer, position and maximum length are run through the model. With
@@ -440,8 +459,8 @@ def extract_features(model, tokenizer, samples: Sequence[Sample], *, layers=None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     bar = tqdm(total=n, disable=not progress, desc="features", unit="sample")
     last_flush, n_computed = time.monotonic(), 0
-    for start in range(0, n, BLOCK_ROWS):
-        encoded = [encode(s, tokenizer, max_length=max_length) for s in samples[start:start + BLOCK_ROWS]]
+    for start, block in _sample_blocks(samples):
+        encoded = [encode(s, tokenizer, max_length=max_length) for s in block]
         for e in encoded:
             data_hash.update(np.asarray(e.ids, dtype=np.int64).tobytes())
             data_hash.update(str(e.prompt_len).encode() + b";")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .chunks import take
+from .chunks import HStack, take
 from .data import (
     Dataset, FieldOptions, StreamedDataset, atomic_open, json_text, load_samples, output_name, scan_samples,
     write_invalid, write_json, write_parts,
@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 LABEL_FREE = "label-free"  # what `auto` runs without labels (docs/detectors.md)
 LABELLED = "labelled"  # what `auto` runs with labels (docs/detectors.md)
+# A detector's view larger than this is read from the feature store a chunk at a time (`saft.chunks.HStack`)
+# instead of gathered into one array: the detectors fit on bounded samples and score in chunks.
+VIEW_IN_MEMORY_BYTES = 2 << 30
 ENGINES = ("local", "ray")  # where hidden states are computed (saft.engine_ray)
 
 
@@ -424,8 +427,10 @@ def detector_view(config: FilterConfig, model, tokenizer, *, feature_cache: Path
             return sentence(samples)
         f = computed or hidden_states(config, model, tokenizer, samples, positions=positions,
                                       feature_cache=feature_cache, progress=progress)
-        hidden = np.hstack([f.get(f.layers[0], p) for p in positions])
-        return np.hstack([sentence(samples), hidden]) if spec.view == "both" else hidden
+        parts = ([sentence(samples)] if spec.view == "both" else []) + [f.matrix(f.layers[0], p) for p in positions]
+        if f.cache_path is not None and len(samples) * sum(p.shape[1] for p in parts) * 4 > VIEW_IN_MEMORY_BYTES:
+            return HStack(parts)  # read from the store (and the sentence view's file) a chunk at a time
+        return np.hstack([np.asarray(p, dtype=np.float32) for p in parts])
 
     return view, positions
 
@@ -453,7 +458,9 @@ def _feature_view(config: FilterConfig, dataset: Dataset, model, tokenizer, *, p
         also = reference_samples()
         place_shipped_views(model, tokenizer, also, layer=config.layer, positions=positions,
                             max_length=config.max_length, cache_dir=feature_cache)
-    feats = hidden_states(config, model, tokenizer, dataset.samples, positions=positions,
+    # A streamed dataset's samples are read from its file a block at a time (the Ray engine holds them all)
+    pool = dataset.samples if config.engine == "ray" or not isinstance(dataset, StreamedDataset) else dataset
+    feats = hidden_states(config, model, tokenizer, pool, positions=positions,
                           feature_cache=feature_cache, progress=progress, also=also, source=dataset)
     layer = feats.layers[0]
     info.update(layer=layer, position=config.position, positions=positions, n_truncated=feats.n_truncated,
@@ -462,7 +469,7 @@ def _feature_view(config: FilterConfig, dataset: Dataset, model, tokenizer, *, p
     if spec.reference:
         info["reference"] = lambda: reference_view(view, model, tokenizer, layer=layer, positions=positions,
                                                    max_length=config.max_length, cache_dir=feature_cache)
-    return (lambda ds: view(ds.samples, feats if ds is dataset else None)), info
+    return (lambda ds: view(pool if ds is dataset else ds.samples, feats if ds is dataset else None)), info
 
 
 def _sample_rows(dataset):
