@@ -482,7 +482,7 @@ def render(result: dict, plots_dir: Path) -> str:
         for r in long[:1] if short else []:
             out.append(f"\nOn the {r['input_mib'] / 1024:.1f} GiB JSONL file ({r['rows']:,} long rows, stand-in "
                        f"encoder) peak RSS is {r['peak_rss_mib'] - short[0]['peak_rss_mib']:+.0f} MiB from the "
-                       f"stand-in's {short[0]['rows']:,} short rows ({short[0].get('input_mib', '?')} MiB).")
+                       f"stand-in's {short[0]['rows']:,} short rows.")
         for enc in dict.fromkeys(r.get("encoder", "all-MiniLM-L6-v2") for r in g):
             runs = [r for r in g if r.get("encoder", "all-MiniLM-L6-v2") == enc and r not in long]
             if len(runs) > 1:

@@ -47,9 +47,9 @@ logger = logging.getLogger(__name__)
 
 LABEL_FREE = "label-free"  # what `auto` runs without labels (docs/detectors.md)
 LABELLED = "labelled"  # what `auto` runs with labels (docs/detectors.md)
-# A detector's view larger than this is read from the feature store a chunk at a time (`saft.chunks.HStack`)
+# A detector's view larger than this (512 MiB) is read from the feature store a chunk at a time (`saft.chunks.HStack`)
 # instead of gathered into one array: the detectors fit on bounded samples and score in chunks.
-VIEW_IN_MEMORY_BYTES = 2 << 30
+VIEW_IN_MEMORY_BYTES = 512 << 20
 ENGINES = ("local", "ray")  # where hidden states are computed (saft.engine_ray)
 
 
