@@ -8,12 +8,13 @@ processes share one, and computes only the rows the store lacks; the driver then
 engine. The store must therefore be one folder every node sees (a shared file system); rows the driver cannot
 see after the run are an error, not a silent recomputation on the driver.
 
-Ray Data reads a JSONL or Parquet input itself, in parallel read tasks (`_JsonlSamples`, `ray.data.read_parquet`),
-and each row is parsed there by saft's own row parser (`saft.data.parse_records`), so a worker's sample is the
-driver's to the token. The driver parses the file too, in its own streaming pass: ids, labels and invalid rows
-come from that pass, and it needs the rows to fit, select and write. CSV (whose quoting rules differ between
-readers), JSON lists and `datasets` folders, and the extra rows a detector needs (the guard's reference rows, a
-labels file), go to the workers from the driver's parse (`ray.data.from_items`).
+Ray Data reads a JSONL or Parquet input itself, in its read tasks (`_JsonlSamples`: one task per JSONL file,
+read a MiB at a time; `ray.data.read_parquet`), and each row is parsed there by saft's own row parser
+(`saft.data.parse_records`), so a worker's sample is the driver's to the token. The driver parses the file too,
+in its own streaming pass: ids, labels and invalid rows come from that pass, and it needs the rows to fit, select
+and write. CSV (whose quoting rules differ between readers), JSON lists and `datasets` folders, and the extra rows
+a detector needs (the guard's reference rows, a labels file), go to the workers from the driver's parse
+(`ray.data.from_items`).
 
 The actors load the model by name or folder (never pickled weights), in the driver's dtype, so their weights'
 fingerprint, which names the store's slot, is the driver's; a worker whose weights differ (another model folder on
