@@ -400,6 +400,7 @@ def _merged(result: dict, skipped: set) -> dict:
     old = common.load_result(NAME)
     if not old:
         return result
+    earlier = []  # guard-filter runs of earlier commands that this one did not repeat
     if "guard-filter" in result and old.get("guard-filter"):
         # guard-filter's runs are one per (encoder, input): the ones this command did not repeat stay, each with
         # the command behind it
@@ -411,11 +412,9 @@ def _merged(result: dict, skipped: set) -> dict:
         new_keys = {_run_key(r) for r in result["guard-filter"]}
         earlier = [r for r in old["guard-filter"] if _run_key(r) not in new_keys]
         result["guard-filter"] = sorted(earlier + result["guard-filter"], key=lambda r: (
-            r.get("input_mib", 0) > 1024, r.get("encoder") != "stand-in", r["rows"]))
-        if earlier:
-            skipped = skipped | {"guard-filter-earlier"}
+            _long_rows(r), r.get("encoder") != "stand-in", r["rows"]))
     kept = [s for s in STEPS if s in skipped and s in old]
-    if not kept and "guard-filter-earlier" not in skipped:
+    if not kept and not earlier:
         return result
     merged = {**{s: old[s] for s in kept}, **result}
     if {"subspace", "pool-side"} <= skipped and isinstance(old.get("data"), dict):
@@ -429,9 +428,14 @@ def _merged(result: dict, skipped: set) -> dict:
     return merged
 
 
+def _long_rows(r: dict) -> bool:
+    """A guard-filter run on a file of long rows (--filter-gib), not on N short rows."""
+    return r.get("input_mib", 0) > 1024
+
+
 def _run_key(r: dict) -> tuple:
     """What makes one guard-filter run: its encoder and its input (a row count, or a file of long rows)."""
-    return (r.get("encoder"), r.get("input_mib", 0) > 1024, r["rows"] if r.get("input_mib", 0) <= 1024 else None)
+    return (r.get("encoder"), _long_rows(r), None if _long_rows(r) else r["rows"])
 
 
 def render(result: dict, plots_dir: Path) -> str:
@@ -477,7 +481,7 @@ def render(result: dict, plots_dir: Path) -> str:
                 "kept + removed |", "|---|---|---|---|---|---|"]
         out += [f"| {r['rows']:,} | {r.get('input_mib', '')} | {r.get('encoder', 'all-MiniLM-L6-v2')} | {r['s']} | "
                 f"{r['peak_rss_mib']:.0f} | {r['kept_plus_removed']:,} |" for r in g]
-        long = [r for r in g if r.get("input_mib", 0) > 1024]
+        long = [r for r in g if _long_rows(r)]
         short = [r for r in g if r.get("encoder") == "stand-in" and r not in long]
         for r in long[:1] if short else []:
             out.append(f"\nOn the {r['input_mib'] / 1024:.1f} GiB JSONL file ({r['rows']:,} long rows, stand-in "

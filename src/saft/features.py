@@ -528,8 +528,8 @@ def missing_rows(model, tokenizer, samples: Sequence[Sample], *, layers, positio
                    max_length)
     for slot in slots.values():
         slot.refresh()  # shards other processes (Ray workers) wrote since the slot was read
-    keys = np.concatenate([row_keys([encode(s, tokenizer, max_length=max_length) for s in samples[a:a + BLOCK_ROWS]])
-                           for a in range(0, len(samples), BLOCK_ROWS)]) if len(samples) else np.empty(0, KEY)
+    keys = np.concatenate([np.empty(0, KEY)] + [row_keys([encode(s, tokenizer, max_length=max_length) for s in block])
+                                                 for _, block in _sample_blocks(samples)])
     need = np.logical_or.reduce([slot.lookup(keys)[:, 0] < 0 for slot in slots.values()])
     _, first = np.unique(keys, return_index=True)
     return np.sort(first[need[first]])

@@ -9,11 +9,12 @@ kept + removed + invalid always equals the input rows (n_kept + n_removed + n_in
 input is never modified; every output is written atomically.
 
 JSONL, CSV and Parquet inputs are streamed (`saft.data.scan_samples`): one pass checks the rows, the sentence view
-(`--detector guard`) is encoded a chunk at a time into its cache file and scored from it a chunk at a time, and
-one pass writes scores.jsonl, kept and removed; apart from the sentence encoder's run, memory per row is a few
-dozen bytes (benchmarks/suites/scale.py, guard-filter). The detectors on the
-language model's hidden states hold the samples' text while the features are extracted, and `--report` and
-`--certify` read the samples whole; JSON and `datasets` inputs are read whole.
+is encoded a chunk at a time into its cache file, the hidden states are extracted a block of samples at a time
+into the feature store, and one pass writes scores.jsonl, kept and removed; apart from the sentence encoder's run,
+memory per row is a few dozen bytes (benchmarks/suites/scale.py, guard-filter). A detector's view over
+`VIEW_IN_MEMORY_BYTES` is read from those files a chunk at a time (`saft.chunks.HStack`); below it, it is one
+array. `--report`, `--certify` and `--engine ray` read the samples whole; JSON and `datasets` inputs are read
+whole.
 """
 
 from __future__ import annotations
