@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -237,7 +238,9 @@ def main() -> None:
     judges = [get_judge(j) for j in args.judges.split(",")]
     model, tok = load_model(args.model, device=args.device)
     result = {"command": "python scripts/aligned_study.py " + " ".join(__import__("sys").argv[1:]), "tag": tag,
-              "model": args.model, "seed": args.seed, "threads": args.threads, "note": "CPU shared with other jobs",
+              "model": args.model, "seed": args.seed, "threads": args.threads,
+              # the load says whether the CPU was shared: wall times are only comparable at the same load
+              "load_average_at_start": round(os.getloadavg()[0], 2),
               "eval_sets": {k: len(v) for k, v in sets.items()},
               "judges": {j.name: {"test_accuracy": j.meta.get("test_accuracy"), "test_auroc": j.meta.get("test_auroc")}
                          for j in judges}}
@@ -275,6 +278,7 @@ def main() -> None:
     result.update(metrics)
     with open(out / f"{tag}.generations.jsonl", "w") as f:
         f.writelines(json.dumps(g) + "\n" for g in gens)
+    result["load_average_at_end"] = round(os.getloadavg()[0], 2)
     write_json(result, out / f"{tag}.json")
     print(json.dumps({k: result.get(k) for k in ("harmful", "benign", "lookalike", "helpful")}, indent=1))
 
