@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import f1_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _label_pools import BASE_POOLS, build_pools, guard_scores  # noqa: E402
@@ -68,7 +69,7 @@ def evaluate_pool(name: str, samples, *, draws: int) -> dict:
     n, truth = len(y), float(y.mean())
     out = {"pool": name, "rows": n, "truth": truth, "prior": prior, "arms": {}}
     for arm in ARMS:
-        errs, est_errs, failed = [], [], 0
+        errs, est_errs, failed, f1s, count_errs, count_f1 = [], [], 0, [], [], []
         for seed in range(1 if arm == "no labels" else draws):
             if arm == "no labels":
                 sel = select_estimate(z, estimate=ContaminationEstimate(prior))
@@ -76,15 +77,25 @@ def evaluate_pool(name: str, samples, *, draws: int) -> dict:
                 idx, extra = arm_rows(arm, z, prior, seed)
                 try:
                     sel = select_calibrated(z, z[idx], y[idx], prior=prior, prior_weight=PRIOR_WEIGHT, **extra)
+                    by_count = select_calibrated(z, z[idx], y[idx], prior=prior, prior_weight=PRIOR_WEIGHT,
+                                                 **extra, cut="count")
                 except ValueError:  # the labelled rows hold one class only: the rule refuses, as the CLI does
                     failed += 1
                     continue
+                count_errs.append(abs(by_count.n_removed - y.sum()) / n)
+                count_f1.append(f1_score(y, by_count.removed, zero_division=0))
             errs.append(abs(sel.n_removed - y.sum()) / n)
+            f1s.append(f1_score(y, sel.removed, zero_division=0))
             est_errs.append(abs(sel.params["contamination_estimate"] - truth))
         out["arms"][arm] = {"count_error": float(np.mean(errs)) if errs else None,
                             "count_error_max": float(np.max(errs)) if errs else None,
                             "estimate_error": float(np.mean(est_errs)) if est_errs else None,
-                            "draws": len(errs), "refused": failed}
+                            "draws": len(errs), "refused": failed,
+                            "f1": float(np.mean(f1s)) if f1s else None,
+                            # the same labels, the cut at the estimated count instead of the expected-F1 optimum
+                            "count_cut_error": float(np.mean(count_errs)) if count_errs else None,
+                            "count_cut_error_max": float(np.max(count_errs)) if count_errs else None,
+                            "count_cut_f1": float(np.mean(count_f1)) if count_f1 else None}
     a = out["arms"]
     c, r = a["chosen 30"], a["random 100"]
     out["meets_target"] = bool(c["count_error"] is not None and c["count_error"] <= 0.03

@@ -154,7 +154,7 @@ def prior_agreement(pool_logit: np.ndarray, val_logit: np.ndarray, val_labels: S
 
 def select_calibrated(scores: np.ndarray, val_scores: np.ndarray, val_labels: Sequence[int], *,
                       prior: float | None = None, prior_weight: float = 0.0,
-                      test_level: float = PRIOR_TEST_LEVEL, platt_c: float = PLATT_C) -> Selection:
+                      test_level: float = PRIOR_TEST_LEVEL, platt_c: float = PLATT_C, cut: str = "f1") -> Selection:
     """Remove the top m pool rows maximising the expected F1 under Platt-calibrated probabilities.
 
     `prior`, a label-free contamination estimate of the pool (the guard's), counts as `prior_weight` extra labels:
@@ -171,6 +171,8 @@ def select_calibrated(scores: np.ndarray, val_scores: np.ndarray, val_labels: Se
     from scipy.special import expit
     from sklearn.linear_model import LogisticRegression
 
+    if cut not in ("f1", "count"):
+        raise ValueError(f"cut must be 'f1' or 'count', got {cut!r}")
     y = np.asarray(val_labels, dtype=int)
     if not 0 < y.sum() < len(y):
         raise ValueError("the calibrated rule needs harmful and safe rows among the labelled samples; draw more labels")
@@ -199,7 +201,10 @@ def select_calibrated(scores: np.ndarray, val_scores: np.ndarray, val_labels: Se
     order = np.argsort(-scores, kind="stable")
     expected_tp = np.cumsum(p[order])
     expected_f1 = 2 * expected_tp / (np.arange(1, len(scores) + 1) + p.sum())
-    m = int(np.argmax(expected_f1)) + 1
+    if cut == "f1":
+        m = int(np.argmax(expected_f1)) + 1
+    else:
+        m = max(1, int(round(p.sum())))
     removed = np.zeros(len(scores), dtype=bool)
     removed[order[:m]] = True
     threshold = float(scores[~removed].max()) if (~removed).any() else float(scores.min())
