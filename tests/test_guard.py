@@ -216,18 +216,27 @@ def test_auto_uses_the_labels_when_there_are_enough():
     assert (r.detector, r.rule) == ("subspace", "f1")
 
 
-def test_select_calibrated_removes_by_expected_f1():
+def test_select_calibrated_removes_the_estimated_count():
     rng = np.random.default_rng(0)
     y = (np.arange(400) % 5 == 0).astype(int)  # 20% harmful
     scores = 2.5 * y + rng.normal(size=400)
     idx = rng.choice(400, 100, replace=False)
     sel = select_calibrated(scores, scores[idx], y[idx])
     assert sel.rule == "calibrated" and abs(sel.params["contamination_estimate"] - 0.2) < 0.05
-    assert 0.1 * 400 < sel.n_removed < 0.35 * 400
+    assert sel.n_removed == round(400 * sel.params["contamination_estimate"])
     assert (scores[sel.removed].min() >= scores[~sel.removed].max())  # the top of the ranking goes
     # a second label draw moves the count a little, not by half the pool
     idx2 = np.random.default_rng(1).choice(400, 100, replace=False)
     assert abs(select_calibrated(scores, scores[idx2], y[idx2]).n_removed - sel.n_removed) < 40
+    # the expected-F1 cut (the ablation): the count where the expected F1 peaks, which on a weak ranking is
+    # well above the estimated count
+    weak = 0.8 * y + rng.normal(size=400)
+    by_count, by_f1 = (select_calibrated(weak, weak[idx], y[idx], cut=c) for c in ("count", "f1"))
+    assert by_f1.params["expected_f1"] >= by_count.params["expected_f1"]
+    assert by_f1.n_removed > by_count.n_removed + 40
+    assert by_count.n_removed == round(400 * by_count.params["contamination_estimate"])
+    with pytest.raises(ValueError, match="cut must be"):
+        select_calibrated(scores, scores[idx], y[idx], cut="best")
     with pytest.raises(ValueError, match="harmful and safe"):
         select_calibrated(scores, scores[:5], [0] * 5)
 
@@ -247,7 +256,7 @@ def test_calibrated_prior_shrinks_the_estimate_towards_it_and_damps_the_label_dr
         assert est == pytest.approx((100 * platt + 200 * 0.3) / 300, abs=1e-6)
         assert p.params["prior_weight"] == 200 and p.params["prior_estimate"] == 0.3
     spread = lambda sels: np.ptp([s.n_removed for s in sels])  # noqa: E731
-    # the estimate moves a third as much; the removed count less, though the Platt slope still moves it
+    # the estimate moves a third as much, and the removed count (the estimated count) with it
     est = lambda sels: np.ptp([s.params["contamination_estimate"] for s in sels])  # noqa: E731
     assert est(prior) == pytest.approx(est(plain) / 3, rel=0.05)
     assert spread(prior) < 0.85 * spread(plain)
