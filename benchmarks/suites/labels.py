@@ -119,7 +119,8 @@ def run(args) -> dict:
         res["pools"].append(r)
         print(name, {k: v["count_error"] for k, v in r["arms"].items()}, flush=True)
     res["seconds"] = round(time.time() - t0, 1)
-    res["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]  # whether the CPU was shared
+    load = os.getloadavg()  # whether the CPU was shared: the time is only comparable at the same load
+    res["cpu_note"] = f"load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min) on {os.cpu_count()} cores"
     return res
 
 
@@ -131,8 +132,7 @@ def _cell(c: dict) -> str:
 
 
 def render(result: dict, plots_dir: Path) -> str:
-    load = result.get("load_average_at_end")
-    cpu = f"load average at the end {load[0]:g} / {load[1]:g} / {load[2]:g} (1/5/15 min) on 2 cores" if load else "CPU use by other jobs not recorded"
+    cpu = result.get("cpu_note", "CPU use by other jobs not recorded")
     lines = [f"**{QUESTION}**", "", f"Command: `{result['command']}`; seed {result['seed']}; {result['data']}. "
              f"Scores: {result['detector']}; calibrated rule with the prior worth {result['prior_weight']:g} labels. "
              f"{result['draws']} draws per labelled arm. {result['seconds']:.0f} s ({cpu}). "
