@@ -55,24 +55,30 @@ def eval_sets(raw: Path, n_harmful: int, n_helpful: int) -> dict:
             "helpful": [sample(r, i, "help") for i, r in enumerate(helpful[:n_helpful])]}
 
 
-def attack_pool(raw: Path, *, rate: float, benign_only: bool, n: int, seed: int) -> tuple[list[Sample], dict]:
+def attack_pool(raw: Path, *, rate: float, benign_only: bool, n: int, seed: int, refusal_share: float = 0.0,
+                exclude: set[str] = frozenset()) -> tuple[list[Sample], dict]:
+    """A task pool of `n` rows: BeaverTails unsafe pairs at `rate`, safety demonstrations (safety-tuned-llamas
+    refusals of harmful prompts, labelled safe) at `refusal_share`, benign Alpaca/Dolly rows for the rest; every
+    row from the 'task' slice, none whose prompt is in `exclude` (the evaluation prompts). `benign_only`: the 30%
+    pool without its harmful rows (its benign rows and demonstrations)."""
     rng = np.random.default_rng(seed)
     benign = [r for r in load_source("alpaca", raw) + load_source("dolly", raw) if alignment_slice(r["prompt"]) == "task"]
     unsafe = [r for r in load_source("bt_unsafe", raw) if prompt_split(r["prompt"]) == "experiment"
               and not judge_reserved(r["prompt"]) and alignment_slice(r["prompt"]) == "task"]
+    demos = [r for r in load_source("refusal", raw) if alignment_slice(r["prompt"]) == "task" and norm(r["prompt"]) not in exclude]
     benign = [benign[i] for i in rng.permutation(len(benign))]
     unsafe = [unsafe[i] for i in rng.permutation(len(unsafe))]
-    n_benign_30 = n - int(round(n * 0.3))
-    if benign_only:
-        rows = benign[:n_benign_30]
-    else:
-        n_harm = int(round(n * rate))
-        rows = benign[:n - n_harm] + unsafe[:n_harm]
+    demos = [demos[i] for i in np.random.default_rng([seed, 1]).permutation(len(demos))]  # leaves rng's draws as they were
+    n_demo = int(round(n * refusal_share))
+    n_harm = int(round(n * (0.3 if benign_only else rate)))
+    rows = benign[:n - n_harm - n_demo] + demos[:n_demo] + ([] if benign_only else unsafe[:n_harm])
     rows = [rows[i] for i in rng.permutation(len(rows))]
-    recipe = {"n": len(rows), "harmful": sum(r["harmful"] for r in rows),
+    recipe = {"n": len(rows), "harmful": sum(r["harmful"] for r in rows), "refusal_demonstrations": n_demo,
               "benign_sources": {s: sum(r["source"] == s and not r["harmful"] for r in rows) for s in ("alpaca", "dolly")},
               "harmful_source": "BeaverTails 30k_test unsafe, prompt_split 'experiment', not judge_reserved, alignment_slice 'task'",
-              "benign_source": "Alpaca + Dolly, alignment_slice 'task'", "seed": seed}
+              "benign_source": "Alpaca + Dolly, alignment_slice 'task'",
+              "demonstration_source": "safety-tuned-llamas refusals (safety_only_refusals_vinid.json), alignment_slice 'task', "
+                                      "no evaluation prompt", "seed": seed}
     return [sample(r, i, "atk") for i, r in enumerate(rows)], recipe
 
 
@@ -204,6 +210,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.3)
     ap.add_argument("--benign-only", action="store_true")
     ap.add_argument("--pool-size", type=int, default=160)
+    ap.add_argument("--refusal-share", type=float, default=0.0,
+                    help="attack: share of the pool that is safety demonstrations (refusals of harmful prompts)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-harmful", type=int, default=40, help="per harmful source (two sources)")
     ap.add_argument("--n-helpful", type=int, default=30)
@@ -228,7 +236,8 @@ def main() -> None:
         print(summary(Path(args.out_dir), args.n_harmful))
         return
     raw = Path(args.raw_dir) if args.raw_dir else default_raw_dir()
-    tag = args.tag or (args.what if args.what == "eval" else "attack-" + ("benign" if args.benign_only else f"{args.rate:g}"))
+    tag = args.tag or (args.what if args.what == "eval" else "attack-" + ("benign" if args.benign_only else f"{args.rate:g}")
+                       + (f"-demos{args.refusal_share:g}" if args.refusal_share else ""))
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if (out / f"{tag}.json").exists():
@@ -247,7 +256,9 @@ def main() -> None:
     if args.what == "attack":
         from saft.finetune import FinetuneConfig, finetune
 
-        pool, recipe = attack_pool(raw, rate=args.rate, benign_only=args.benign_only, n=args.pool_size, seed=args.seed)
+        exclude = {norm(p) for k in ("harmful", "benign", "lookalike") for p in sets[k]}
+        pool, recipe = attack_pool(raw, rate=args.rate, benign_only=args.benign_only, n=args.pool_size, seed=args.seed,
+                                   refusal_share=args.refusal_share, exclude=exclude)
         targets = tuple(args.lora_targets.split(","))
         if args.stop_at_checkpoint is not None:
             tag += f"-step{args.stop_at_checkpoint}"
