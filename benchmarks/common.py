@@ -4,6 +4,7 @@ small formatting functions of RESULTS.md."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -81,6 +82,12 @@ def wilson(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return float(centre - half), float(centre + half)
+
+
+def load_note() -> str:
+    """The load average when a suite ends: whether its time was measured with the CPU to itself."""
+    load = os.getloadavg()
+    return f"load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min) on {os.cpu_count()} cores"
 
 
 def provenance(result: dict) -> str:

@@ -105,6 +105,7 @@ def main(argv=None) -> int:
         result.setdefault("command", common.command_line())
         result.setdefault("versions", common.versions())
         result.setdefault("seconds", round(time.time() - t0, 1))
+        result.setdefault("cpu_note", common.load_note())
         print(f"wrote {common.write_result(args.suite, result)}")
     print(f"wrote {report()}")
     return 0

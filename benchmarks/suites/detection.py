@@ -411,7 +411,8 @@ def render(result: dict, plots_dir: Path) -> str:
               "been best in hindsight (chosen on the left-out family itself, so a limit of this estimator, not a "
               "result); chosen = the level picked from the training families alone.", "",
               "Labels: the calibrated rule (`saft filter --labels-file`, the left-out guard's estimate as its prior) "
-              "with the truth of 30 rows chosen by `saft label` or of 100 uniformly random rows, "
+              "with the truth of 30 rows chosen by `saft label` or of 100 uniformly random rows (a third of a "
+              f"{result['data']['pool_size']}-row pool), "
               f"{result['data'].get('label_draws', '?')} draws each, on the 10% and 30% pools (at 0% every label is "
               "safe and the rule refuses); the removal-count error of the worst pool, each pool's error the mean "
               "over its draws."]

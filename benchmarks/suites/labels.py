@@ -21,7 +21,6 @@ below random 100 on every pool.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -119,8 +118,6 @@ def run(args) -> dict:
         res["pools"].append(r)
         print(name, {k: v["count_error"] for k, v in r["arms"].items()}, flush=True)
     res["seconds"] = round(time.time() - t0, 1)
-    load = os.getloadavg()  # whether the CPU was shared: the time is only comparable at the same load
-    res["cpu_note"] = f"load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min) on {os.cpu_count()} cores"
     return res
 
 
