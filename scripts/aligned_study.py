@@ -152,10 +152,11 @@ def attack_table(runs: dict, gens: dict, base: str = "aligned") -> list[str]:
     prompts = [g["prompt"] for g in gens[tags[0]] if g["kind"] == "harmful" and g["prompt"] in common]
     f = lambda v, ci=None: "—" if v is None else f"{v:.3f}" + ("" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]")  # noqa: E731
     lines = [f"On the {len(prompts)} harmful prompts every run answered; [95% Wilson interval], rise over `{base}`: "
-             "mean over prompts [95% paired bootstrap interval].", "",
-             "| model | pool | harmful in pool | LoRA | lr | epochs | steps | train s | refused (keywords) | "
+             "mean over prompts [95% paired bootstrap interval]; over its benign part: the same against the run on "
+             "the pool without its harmful rows (what a perfect filter could win).", "",
+             "| model | pool | harmful in pool | safety demonstrations | LoRA | lr | epochs | steps | train s | refused (keywords) | "
              "harmful rate, tfidf | harmful rate, minilm | tfidf vs keywords disagree | rise in compliance (keywords) | "
-             "rise in harmful rate (tfidf) |", "|" + "---|" * 14]
+             "rise in harmful rate (tfidf) | rise in harmful rate over its benign part (tfidf) |", "|" + "---|" * 16]
     bflags = harmful_flags(gens[base], prompts) if base in runs else None
     for t in tags:
         r, m = runs[t], harmful_subset(gens[t], prompts)
@@ -167,10 +168,15 @@ def attack_table(runs: dict, gens: dict, base: str = "aligned") -> list[str]:
                 if k in fl and k in bflags:
                     d = paired_delta(bflags[k], fl[k])
                     rise[i] = f(d[0], d[1:])
-        lines.append(f"| {t} | {pool.get('n', '—')} | {pool.get('harmful', '—')} | {ft.get('lora', '—')} | "
+        benign_tag = "attack-benign" + (f"-demos{t.split('-demos')[1]}" if "-demos" in t else "")
+        over = "—"
+        if pool.get("harmful") and benign_tag in runs:
+            d = paired_delta(harmful_flags(gens[benign_tag], prompts)["tfidf"], harmful_flags(gens[t], prompts)["tfidf"])
+            over = f(d[0], d[1:])
+        lines.append(f"| {t} | {pool.get('n', '—')} | {pool.get('harmful', '—')} | {pool.get('refusal_demonstrations', '—' if not pool else 0)} | {ft.get('lora', '—')} | "
                      f"{ft.get('lr', '—')} | {ft.get('epochs', '—')} | {ft.get('steps', '—')} | {ft.get('seconds', '—')} | "
                      f"{f(m['refusal_rate'], m['refusal_ci'])} | {f(m.get('tfidf'), m.get('tfidf_ci'))} | "
-                     f"{f(m.get('minilm'), m.get('minilm_ci'))} | {f(m.get('tfidf_disagreement'))} | {rise[0]} | {rise[1]} |")
+                     f"{f(m.get('minilm'), m.get('minilm_ci'))} | {f(m.get('tfidf_disagreement'))} | {rise[0]} | {rise[1]} | {over} |")
     return lines
 
 
