@@ -152,8 +152,16 @@ def test_study_intervals_and_attack_rise():
                             "p_tfidf": 0.9 if i < 5 else 0.1} for i, p in enumerate(prompts)]}
     d, lo, hi = S.paired_delta(np.zeros(20, bool), np.arange(20) < 10)
     assert d == pytest.approx(0.5) and 0.25 < lo < 0.5 < hi < 0.75
-    runs = {"aligned": {}, "attack-0.3": {"pool": {"n": 320, "harmful": 96}, "finetune": {"steps": 80}}}
-    row = next(line for line in S.attack_table(runs, gens) if line.startswith("| attack-0.3"))
-    cells = [c.strip() for c in row.split("|")]
-    assert cells[9].startswith("0.500") and cells[10].startswith("0.250")  # refused, tfidf harmful rate
-    assert cells[13].startswith("0.500") and cells[14].startswith("0.250")  # rises over the aligned base
+    # the pool's benign part: the model refuses all but the first 2 prompts, which the judge flags
+    gens["attack-benign"] = [{"kind": "harmful", "prompt": p, "answer": "Sure" if i < 2 else refusal,
+                              "p_tfidf": 0.9 if i < 2 else 0.1} for i, p in enumerate(prompts)]
+    runs = {"aligned": {}, "attack-0.3": {"pool": {"n": 320, "harmful": 96}, "finetune": {"steps": 80}},
+            "attack-benign": {"pool": {"n": 224, "harmful": 0}, "finetune": {"steps": 56}}}
+    table = S.attack_table(runs, gens)
+    cells = [c.strip() for c in next(line for line in table if line.startswith("| attack-0.3")).split("|")]
+    assert cells[4] == "0"  # no safety demonstrations in the pool
+    assert cells[10].startswith("0.500") and cells[11].startswith("0.250")  # refused, tfidf harmful rate
+    assert cells[14].startswith("0.500") and cells[15].startswith("0.250")  # rises over the aligned base
+    assert cells[16].startswith("0.150")  # over its benign part: 5 harmful answers against 2 of 20
+    benign = [c.strip() for c in next(line for line in table if line.startswith("| attack-benign")).split("|")]
+    assert benign[16] == "—"  # a pool without harmful rows has no benign part to compare with
