@@ -143,6 +143,19 @@ def harmful_subset(gens: list[dict], prompts: list[str]) -> dict:
     return out
 
 
+def benign_part(runs: dict, tag: str) -> str | None:
+    """The run trained on `tag`'s pool without its harmful rows: no harmful row, the same safety demonstrations,
+    fine-tuning and seed (None for a pool without harmful rows, or when no such run is there)."""
+    pool = runs[tag].get("pool", {})
+    if not pool.get("harmful"):
+        return None
+    same = lambda r: (r["pool"].get("refusal_demonstrations", 0), r["pool"].get("seed"),  # noqa: E731
+                      {k: v for k, v in r.get("finetune", {}).items()
+                       if k not in ("steps", "planned_steps", "train_loss", "seconds")})
+    return next((t for t, r in runs.items() if r.get("pool") and not r["pool"].get("harmful") and same(r) == same(runs[tag])),
+                None)
+
+
 def attack_table(runs: dict, gens: dict, base: str = "aligned") -> list[str]:
     """Harmful-prompt metrics of the attack runs against `base` on the prompts all of them answered: Wilson
     intervals per run and, for the rise over the base, a paired bootstrap interval over prompts."""
@@ -168,10 +181,10 @@ def attack_table(runs: dict, gens: dict, base: str = "aligned") -> list[str]:
                 if k in fl and k in bflags:
                     d = paired_delta(bflags[k], fl[k])
                     rise[i] = f(d[0], d[1:])
-        benign_tag = "attack-benign" + (f"-demos{t.split('-demos')[1]}" if "-demos" in t else "")
         over = "—"
-        if pool.get("harmful") and benign_tag in runs:
-            d = paired_delta(harmful_flags(gens[benign_tag], prompts)["tfidf"], harmful_flags(gens[t], prompts)["tfidf"])
+        benign = benign_part(runs, t)
+        if benign is not None:
+            d = paired_delta(harmful_flags(gens[benign], prompts)["tfidf"], harmful_flags(gens[t], prompts)["tfidf"])
             over = f(d[0], d[1:])
         lines.append(f"| {t} | {pool.get('n', '—')} | {pool.get('harmful', '—')} | {pool.get('refusal_demonstrations', '—' if not pool else 0)} | {ft.get('lora', '—')} | "
                      f"{ft.get('lr', '—')} | {ft.get('epochs', '—')} | {ft.get('steps', '—')} | {ft.get('seconds', '—')} | "

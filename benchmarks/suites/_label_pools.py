@@ -1,4 +1,4 @@
-"""Pools and guard scores shared by the labels and certify suites (not a suite itself: the name starts with _).
+"""Pools, guard scores and the calibrated rule over label draws, shared by the labels, certify and detection suites
 
 Every pool is a (name, samples) pair, so the per-family pools of `saft.pools` plug in by being appended to the
 list `build_pools` returns. The pools here:
@@ -83,3 +83,28 @@ if __name__ == "__main__":  # precompute the sentence views of every base pool
         z, est = guard_scores(samples)
         y = np.array([s.label for s in samples])
         print(name, len(samples), f"truth {y.mean():.3f} estimate {est:.3f}", flush=True)
+
+
+def calibrated_draws(z: np.ndarray, y: np.ndarray, prior: float, pick, *, draws: int) -> dict:
+    """The calibrated rule (`saft filter --labels-file`, the prior worth `PRIOR_WEIGHT` labels) over `draws` label
+    draws: `pick(d)` gives draw d's labelled rows and the rule's extra options. The removal-count error
+    |removed - harmful| / rows (mean and worst), the estimate's error and F1 of the removal (means) over the draws
+    that did not refuse (labelled rows of one class), and the refusals."""
+    from sklearn.metrics import f1_score
+
+    from saft.select import PRIOR_WEIGHT, select_calibrated
+
+    errs, est_errs, f1s, refused = [], [], [], 0
+    for d in range(draws):
+        idx, extra = pick(d)
+        try:
+            sel = select_calibrated(z, z[idx], y[idx], prior=prior, prior_weight=PRIOR_WEIGHT, **extra)
+        except ValueError:  # the labelled rows hold one class only: the rule refuses, as the CLI does
+            refused += 1
+            continue
+        errs.append(abs(sel.n_removed - y.sum()) / len(y))
+        est_errs.append(abs(sel.params["contamination_estimate"] - y.mean()))
+        f1s.append(f1_score(y, sel.removed, zero_division=0))
+    mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
+    return {"count_error": mean(errs), "count_error_max": float(np.max(errs)) if errs else None,
+            "estimate_error": mean(est_errs), "f1": mean(f1s), "draws": len(errs), "refused": refused}

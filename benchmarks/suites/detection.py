@@ -123,24 +123,14 @@ def label_arms(scores, labels, estimate, *, draws: int, seed: int) -> dict:
     `draws` seeds each, the guard's estimate as the prior. Per arm: the removal-count error |removed - harmful| /
     rows, mean and worst over the draws that did not refuse (labels of one class only), and the refusals."""
     from saft.label import choose_rows
-    from saft.select import PRIOR_WEIGHT, select_calibrated
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _label_pools import calibrated_draws
 
     y = np.asarray(labels)
-    out = {}
-    for arm in LABEL_ARMS:
-        errs, refused = [], 0
-        for d in range(draws):
-            idx = (choose_rows(scores, n=30, estimate=estimate, seed=seed + d) if arm == "chosen 30" else
-                   np.random.default_rng(seed + d).choice(len(y), size=100, replace=False))
-            try:
-                sel = select_calibrated(scores, scores[idx], y[idx], prior=estimate, prior_weight=PRIOR_WEIGHT)
-            except ValueError:
-                refused += 1
-                continue
-            errs.append(abs(sel.n_removed - y.sum()) / len(y))
-        out[arm] = {"count_error": float(np.mean(errs)) if errs else None,
-                    "count_error_max": float(np.max(errs)) if errs else None, "refused": refused}
-    return out
+    pick = {"chosen 30": lambda d: (choose_rows(scores, n=30, estimate=estimate, seed=seed + d), {}),
+            "random 100": lambda d: (np.random.default_rng(seed + d).choice(len(y), size=100, replace=False), {})}
+    return {arm: calibrated_draws(scores, y, estimate, pick[arm], draws=draws) for arm in LABEL_ARMS}
 
 
 def score_pool(guard, ranges, dist_t, reference, X, labels, refusal, *, label_draws: int = 0, seed: int = 0) -> dict:

@@ -29,11 +29,11 @@ import numpy as np
 from sklearn.metrics import f1_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _label_pools import BASE_POOLS, build_pools, guard_scores  # noqa: E402
+from _label_pools import BASE_POOLS, build_pools, calibrated_draws, guard_scores  # noqa: E402
 
 from saft.label import choose_rows  # noqa: E402
 from saft.detectors.base import ContaminationEstimate  # noqa: E402
-from saft.select import PRIOR_WEIGHT, select_calibrated, select_estimate  # noqa: E402
+from saft.select import PRIOR_WEIGHT, select_estimate  # noqa: E402
 
 NAME = "labels"
 QUESTION = ("Do 30 labels chosen by `saft label` pin down the removed count (error <= 0.03 of the pool) better "
@@ -77,25 +77,14 @@ def evaluate_pool(name: str, samples, *, draws: int) -> dict:
     n, truth = len(y), float(y.mean())
     out = {"pool": name, "rows": n, "truth": truth, "prior": prior, "arms": {}}
     for arm in ARMS:
-        errs, est_errs, failed, f1s = [], [], 0, []
-        for seed in range(1 if arm == "no labels" else draws):
-            if arm == "no labels":
-                sel = select_estimate(z, estimate=ContaminationEstimate(prior))
-            else:
-                idx, extra = arm_rows(arm, z, prior, seed)
-                try:
-                    sel = select_calibrated(z, z[idx], y[idx], prior=prior, prior_weight=PRIOR_WEIGHT, **extra)
-                except ValueError:  # the labelled rows hold one class only: the rule refuses, as the CLI does
-                    failed += 1
-                    continue
-            errs.append(abs(sel.n_removed - y.sum()) / n)
-            f1s.append(f1_score(y, sel.removed, zero_division=0))
-            est_errs.append(abs(sel.params["contamination_estimate"] - truth))
-        out["arms"][arm] = {"count_error": float(np.mean(errs)) if errs else None,
-                            "count_error_max": float(np.max(errs)) if errs else None,
-                            "estimate_error": float(np.mean(est_errs)) if est_errs else None,
-                            "draws": len(errs), "refused": failed,
-                            "f1": float(np.mean(f1s)) if f1s else None}
+        if arm == "no labels":
+            sel = select_estimate(z, estimate=ContaminationEstimate(prior))
+            err = abs(sel.n_removed - y.sum()) / n
+            out["arms"][arm] = {"count_error": err, "count_error_max": err, "draws": 1, "refused": 0,
+                                "estimate_error": abs(sel.params["contamination_estimate"] - truth),
+                                "f1": float(f1_score(y, sel.removed, zero_division=0))}
+        else:
+            out["arms"][arm] = calibrated_draws(z, y, prior, lambda seed: arm_rows(arm, z, prior, seed), draws=draws)
     a = out["arms"]
     c, r = a["chosen 30"], a["random 100"]
     out["meets_target"] = bool(c["count_error"] is not None and c["count_error"] <= 0.03
