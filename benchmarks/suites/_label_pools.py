@@ -1,4 +1,5 @@
-"""Pools, guard scores and the calibrated rule over label draws, shared by the labels, certify and detection suites
+"""Pools, guard scores and the calibrated rule over label draws, shared by the labels, certify and detection
+suites (not a suite itself: the name starts with _).
 
 Every pool is a (name, samples) pair, so the per-family pools of `saft.pools` plug in by being appended to the
 list `build_pools` returns. The pools here:
