@@ -10,7 +10,7 @@ Training rows (all from shared/data/raw, see docs/aligned-base.md):
   harmful requests also use ("kill", "attack", ...) first, so the model learns the word alone is no reason to refuse.
 No training prompt is reserved for the judge (`judge_reserved`), occurs in BeaverTails (either half), in a task or
 held-out pool source outside the 'align' slice, or in an evaluation set (AdvBench, I-MaliciousInstructions,
-I-Alpaca, scripts/data/lookalike_benign.txt; the Llama-2-chat refusals answer 361 AdvBench prompts, so AdvBench's
+I-Alpaca, src/saft/lookalike_prompts.txt; the Llama-2-chat refusals answer 361 AdvBench prompts, so AdvBench's
 other 159 are the held-out ones): the script asserts it and prints the counts.
 Resumes from the last checkpoint in --work-dir.
 """
@@ -27,12 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from saft.aligned import ADAPTER_DIR, ALIGNED, MANIFEST, alignment_slice, prompt_sha1
+from saft.aligned import ADAPTER_DIR, ALIGNED, LOOKALIKES, MANIFEST, alignment_slice, prompt_sha1
 from saft.data import Sample, load_prompts, write_json
 from saft.models import EMBEDDED
 from saft.pools import default_raw_dir, judge_reserved, load_source
 
-LOOKALIKES = Path(__file__).parent / "data" / "lookalike_benign.txt"
 # Words that harmful requests share with everyday ones; benign rows using them are taken first.
 TRIGGER = re.compile(r"\b(kill\w*|attack\w*|shoot\w*|steal\w*|hack\w*|bomb\w*|weapon\w*|drug\w*|poison\w*|exploit\w*|"
                      r"destroy\w*|fight\w*|gun\w*|crime\w*|criminal\w*|illegal|murder\w*|war|violen\w*|knife|"

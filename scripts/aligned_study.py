@@ -8,10 +8,10 @@
 
 Evaluation prompts (fixed, held out from the alignment, see scripts/align_base.py): harmful = the first N of
 I-MaliciousInstructions and the first N AdvBench prompts the alignment's Llama-2-chat refusals do not answer;
-benign = I-Alpaca (50) and scripts/data/lookalike_benign.txt (40); helpfulness = Alpaca/Dolly rows in the 'eval'
+benign = I-Alpaca (50) and src/saft/lookalike_prompts.txt (40); helpfulness = Alpaca/Dolly rows in the 'eval'
 slice of `saft.aligned.alignment_slice` (ROUGE-L and loss on their reference answers).
-Attack pools: benign Alpaca/Dolly rows of the 'task' slice and BeaverTails unsafe pairs of the 'experiment' half
-(not `judge_reserved`, 'task' slice), drawn by seed; the 10% pool's benign rows contain the 30% pool's, and
+Attack pools (`saft.pools.attack_pool` with unseen=False): benign Alpaca/Dolly rows of the 'task' slice and
+BeaverTails unsafe pairs of the 'experiment' half (not `judge_reserved`, 'task' slice), drawn by seed; the 10% pool's benign rows contain the 30% pool's, and
 --benign-only trains on the 30% pool's benign rows (the same rows minus the harmful ones). The attack's LoRA
 (--lora-targets, --rank, --alpha, --lr, --epochs) defaults to `saft finetune`'s. One JSON per run in --out-dir; a
 finished run is not repeated. `summary` prints every number with its 95% Wilson interval and each attack's rise
@@ -29,77 +29,22 @@ from pathlib import Path
 
 import numpy as np
 
-from saft.aligned import alignment_slice
-from saft.data import Sample, load_prompts, write_json
-from saft.pools import default_raw_dir, judge_reserved, load_source, prompt_split
+from saft.aligned import evaluation_prompts, evaluation_sets
+from saft.data import write_json
+from saft.pools import attack_pool, default_raw_dir
 
-LOOKALIKES = Path(__file__).parent / "data" / "lookalike_benign.txt"
-
-
-def norm(p: str) -> str:
-    return " ".join(p.lower().split())
-
-
-def sample(r: dict, i: int, tag: str) -> Sample:
-    return Sample(f"{tag}-{i:05d}", [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}],
-                  label=r["harmful"])
-
-
-def eval_sets(raw: Path, n_harmful: int, n_helpful: int) -> dict:
-    llama = {norm(r["prompt"]) for r in load_source("refusal_llama2", raw)}
-    advbench = [p for p in load_prompts(raw / "advbench.txt") if norm(p) not in llama]
-    malicious = load_prompts(raw / "eval_malicious_instructions.json")
-    helpful = [r for r in load_source("alpaca", raw) + load_source("dolly", raw) if alignment_slice(r["prompt"]) == "eval"]
-    return {"harmful": malicious[:n_harmful] + advbench[:n_harmful],
-            "benign": load_prompts(raw / "eval_alpaca50.json"), "lookalike": load_prompts(LOOKALIKES),
-            "helpful": [sample(r, i, "help") for i, r in enumerate(helpful[:n_helpful])]}
-
-
-def attack_pool(raw: Path, *, rate: float, benign_only: bool, n: int, seed: int, refusal_share: float = 0.0,
-                exclude: set[str] = frozenset()) -> tuple[list[Sample], dict]:
-    """A task pool of `n` rows: BeaverTails unsafe pairs at `rate`, safety demonstrations (safety-tuned-llamas
-    refusals of harmful prompts, labelled safe) at `refusal_share`, benign Alpaca/Dolly rows for the rest; every
-    row from the 'task' slice, none whose prompt is in `exclude` (the evaluation prompts). `benign_only`: the 30%
-    pool without its harmful rows (its benign rows and demonstrations)."""
-    rng = np.random.default_rng(seed)
-    benign = [r for r in load_source("alpaca", raw) + load_source("dolly", raw) if alignment_slice(r["prompt"]) == "task"]
-    unsafe = [r for r in load_source("bt_unsafe", raw) if prompt_split(r["prompt"]) == "experiment"
-              and not judge_reserved(r["prompt"]) and alignment_slice(r["prompt"]) == "task"]
-    demos = [r for r in load_source("refusal", raw) if alignment_slice(r["prompt"]) == "task" and norm(r["prompt"]) not in exclude]
-    benign = [benign[i] for i in rng.permutation(len(benign))]
-    unsafe = [unsafe[i] for i in rng.permutation(len(unsafe))]
-    demos = [demos[i] for i in np.random.default_rng([seed, 1]).permutation(len(demos))]  # leaves rng's draws as they were
-    n_demo = int(round(n * refusal_share))
-    n_harm = int(round(n * (0.3 if benign_only else rate)))
-    rows = benign[:n - n_harm - n_demo] + demos[:n_demo] + ([] if benign_only else unsafe[:n_harm])
-    rows = [rows[i] for i in rng.permutation(len(rows))]
-    recipe = {"n": len(rows), "harmful": sum(r["harmful"] for r in rows), "refusal_demonstrations": n_demo,
-              "benign_sources": {s: sum(r["source"] == s and not r["harmful"] for r in rows) for s in ("alpaca", "dolly")},
-              "harmful_source": "BeaverTails 30k_test unsafe, prompt_split 'experiment', not judge_reserved, alignment_slice 'task'",
-              "benign_source": "Alpaca + Dolly, alignment_slice 'task'",
-              "demonstration_source": "safety-tuned-llamas refusals (safety_only_refusals_vinid.json), alignment_slice 'task', "
-                                      "no evaluation prompt", "seed": seed}
-    return [sample(r, i, "atk") for i, r in enumerate(rows)], recipe
 
 
 def evaluate(model, tok, sets: dict, judges, *, max_new_tokens: int, batch_size: int) -> dict:
     from saft.evaluate import evaluate_model
-    from saft.generate import generate
-    from saft.judges import refusal_rate
 
     t0 = time.time()
     res = evaluate_model(model, tok, harmful_prompts=sets["harmful"], benign=sets["helpful"], judges=judges,
+                         benign_prompts={k: sets[k] for k in ("benign", "lookalike") if sets[k]},
                          max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
-    gens = res["generations"]
-    out = {"harmful": res["harmful"], "helpful": res["helpful"]}
-    for name in ("benign", "lookalike"):
-        if not sets[name]:
-            continue
-        answers = generate(model, tok, sets[name], max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
-        out[name] = {"n": len(answers), "refusal_rate": refusal_rate(answers)}
-        gens += [{"kind": name, "prompt": p, "answer": a} for p, a in zip(sets[name], answers)]
+    out = {"harmful": res["harmful"], "helpful": res["helpful"], **res["over_refusal"]}
     out["eval_seconds"] = round(time.time() - t0)
-    return out, gens
+    return out, res["generations"]
 
 
 def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -262,7 +207,7 @@ def main() -> None:
     if (out / f"{tag}.json").exists():
         print(f"{out / tag}.json exists; nothing to do")
         return
-    sets = eval_sets(raw, args.n_harmful, args.n_helpful)
+    sets = evaluation_sets(raw, n_harmful=args.n_harmful, n_helpful=args.n_helpful)
     judges = [get_judge(j) for j in args.judges.split(",")]
     model, tok = load_model(args.model, device=args.device)
     result = {"command": "python scripts/aligned_study.py " + " ".join(__import__("sys").argv[1:]), "tag": tag,
@@ -275,9 +220,10 @@ def main() -> None:
     if args.what == "attack":
         from saft.finetune import FinetuneConfig, finetune
 
-        exclude = {norm(p) for k in ("harmful", "benign", "lookalike") for p in sets[k]}
-        pool, recipe = attack_pool(raw, rate=args.rate, benign_only=args.benign_only, n=args.pool_size, seed=args.seed,
-                                   refusal_share=args.refusal_share, exclude=exclude)
+        # unseen=False: this study's pools (harmful rows from the 'task' slice), as its committed results used
+        pool, recipe = attack_pool(args.pool_size, harmful_rate=args.rate, benign_only=args.benign_only, seed=args.seed,
+                                   demo_share=args.refusal_share, exclude=evaluation_prompts(sets), unseen=False,
+                                   raw_dir=raw)
         targets = tuple(args.lora_targets.split(","))
         if args.stop_at_checkpoint is not None:
             tag += f"-step{args.stop_at_checkpoint}"

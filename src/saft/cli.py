@@ -27,12 +27,12 @@ EXAMPLES = {
     "finetune": "example:\n  saft finetune out/kept.jsonl -o ft/ --epochs 1 --max-length 128   # writes ft/adapter/",
     "evaluate": ("example:\n  saft evaluate -o ev/ --adapter ft/adapter --harmful-prompts advbench.txt "
                  "--benign-file benign.jsonl"),
-    "experiment": "example:\n  saft experiment -o exp/ --pool-size 500 --rates 0.3 --seeds 0   # results.md, results.png",
+    "experiment": "example:\n  saft experiment -o exp/                          # the aligned base, 30% x 3 seeds and 10% x 1\n  saft experiment -o exp/ --runs 0.3/0 --arms base sft oracle label-free   # one run, four arms",
 }
 # Options whose type the default does not tell.
 TYPES = {"layer": str, "n_components": int, "labels_file": str, "fraction": float, "threshold": float,
          "cache_dir": str, "device": str, "dtype": str, "raw_dir": str, "target_modules": str, "arms": str,
-         "judges": str, "rates": float, "seeds": int, "k_candidates": int, "limit": int, "adapter": str,
+         "judges": str, "runs": str, "k_candidates": int, "limit": int, "adapter": str,
          "harmful_prompts": str, "benign_file": str, "certify": float, "certify_stratum_field": str,
          "ray_address": str, "ray_workers": int}
 

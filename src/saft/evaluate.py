@@ -25,8 +25,9 @@ from .models import EMBEDDED, load_model
 logger = logging.getLogger(__name__)
 
 
-def response_loss(model, tokenizer, samples: Sequence[Sample], *, max_length: int = 256, batch_size: int = 8) -> float:
-    """Mean negative log-likelihood per response token of `samples` (the loss fine-tuning minimises)."""
+def response_losses(model, tokenizer, samples: Sequence[Sample], *, max_length: int = 256,
+                    batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample: the summed negative log-likelihood of its response tokens, and their count."""
     import torch
     from transformers import DataCollatorForSeq2Seq
 
@@ -35,31 +36,35 @@ def response_loss(model, tokenizer, samples: Sequence[Sample], *, max_length: in
     rows = training_features(samples, tokenizer, max_length=max_length)
     collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    sums, counts = [], []
     for i in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_size]).items()}
         with torch.inference_mode():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                ignore_index=IGNORE, reduction="sum")
-        total += float(nll)
-        count += int((labels != IGNORE).sum())
-    return total / max(count, 1)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE,
+                                                reduction="none")  # (B, T-1), 0 where ignored
+        sums += nll.sum(1).tolist()
+        counts += (labels != IGNORE).sum(1).tolist()
+    return np.array(sums), np.array(counts)
 
 
-def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean ROUGE-L F-measure (rouge-score, with stemming)."""
+def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """ROUGE-L F-measure of each prediction against its reference (rouge-score, with stemming)."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return float(np.mean([scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]))
+    return np.array([scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)])
 
 
 def evaluate_model(model, tokenizer, *, harmful_prompts: Sequence[str], benign: Sequence[Sample], judges: Sequence,
-                   max_new_tokens: int = 64, batch_size: int = 16, max_length: int = 256,
-                   progress: bool = True) -> dict:
-    """Harmfulness and helpfulness metrics, with every generation kept for inspection."""
+                   benign_prompts: dict[str, Sequence[str]] | None = None, max_new_tokens: int = 64,
+                   batch_size: int = 16, max_length: int = 256, progress: bool = True) -> dict:
+    """Harmfulness and helpfulness metrics, with every generation kept for inspection (per row: each judge's
+    probability on harmful prompts, ROUGE-L and reference loss on benign samples, refusal on benign prompts).
+
+    benign_prompts: named sets of benign prompts without references; each gets its refusal rate (over-refusal)
+    under `over_refusal`."""
     answers = generate(model, tokenizer, list(harmful_prompts), max_new_tokens=max_new_tokens,
                        batch_size=batch_size, progress=progress)
     benign_answers = generate(model, tokenizer, [s.prompt_messages for s in benign], max_new_tokens=max_new_tokens,
@@ -79,15 +84,23 @@ def evaluate_model(model, tokenizer, *, harmful_prompts: Sequence[str], benign: 
             harm["judges"][judge.name]["judge_test_auroc"] = judge.meta.get("test_auroc")
             harm["judges"][judge.name]["judge_test_accuracy"] = judge.meta.get("test_accuracy")
     helpful = {"n": len(benign)}
-    if benign:
-        helpful.update(rouge_l=rouge_l(benign_answers, [s.response for s in benign]),
-                       reference_loss=response_loss(model, tokenizer, benign, max_length=max_length),
-                       refusal_rate=refusal_rate(benign_answers))
     generations = [{"kind": "harmful", "prompt": p, "answer": a, **{f"p_{k}": float(v[i]) for k, v in probas.items()}}
                    for i, (p, a) in enumerate(zip(harmful_prompts, answers))]
-    generations += [{"kind": "benign", "prompt": s.prompt, "answer": a, "reference": s.response}
-                    for s, a in zip(benign, benign_answers)]
-    return {"harmful": harm, "helpful": helpful, "generations": generations}
+    if benign:
+        rouge = rouge_scores(benign_answers, [s.response for s in benign])
+        sums, counts = response_losses(model, tokenizer, benign, max_length=max_length)
+        helpful.update(rouge_l=float(rouge.mean()), reference_loss=float(sums.sum() / max(counts.sum(), 1)),
+                       refusal_rate=refusal_rate(benign_answers))
+        generations += [{"kind": "benign", "prompt": s.prompt, "answer": a, "reference": s.response,
+                         "rouge_l": float(r), "loss_sum": float(ls), "loss_tokens": int(n)}
+                        for s, a, r, ls, n in zip(benign, benign_answers, rouge, sums, counts)]
+    over = {}
+    for name, prompts in (benign_prompts or {}).items():
+        replies = generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           progress=progress)
+        over[name] = {"n": len(replies), "refusal_rate": refusal_rate(replies)}
+        generations += [{"kind": name, "prompt": p, "answer": a, "refused": is_refusal(a)} for p, a in zip(prompts, replies)]
+    return {"harmful": harm, "helpful": helpful, "over_refusal": over, "generations": generations}
 
 
 @dataclass

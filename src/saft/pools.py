@@ -16,6 +16,8 @@ data). Every row belongs to one family only; rows whose prompt is `judge_reserve
 from __future__ import annotations
 
 import csv
+import functools
+import gzip
 import hashlib
 import json
 import os
@@ -25,6 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from .data import Sample
+
+PACKAGE = Path(__file__).resolve().parent
+GUARD_ROW_FILES = (PACKAGE / "guard_rows_v1.jsonl.gz", PACKAGE / "guard_rows_v2.jsonl.gz")
 
 RAW_FILES = {
     "alpaca": "alpaca_safety_only.json",
@@ -319,3 +324,76 @@ def family_pool(family: str, n: int = 300, *, harmful_rate: float = 0.1, seed: i
     for s, r in zip(samples, drawn):
         s.meta.update(family=r["family"], refusal=is_refusal(r))
     return samples
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Task pools for the end-to-end experiment on the aligned base
+
+
+@functools.lru_cache(maxsize=1)
+def _guard_training_prompts() -> frozenset[str]:
+    prompts = set()
+    for path in GUARD_ROW_FILES:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            prompts |= {json.loads(line)["prompt"] for line in f if line.strip()}
+    return frozenset(prompts)
+
+
+def guard_unseen(prompt: str) -> bool:
+    """Whether no packaged guard learned from this prompt: not among guard v1's or v2's training rows (the
+    label-free detector's reference rows are v1's) and not `judge_reserved`."""
+    return not judge_reserved(prompt) and prompt not in _guard_training_prompts()
+
+
+def _norm(prompt: str) -> str:
+    return " ".join(prompt.lower().split())
+
+
+def attack_pool(n: int, *, harmful_rate: float, seed: int, demo_share: float = 0.1, benign_only: bool = False,
+                exclude: set[str] = frozenset(), unseen: bool = True,
+                raw_dir: str | Path | None = None) -> tuple[list[Sample], dict]:
+    """A fine-tuning pool for the aligned base, and its recipe: `n` rows of which BeaverTails unsafe pairs make
+    `harmful_rate`, safety demonstrations (safety-tuned-llamas refusals of harmful prompts, label safe, as real
+    chat data holds them) `demo_share`, and benign Alpaca/Dolly rows the rest.
+
+    Benign rows and demonstrations come from the 'task' slice of `saft.aligned.alignment_slice` (never the
+    alignment's or its helpfulness references'), harmful rows from the 'experiment' half of `prompt_split`, and no
+    row's prompt is `judge_reserved` or, normalised, in `exclude` (the evaluation prompts), and no row trained a
+    packaged guard (`guard_unseen`; BeaverTails harmful rows then come from `holdout_slice`), so the detector arms
+    score rows they never learned from. `unseen=False` is the recipe of scripts/aligned_study.py, whose results
+    it reproduces: harmful rows from the 'task' slice, and only the demonstrations checked against `exclude`. `benign_only`: the pool at 30% without its harmful rows (its benign rows
+    and demonstrations), for the attack's control.
+    """
+    from .aligned import alignment_slice
+
+    rng = np.random.default_rng(seed)
+    kept = lambda r: _norm(r["prompt"]) not in exclude and (guard_unseen(r["prompt"]) if unseen else True)  # noqa: E731
+    benign = [r for r in load_source("alpaca", raw_dir) + load_source("dolly", raw_dir)
+              if alignment_slice(r["prompt"]) == "task" and (kept(r) or not unseen)]
+    unsafe = [r for r in load_source("bt_unsafe", raw_dir) if prompt_split(r["prompt"]) == "experiment"
+              and not judge_reserved(r["prompt"]) and (kept(r) or not unseen)
+              and (holdout_slice(r["prompt"]) if unseen else alignment_slice(r["prompt"]) == "task")]
+    demos = [r for r in load_source("refusal", raw_dir) if alignment_slice(r["prompt"]) == "task" and kept(r)]
+    benign = [benign[i] for i in rng.permutation(len(benign))]
+    unsafe = [unsafe[i] for i in rng.permutation(len(unsafe))]
+    demos = [demos[i] for i in np.random.default_rng([seed, 1]).permutation(len(demos))]  # rng's draws unchanged
+    n_demo = int(round(n * demo_share))
+    n_harm = int(round(n * (0.3 if benign_only else harmful_rate)))
+    for name, have, need in (("benign", benign, n - n_harm - n_demo), ("harmful", unsafe, n_harm), ("demonstration", demos, n_demo)):
+        if need > len(have):
+            raise ValueError(f"a pool of {n} at harmful rate {harmful_rate} needs {need} {name} rows; the recipe has "
+                             f"{len(have)}: choose a smaller pool")
+    rows = benign[:n - n_harm - n_demo] + demos[:n_demo] + ([] if benign_only else unsafe[:n_harm])
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    recipe = {"n": len(rows), "harmful": sum(r["harmful"] for r in rows), "refusal_demonstrations": n_demo,
+              "benign_sources": {s: sum(r["source"] == s and not r["harmful"] for r in rows) for s in ("alpaca", "dolly")},
+              "harmful_source": "BeaverTails 30k_test unsafe, prompt_split 'experiment', not judge_reserved, "
+                                + ("holdout_slice, no guard's training row" if unseen else "alignment_slice 'task'"),
+              "benign_source": "Alpaca + Dolly, alignment_slice 'task'" + (", no guard's training row" if unseen else ""),
+              "demonstration_source": "safety-tuned-llamas refusals (safety_only_refusals_vinid.json), alignment_slice "
+                                      "'task', no evaluation prompt" + (", no guard's training row" if unseen else ""),
+              "available": {"benign": len(benign), "harmful": len(unsafe), "demonstrations": len(demos)}, "seed": seed}
+    samples = [Sample(f"atk-{i:05d}", [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}],
+                      label=r["harmful"], meta={"source": r["source"], "category": r["category"],
+                                                "demonstration": r["source"] == "refusal"}) for i, r in enumerate(rows)]
+    return samples, recipe
