@@ -8,7 +8,7 @@ config; seeded) with SAFT_CACHE in a temporary folder:
 - two runs sharing one cache at the same moment, then a third run reading what they left;
 - kill -9 during fine-tuning (once a checkpoint is complete), plus a torn checkpoint (everything but
   trainer_state.json) planted after it, then the same command again: the adapter against an uninterrupted run's;
-- kill -9 during `saft experiment` (once the second arm has finished), then again: results.json's rows against an
+- kill -9 during `saft experiment` (once the second arm has finished), then again: results.json's rows (seconds and load aside) against an
   uninterrupted run's;
 - hostile JSONL and CSV files with --skip-invalid: invalid JSON, bytes that are not UTF-8, deep nesting, lone
   surrogates, NUL, right-to-left marks, emoji, CRLF, a byte-order mark, a 1 MB field, wrong types, repeated ids:
@@ -406,7 +406,7 @@ def scenario_experiment(runner: Runner, model: Path, work: Path) -> dict:
     from test_experiment import tiny_raw
 
     raw = tiny_raw(work / "raw")
-    args = ["experiment", "--model", str(model), "--pool-size", "30", "--rates", "0.3", "--seeds", "0", "--n-eval", "4",
+    args = ["experiment", "--model", str(model), "--pool-size", "30", "--runs", "0.3/0", "--n-harmful", "2", "--n-helpful", "3",
             "--n-labels", "12", "--max-new-tokens", "3", "--max-steps", "2", "--batch-size", "8", "--gen-batch-size", "4",
             "--raw-dir", str(raw), "--device", "cpu", "--arms", "base", "sft", "saft", "random", "oracle"]
     cache = work / "cache-exp"
@@ -417,7 +417,9 @@ def scenario_experiment(runner: Runner, model: Path, work: Path) -> dict:
     killed = kill_when(proc, lambda: (seed_dir / "sft" / "metrics.json").exists())
     finished = sorted(p.parent.name for p in seed_dir.glob("*/metrics.json"))
     rc, log = runner.run([*args, "-o", str(exp)], cache)
-    rows = lambda d: json.loads((d / "results.json").read_text())["rows"] if (d / "results.json").exists() else None  # noqa: E731
+    clock = ("train_seconds", "eval_seconds", "load_average")  # what depends on the clock, not on the work
+    rows = lambda d: [{k: v for k, v in r.items() if k not in clock} for r in json.loads(  # noqa: E731
+        (d / "results.json").read_text())["rows"]] if (d / "results.json").exists() else None
     equal = rows(exp) is not None and rows(exp) == rows(work / "exp-ref")
     return {"scenario": "kill -9 during the experiment", "tried": f"SIGKILL with arms {finished} finished (of 5); "
             "then the same command" if killed else "the run ended first",
@@ -495,5 +497,5 @@ def render(result: dict, plots_dir: Path) -> str:
               "\"Rows accounted for\" counts rows found, as their own text, in kept + removed + invalid.jsonl (— for "
               "rows lost: the run stopped with an error and wrote no outputs; inputs are never modified); \"same as "
               "uninterrupted\" compares scores.jsonl byte for byte (fine-tuning: the adapter's weights within 1e-6; the "
-              "experiment: results.json's rows)."]
+              "experiment: results.json's rows, seconds and load aside)."]
     return "\n".join(lines) + "\n"
