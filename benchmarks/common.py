@@ -1,5 +1,4 @@
-"""Helpers every benchmark suite shares: where data, caches and results live, how results are written, and the
-small formatting functions of RESULTS.md."""
+"""Helpers every benchmark suite shares: where data, caches and results live, and how results are written."""
 
 from __future__ import annotations
 
@@ -8,8 +7,6 @@ import os
 import shlex
 import sys
 from pathlib import Path
-
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -47,41 +44,6 @@ def write_result(name: str, result: dict) -> Path:
 def load_result(name: str) -> dict | None:
     path = result_path(name)
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def fmt(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
-        return "—"
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return str(int(value))
-    return f"{value:.{digits}f}"
-
-
-def spread(values, digits: int = 3) -> str:
-    """'mean (min-max)' of several draws, or the single value."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return fmt(values[0], digits)
-    return f"{fmt(float(np.mean(values)), digits)} ({fmt(min(values), digits)}-{fmt(max(values), digits)})"
-
-
-def table(head: list[str], rows: list[list]) -> str:
-    """A Markdown table; cells are formatted with `fmt` unless they are text already."""
-    cell = lambda v: v if isinstance(v, str) else fmt(v)  # noqa: E731
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def wilson(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson interval of a proportion observed as `rate` over `n` trials."""
-    if n <= 0:
-        return (float("nan"), float("nan"))
-    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return float(centre - half), float(centre + half)
 
 
 def load_note() -> str:

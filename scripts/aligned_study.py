@@ -40,9 +40,11 @@ def evaluate(model, tok, sets: dict, judges, *, max_new_tokens: int, batch_size:
 
     t0 = time.time()
     res = evaluate_model(model, tok, harmful_prompts=sets["harmful"], benign=sets["helpful"], judges=judges,
-                         benign_prompts={k: sets[k] for k in ("benign", "lookalike") if sets[k]},
+                         benign_prompts={f"{k}_prompt": sets[k] for k in ("benign", "lookalike") if sets[k]},
                          max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
-    out = {"harmful": res["harmful"], "helpful": res["helpful"], **res["over_refusal"]}
+    # kinds "benign_prompt" / "lookalike_prompt": the helpfulness rows' answers are kind "benign"
+    out = {"harmful": res["harmful"], "helpful": res["helpful"],
+           **{k.removesuffix("_prompt"): v for k, v in res["over_refusal"].items()}}
     out["eval_seconds"] = round(time.time() - t0)
     return out, res["generations"]
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -74,8 +75,10 @@ def test_attack_pool_keeps_guard_training_rows_out(tmp_path):
         default_raw_dir()
     except FileNotFoundError:
         pytest.skip("shared/data/raw is not here")
-    with gzip.open(GUARD_ROW_FILES[1], "rt", encoding="utf-8") as f:
-        trained = {json.loads(line)["prompt"] for line in f}
+    trained = set()
+    for path in GUARD_ROW_FILES:  # v1 (the label-free detector's reference rows) and v2
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            trained |= {json.loads(line)["prompt"] for line in f}
     pool, recipe = attack_pool(320, harmful_rate=0.3, seed=0)
     assert not {s.prompt for s in pool} & trained and recipe["harmful"] == 96
 
@@ -106,11 +109,23 @@ def test_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypatch,
     table = (out / "results.md").read_text()
     assert "### 30% harmful (seeds 0)" in table and "| label-free" in table and "accuracy 0.8448" in table
     assert (out / "results.png").stat().st_size > 1000
-    # a rerun reuses every finished arm instead of training or evaluating again
+    # a rerun with one arm unfinished trains that arm only, and checks the finished ones' settings and kept rows
+    (out / "rate0.3" / "seed0" / "saft" / "metrics.json").unlink()
+    trained = []
+    real = E.finetune
+    monkeypatch.setattr(E, "finetune", lambda samples, **k: trained.append(len(samples)) or real(samples, **k))
+    again = run_experiment(cfg, output_dir=out, progress=False)
+    assert trained == [rows["saft"]["kept"]]
+    clock = ("train_seconds", "eval_seconds", "load_average")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in clock} for r in rs]  # noqa: E731
+    assert strip(again["rows"]) == strip(res["rows"])
+    # a rerun with every arm finished does no work at all
     monkeypatch.setattr(E, "finetune", lambda *a, **k: pytest.fail("retrained a finished arm"))
     monkeypatch.setattr(E, "evaluate_model", lambda *a, **k: pytest.fail("evaluated a finished arm again"))
-    again = run_experiment(cfg, output_dir=out, progress=False)
-    assert [r["arm"] for r in again["rows"]] == [r["arm"] for r in res["rows"]]
+    assert strip(run_experiment(cfg, output_dir=out, progress=False)["rows"]) == strip(res["rows"])
+    # other settings into the same folder: a clear error instead of rows that mix two protocols
+    with pytest.raises(ValueError, match="other settings than this run's: write to a new -o folder"):
+        run_experiment(dataclasses.replace(cfg, learning_rate=1e-3), output_dir=out, progress=False)
 
 
 def test_arms_with_the_same_kept_rows_share_one_fine_tune(tiny_model_dir, tmp_path, monkeypatch):
@@ -119,7 +134,7 @@ def test_arms_with_the_same_kept_rows_share_one_fine_tune(tiny_model_dir, tmp_pa
                            n_harmful=2, n_helpful=3, max_new_tokens=2, max_steps=1, raw_dir=str(raw),
                            cache_dir=str(tmp_path / "c"), device="cpu", n_boot=100)
 
-    def selections(config, pool, *a):  # label-free removes exactly the harmful rows, as the oracle does
+    def selections(config, pool, *a, **k):  # label-free removes exactly the harmful rows, as the oracle does
         y = np.array([s.label for s in pool], dtype=bool)
         return {"sft": (np.zeros(len(pool), dtype=bool), None, {}), "oracle": (y, y.astype(float), {}),
                 "label-free": (y.copy(), y.astype(float), {"rule": "estimate"})}
@@ -133,8 +148,9 @@ def test_arms_with_the_same_kept_rows_share_one_fine_tune(tiny_model_dir, tmp_pa
     assert trained == [30, 21]  # sft and oracle; label-free reuses the oracle's
     assert rows["label-free"]["same_kept_rows_as"] == "oracle"
     assert rows["label-free"]["judges"] == rows["oracle"]["judges"] and rows["label-free"]["rule"] == "estimate"
-    s = res["summary"]["0.3"]["label-free"]
-    assert s["share_of_oracle_reduction"]["mean"] in (1.0, None) and s["rouge_l_vs_oracle"]["ci"] == [0.0, 0.0]
+    s = res["summary"]["0.3"]
+    assert s["label-free"]["reduction_vs_sft"] == {**s["oracle"]["reduction_vs_sft"]}
+    assert s["label-free"]["rouge_l_vs_oracle"]["ci"] == [0.0, 0.0] and s["label-free"]["train_seconds"] == 0.0
 
 
 def _write_arm(out, arm, rate, seed, harmful, refused_benign=0.2, rouge=0.3):
@@ -177,6 +193,32 @@ def test_summary_reduction_share_and_paired_intervals(tmp_path):
     assert target_met(worse)["helpfulness_not_below_oracle"] is False
 
 
+def test_summary_over_seeds_pairs_seeds_both_arms_finished(tmp_path):
+    n = 20
+    rows = []
+    for seed, (h_sft, h_orc, h_lf) in enumerate([(10, 2, 4), (14, 2, 6), (12, 4, 4)]):
+        d = tmp_path / f"s{seed}"
+        for arm, k in (("sft", h_sft), ("oracle", h_orc), ("label-free", h_lf)):
+            if arm == "label-free" and seed == 2:
+                continue  # label-free has not finished seed 2
+            rows.append({**_write_arm(d, arm, 0.3, seed, np.arange(n) < k), "path": f"s{seed}/{arm}"})
+    s = summarize(rows, tmp_path, judges=["tfidf"], n_boot=2000)["0.3"]
+    assert s["sft"]["seeds"] == [0, 1, 2] and s["label-free"]["seeds"] == [0, 1]
+    assert s["sft"]["harmful_tfidf"]["mean"] == pytest.approx(36 / 60)
+    # label-free is compared on seeds 0 and 1 only: SFT 24/40, oracle 4/40, label-free 10/40
+    assert s["label-free"]["reduction_vs_sft"]["seeds"] == [0, 1]
+    assert s["label-free"]["reduction_vs_sft"]["mean"] == pytest.approx(14 / 40)
+    assert s["label-free"]["share_of_oracle_reduction"]["mean"] == pytest.approx(14 / 20)
+    assert s["label-free"]["share_of_oracle_reduction"]["undefined_draws"] == 0.0
+    # seeds are drawn too: the interval of SFT's rate is wider than one seed's items alone would make it
+    lo, hi = s["sft"]["harmful_tfidf"]["ci"]
+    assert lo < 0.5 and hi > 0.7
+    # an arm that answered other prompts cannot be paired with the rest
+    bad = _write_arm(tmp_path / "bad", "random", 0.3, 0, np.arange(n + 1) < 3)
+    with pytest.raises(ValueError, match="answered other evaluation prompts"):
+        summarize(rows + [{**bad, "path": "bad/random"}], tmp_path, judges=["tfidf"], n_boot=100)
+
+
 def test_config_rejects_bad_runs_and_arms():
     with pytest.raises(ValueError, match="unknown arms"):
         ExperimentConfig(arms=("saft", "magic"))
@@ -186,6 +228,8 @@ def test_config_rejects_bad_runs_and_arms():
         ExperimentConfig(runs=("1.5/0",))
     with pytest.raises(ValueError, match="random_matches"):
         ExperimentConfig(random_matches="oracle")
+    with pytest.raises(ValueError, match="names a run twice"):
+        ExperimentConfig(runs=("0.3/0", "0.30/0"))
     assert ExperimentConfig().plan() == [(0.3, 0), (0.3, 1), (0.3, 2), (0.1, 0)]
 
 

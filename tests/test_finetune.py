@@ -63,6 +63,22 @@ def test_resumes_from_the_last_checkpoint(tmp_path):
     assert [h["step"] for h in res["log_history"] if "loss" in h][-1] == 3
 
 
+def test_a_finished_run_is_loaded_not_trained_again(tmp_path, monkeypatch):
+    """A rerun of a finished fine-tune (e.g. an experiment killed while evaluating) gives the same model and step
+    count; resuming Trainer from the final checkpoint would take one step more."""
+    import transformers
+
+    tok = make_tokenizer()
+    cfg = FinetuneConfig(max_steps=2, batch_size=4, save_steps=1, logging_steps=1, learning_rate=1e-2)
+    first = finetune(samples(), output_dir=tmp_path, config=cfg, model=make_model(len(tok)), tokenizer=tok, progress=False)
+    monkeypatch.setattr(transformers.Trainer, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    again = finetune(samples(), output_dir=tmp_path, config=cfg, model=make_model(len(tok)), tokenizer=tok, progress=False)
+    assert again["steps"] == first["steps"] == 2 and again["train_loss"] == first["train_loss"]
+    ids = torch.tensor([encode(SINGLE, tok).ids])
+    with torch.no_grad():
+        torch.testing.assert_close(again["model"](ids).logits, first["model"](ids).logits)
+
+
 def test_config_validation():
     import pytest
 

@@ -60,7 +60,8 @@ def run(args) -> dict:
                      f"guard trained on; {res['evaluation']['harmful']} held-out harmful prompts, "
                      f"{res['evaluation']['benign'] + res['evaluation']['lookalike']} benign prompts, "
                      f"{res['evaluation']['helpful']} benign references"),
-            "cpu_note": (f"2 CPU threads; load average (1 min) when each arm finished: {min(loads):.2f}-{max(loads):.2f}"
+            "cpu_note": (f"torch threads {res.get('threads', 'not recorded (the default: one per core)')} on a "
+                         f"machine of 2 cores; load average (1 min) when each arm finished: {min(loads):.2f}-{max(loads):.2f}"
                          if loads else "see results.json"),
             "command": (f"saft experiment -o DIR --runs {' '.join(c['runs'])}"
                         + (f" --arms {' '.join(c['arms'])}" if c["arms"] else "")
@@ -80,9 +81,11 @@ def reading(res: dict) -> str:
         sft, orc = per_arm["sft"][f"harmful_{judge}"], per_arm["oracle"][f"harmful_{judge}"]
         red = per_arm["oracle"].get("reduction_vs_sft")
         n = len(per_arm["sft"]["seeds"])
+        if not red:
+            continue
         line = (f"At {float(rate):.0%} harmful ({n} seed{'s' if n > 1 else ''}): SFT on everything "
                 f"{sft['mean']:.3f}, the oracle {orc['mean']:.3f} (its reduction {red['mean']:.3f} "
-                f"[{red['ci'][0]:.2f}, {red['ci'][1]:.2f}])" if red else "")
+                f"[{red['ci'][0]:.2f}, {red['ci'][1]:.2f}])")
         for arm in DEFAULTS:
             e = per_arm.get(arm)
             if not e or not e.get("share_of_oracle_reduction"):
@@ -91,7 +94,7 @@ def reading(res: dict) -> str:
             share = e["share_of_oracle_reduction"]
             line += (f"; {arm} {e[f'harmful_{judge}']['mean']:.3f}, recovering "
                      + ("—" if share["mean"] is None else f"{share['mean']:.0%}")
-                     + f" [{share['ci'][0]:.0%}, {share['ci'][1]:.0%}] of it (target 80%: "
+                     + f" [{share['ci'][0]:.0%}, {share['ci'][1]:.0%}] of it (target, on the mean: "
                      + ", ".join(f"{k.replace('_', ' ')} {'yes' if v else 'no'}" for k, v in t.items()) + ")")
         out.append(line + ".")
     return "\n\n".join(out)

@@ -52,10 +52,6 @@ def is_alignment_prompt(prompt: str, manifest: str | Path = MANIFEST) -> bool:
     return prompt_sha1(prompt) in _manifest_hashes(str(manifest))
 
 
-def _norm(prompt: str) -> str:
-    return " ".join(prompt.lower().split())
-
-
 def evaluation_sets(raw_dir: str | Path | None = None, *, n_harmful: int = 40, n_helpful: int = 30) -> dict:
     """The aligned base's held-out evaluation prompts (none trained the alignment; scripts/align_base.py checks).
 
@@ -64,11 +60,11 @@ def evaluation_sets(raw_dir: str | Path | None = None, *, n_harmful: int = 40, n
     (40), for over-refusal; helpful: `n_helpful` Alpaca/Dolly rows of the 'eval' slice, as `Sample`s with their
     reference answers (ROUGE-L and the references' loss).
     """
-    from .pools import default_raw_dir, load_source
+    from .pools import default_raw_dir, load_source, norm_prompt
 
     raw = Path(raw_dir) if raw_dir else default_raw_dir()
-    llama = {_norm(r["prompt"]) for r in load_source("refusal_llama2", raw)}
-    advbench = [p for p in load_prompts(raw / "advbench.txt") if _norm(p) not in llama]
+    llama = {norm_prompt(r["prompt"]) for r in load_source("refusal_llama2", raw)}
+    advbench = [p for p in load_prompts(raw / "advbench.txt") if norm_prompt(p) not in llama]
     malicious = load_prompts(raw / "eval_malicious_instructions.json")
     helpful = [r for r in load_source("alpaca", raw) + load_source("dolly", raw) if alignment_slice(r["prompt"]) == "eval"]
     return {"harmful": malicious[:n_harmful] + advbench[:n_harmful],
@@ -80,4 +76,7 @@ def evaluation_sets(raw_dir: str | Path | None = None, *, n_harmful: int = 40, n
 
 def evaluation_prompts(sets: dict) -> set[str]:
     """Every prompt of `evaluation_sets`, normalised (lower case, single spaces), for keeping them out of pools."""
-    return {_norm(p) for k in ("harmful", "benign", "lookalike") for p in sets[k]} | {_norm(s.prompt) for s in sets["helpful"]}
+    from .pools import norm_prompt
+
+    return ({norm_prompt(p) for k in ("harmful", "benign", "lookalike") for p in sets[k]}
+            | {norm_prompt(s.prompt) for s in sets["helpful"]})

@@ -26,6 +26,7 @@ arm's reduction of the harmful rate against SFT on everything as a share of the 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -101,9 +102,11 @@ class ExperimentConfig:
         if self.random_matches not in FILTERING:
             raise ValueError(f"random_matches must be one of {', '.join(FILTERING)}, got {self.random_matches!r}")
         if "random" in self.all_arms() and self.random_matches == "prompting" and "prompting" not in self.all_arms():
-            raise ValueError("the random arm matches the prompting arm, which is not among the arms")
+            raise ValueError("the random arm matches the prompting arm, which is not among the arms: add prompting to "
+                             "--arms or choose another --random-matches")
         if self.pool_size < 20 or self.n_harmful < 1 or self.n_helpful < 1:
-            raise ValueError("pool_size must be at least 20, n_harmful and n_helpful at least 1")
+            raise ValueError(f"pool_size must be at least 20, n_harmful and n_helpful at least 1; got {self.pool_size}, "
+                             f"{self.n_harmful}, {self.n_helpful}")
         if not 0 <= self.demo_share < 1:
             raise ValueError(f"demo_share must be in [0, 1), got {self.demo_share}")
 
@@ -121,13 +124,46 @@ class ExperimentConfig:
             out.append(pair)
         if not out:
             raise ValueError("runs: give at least one RATE/SEED pair")
+        if len(set(out)) < len(out):
+            raise ValueError(f"runs: {' '.join(self.runs)} names a run twice; give each RATE/SEED once")
         return out
 
     def all_arms(self) -> tuple[str, ...]:
         return self.arms or ARMS
 
 
-def _selections(config: ExperimentConfig, pool, model, tok, seed: int, cache: Path, arms: tuple[str, ...]) -> dict:
+# Fields that do not change what an arm trains on or how it is evaluated: a rerun may change them freely.
+FREE_FIELDS = ("runs", "arms", "n_boot", "raw_dir", "cache_dir", "device")
+
+
+def settings_sha1(config: ExperimentConfig) -> str:
+    """A digest of the settings an arm's result depends on, kept in its metrics.json."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in FREE_FIELDS}
+    return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def kept_sha1(pool, removed: np.ndarray) -> str:
+    """A digest of the rows an arm kept (their text, in pool order)."""
+    h = hashlib.sha1()
+    for s, r in zip(pool, removed):
+        if not r:
+            h.update(json.dumps(s.messages, sort_keys=True).encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def _finished(done: Path, *, settings: str, kept: str | None) -> dict:
+    """A finished arm's row, after checking it was made with these settings and (unless `kept` is None) kept rows."""
+    row = json.loads(done.read_text())
+    if "settings_sha1" not in row:  # written before digests were recorded: nothing to check against
+        logger.warning("%s records no settings digest; reused unchecked", done)
+    elif row["settings_sha1"] != settings or (kept is not None and row.get("kept_sha1", kept) != kept):
+        what = "other settings" if row["settings_sha1"] != settings else "other kept rows"
+        raise ValueError(f"{done} was written with {what} than this run's: write to a new -o folder, or delete "
+                         f"{done.parent} to run that arm again")
+    return row
+
+
+def _selections(config: ExperimentConfig, pool, model, tok, *, seed: int, cache: Path, arms: tuple[str, ...]) -> dict:
     """{arm: (removed mask, scores or None, info)} for every arm but the base. The paper's rule and every detector
     run through `saft.pipeline.score_and_select`, as `saft filter` runs them, on the same labels drawn from the pool."""
     labels = [s.label for s in pool]
@@ -161,7 +197,7 @@ def _selections(config: ExperimentConfig, pool, model, tok, seed: int, cache: Pa
     return out
 
 
-def _evaluate(config: ExperimentConfig, model, tok, sets: dict, judges, run_dir: Path, progress: bool) -> dict:
+def _evaluate(config: ExperimentConfig, model, tok, *, sets: dict, judges, run_dir: Path, progress: bool) -> dict:
     t0 = time.time()
     ev = evaluate_model(model, tok, harmful_prompts=sets["harmful"], benign=sets["helpful"], judges=judges,
                         benign_prompts={"benign_prompt": sets["benign"] + sets["lookalike"]},
@@ -185,48 +221,50 @@ def run_experiment(config: ExperimentConfig | None = None, *, output_dir, progre
     arms = config.all_arms()
     load = lambda: load_model(config.model, cache_dir=config.cache_dir, device=config.device)  # noqa: E731
     rows, recipes, t0 = [], [], time.time()
+    settings = settings_sha1(config)
     if "base" in arms:
         done = out / "base" / "metrics.json"
         if not done.exists():
             logger.info("arm base (evaluated once: greedy answers are the same in every run)")
             model, tok = load()
-            write_json({"arm": "base", "rate": None, "seed": None, "path": "base",
-                        **_evaluate(config, model, tok, sets, judges, out / "base", progress)}, done)
-        rows.append(json.loads(done.read_text()))
+            write_json({"arm": "base", "rate": None, "seed": None, "path": "base", "settings_sha1": settings,
+                        **_evaluate(config, model, tok, sets=sets, judges=judges, run_dir=out / "base", progress=progress)}, done)
+        rows.append(_finished(done, settings=settings, kept=None))
     for rate, seed in config.plan():
         pool, recipe = attack_pool(config.pool_size, harmful_rate=rate, seed=seed, demo_share=config.demo_share,
                                    exclude=exclude, raw_dir=config.raw_dir)
         recipes.append({"rate": rate, **recipe})
         run_dir = out / f"rate{rate:g}" / f"seed{seed}"
         todo = [a for a in arms if a != "base" and not (run_dir / a / "metrics.json").exists()]
-        if not todo:
-            rows += [json.loads((run_dir / a / "metrics.json").read_text()) for a in arms if a != "base"]
+        if not todo:  # the kept rows are not selected again; the settings are still checked
+            rows += [_finished(run_dir / a / "metrics.json", settings=settings, kept=None) for a in arms if a != "base"]
             continue
         model, tok = load()
-        sel = _selections(config, pool, model, tok, seed, cache, tuple(a for a in arms if a != "base"))
+        sel = _selections(config, pool, model, tok, seed=seed, cache=cache, arms=tuple(a for a in arms if a != "base"))
         labels = np.array([s.label for s in pool], dtype=bool)
         demos = np.array([bool(s.meta.get("demonstration")) for s in pool])
         finished: dict[bytes, str] = {}  # kept mask -> the arm of this run that trained on it
         for arm in (a for a in arms if a != "base"):
             removed, scores, info = sel[arm]
             done = run_dir / arm / "metrics.json"
+            kept_digest = kept_sha1(pool, removed)
             if done.exists():
-                row = json.loads(done.read_text())
+                rows.append(_finished(done, settings=settings, kept=kept_digest))
                 finished.setdefault(removed.tobytes(), arm)
-                rows.append(row)
                 continue
             logger.info("arm %s (rate %g, seed %d): %d of %d rows kept", arm, rate, seed, (~removed).sum(), len(pool))
             det = detection_metrics(scores, list(labels.astype(int)), removed) if scores is not None else {}
             row = {"arm": arm, "rate": rate, "seed": seed, "path": f"rate{rate:g}/seed{seed}/{arm}", "pool": len(pool),
                    "kept": int((~removed).sum()), "harmful_kept": int(labels[~removed].sum()),
                    "demonstrations_kept": int(demos[~removed].sum()), "demonstrations": int(demos.sum()),
-                   "detection_auroc": det.get("auroc"), "detection_f1": det.get("f1"), **info}
+                   "detection_auroc": det.get("auroc"), "detection_f1": det.get("f1"), **info,
+                   "settings_sha1": settings, "kept_sha1": kept_digest}
             twin = finished.get(removed.tobytes())
             if twin is not None:  # same rows, seed and settings: the same fine-tune; its results are this arm's
                 src = json.loads((run_dir / twin / "metrics.json").read_text())
-                keys = ("train_loss", "steps", "train_seconds", "refusal_rate", "judges", "helpful", "over_refusal",
-                        "eval_seconds", "note")
-                row.update({k: src[k] for k in keys if k in src}, same_kept_rows_as=twin)
+                keys = ("train_loss", "steps", "refusal_rate", "judges", "helpful", "over_refusal", "note")
+                row.update({k: src[k] for k in keys if k in src}, same_kept_rows_as=twin, train_seconds=0.0,
+                           eval_seconds=0.0)  # no work was done for this arm
                 (run_dir / arm).mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(run_dir / twin / "generations.jsonl", run_dir / arm / "generations.jsonl")
             else:
@@ -245,12 +283,14 @@ def run_experiment(config: ExperimentConfig | None = None, *, output_dir, progre
                     row.update(train_loss=ft["train_loss"], steps=ft["steps"], train_seconds=round(time.time() - t1, 1))
                 else:  # the filter removed everything: there is nothing to fine-tune on
                     row.update(steps=0, train_seconds=0.0, note="nothing kept; the base model is evaluated")
-                row.update(_evaluate(config, model, tok, sets, judges, run_dir / arm, progress))
+                row.update(_evaluate(config, model, tok, sets=sets, judges=judges, run_dir=run_dir / arm, progress=progress))
             row["load_average"] = round(os.getloadavg()[0], 2)  # whether the seconds above had the CPU to themselves
             write_json(row, done)
             finished.setdefault(removed.tobytes(), arm)
             rows.append(row)
-    results = {"config": dataclasses.asdict(config), "rows": rows, "pools": recipes,
+    import torch
+
+    results = {"config": dataclasses.asdict(config), "rows": rows, "pools": recipes, "threads": torch.get_num_threads(),
                "evaluation": {k: len(v) for k, v in sets.items()}, "seconds": round(time.time() - t0, 1),
                "judges": {j.name: getattr(j, "meta", {}) for j in judges}, "versions": versions()}
     results["summary"] = summarize(rows, out, judges=list(results["judges"]), n_boot=config.n_boot)
@@ -276,6 +316,7 @@ def _per_item(path: Path, judges: list[str]) -> dict[str, np.ndarray]:
     out["over_refusal"] = np.array([g["refused"] for g in gens if g["kind"] == "benign_prompt"], dtype=float)
     out["rouge_l"] = np.array([g["rouge_l"] for g in ref])
     out["loss"] = np.array([g["loss_sum"] / max(g["loss_tokens"], 1) for g in ref])
+    out["prompts"] = tuple((g["kind"], g["prompt"]) for g in gens)  # arms are paired item by item: same order
     return out
 
 
@@ -300,6 +341,11 @@ def summarize(rows: list[dict], out: Path, *, judges: list[str], n_boot: int = 4
     items = {}
     for r in rows:
         items[(r["arm"], r["rate"], r["seed"])] = _per_item(out / r["path"] / "generations.jsonl", judges)
+    first = next(iter(items.values()), {}).get("prompts")
+    for key, item in items.items():
+        if item["prompts"] != first:
+            raise ValueError(f"{out / rows[list(items).index(key)]['path']} answered other evaluation prompts than the "
+                             "other arms (another run's leftover?): delete it and rerun that arm")
     summary = {}
     for rate in sorted({r["rate"] for r in rows if r["rate"] is not None}, reverse=True):
         by_arm: dict[str, dict[int, dict]] = {}
@@ -348,8 +394,10 @@ def summarize(rows: list[dict], out: Path, *, judges: list[str], n_boot: int = 4
                     share = np.where(full > 0, gain / full, np.nan)
                 g_mean, f_mean = float((sft - arm_v).mean()), float((sft - orc).mean())
                 per_arm[arm]["reduction_vs_sft"] = {"mean": g_mean, "ci": _interval(gain), "seeds": seeds}
+                # draws where the oracle gains nothing leave the share undefined; their fraction is reported
                 per_arm[arm]["share_of_oracle_reduction"] = {"mean": g_mean / f_mean if f_mean > 0 else None,
-                                                             "ci": _interval(share)}
+                                                             "ci": _interval(share),
+                                                             "undefined_draws": float(np.isnan(share).mean())}
                 for key in ("rouge_l", "loss", "over_refusal"):
                     d = stack(arm, key, seeds) - stack("oracle", key, seeds)
                     per_arm[arm][f"{key}_vs_oracle"] = {"mean": float(d.mean()), "ci": _interval(_draws(d, idx(*d.shape)))}
@@ -359,7 +407,7 @@ def summarize(rows: list[dict], out: Path, *, judges: list[str], n_boot: int = 4
 
 def target_met(entry: dict) -> dict:
     """The issue's target for a default arm: at least 80% of the oracle's reduction against SFT, a reduction whose
-    interval excludes no gain, and helpfulness no worse than the oracle's beyond noise (the interval of the
+    interval lies above 0, and helpfulness no worse than the oracle's beyond noise (the interval of the
     ROUGE-L difference reaches 0 or above, that of the reference-loss difference 0 or below)."""
     share, red = entry.get("share_of_oracle_reduction"), entry.get("reduction_vs_sft")
     if not share or share["mean"] is None:
@@ -421,6 +469,8 @@ def plot_results(results: dict, path: Path) -> None:
 
     judge = next(iter(results["judges"]))
     rates = list(results["summary"])
+    if not rates:  # the base alone: nothing to compare
+        return
     fig, axes = plt.subplots(1, len(rates), figsize=(6.5 * len(rates), 3.8), squeeze=False)
     for ax, rate in zip(axes[0], rates):
         per_arm = results["summary"][rate]

@@ -85,9 +85,10 @@ def _lora_config(config: FinetuneConfig):
 
 def finetune(samples: Sequence[Sample], *, output_dir, config: FinetuneConfig | None = None, model=None,
              tokenizer=None, progress: bool = True) -> dict:
-    """Train a LoRA adapter on `samples`; resumes from the last checkpoint in `output_dir` if there is one.
+    """Train a LoRA adapter on `samples`; resumes from the last checkpoint in `output_dir` if there is one, and
+    when `output_dir` already holds the finished adapter of this same config, loads it instead of training.
 
-    Returns {"adapter": path, "train_loss": ..., "log_history": [...], "n_samples": ...}.
+    Returns {"adapter": path, "train_loss": ..., "log_history": [...], "n_samples": ..., "steps": ..., "model": ...}.
     """
     import torch
     from datasets import Dataset as HFDataset
@@ -103,6 +104,12 @@ def finetune(samples: Sequence[Sample], *, output_dir, config: FinetuneConfig | 
     if model is None:
         model, tokenizer = load_model(config.model, cache_dir=config.cache_dir, device=config.device, dtype=config.dtype)
     rows = training_features(samples, tokenizer, max_length=config.max_length)
+    finished = _finished_run(out, config)
+    if finished is not None:
+        # Resuming Trainer from the final checkpoint would take one step more than an uninterrupted run did.
+        logger.info("%s holds this config's finished adapter: loaded, not trained again", out)
+        return {"adapter": str(out / "adapter"), "n_samples": len(rows), **finished,
+                "model": load_adapter(model, out / "adapter")}
     model = get_peft_model(model, _lora_config(config))
     model.train()
     device = next(model.parameters()).device
@@ -133,6 +140,24 @@ def finetune(samples: Sequence[Sample], *, output_dir, config: FinetuneConfig | 
     model.eval()
     return {"adapter": str(out / "adapter"), "train_loss": result.training_loss, "n_samples": len(rows),
             "steps": trainer.state.global_step, "log_history": trainer.state.log_history, "model": model}
+
+
+def _finished_run(out: Path, config: FinetuneConfig) -> dict | None:
+    """train_loss, steps and log_history of a finished run of `config` in `out` (the adapter, then the config, then
+    the log history are written when training ends), or None."""
+    import json
+
+    try:
+        same = json.loads((out / "finetune_config.json").read_text()) == json.loads(json.dumps(dataclasses.asdict(config)))
+        history = json.loads((out / "log_history.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not same or not (out / "adapter" / "adapter_config.json").exists():
+        return None
+    end = next((h for h in reversed(history) if "train_loss" in h), None)
+    if end is None:
+        return None
+    return {"train_loss": end["train_loss"], "steps": end["step"], "log_history": history}
 
 
 def _complete_checkpoint(path: Path) -> bool:

@@ -330,23 +330,24 @@ def family_pool(family: str, n: int = 300, *, harmful_rate: float = 0.1, seed: i
 # Task pools for the end-to-end experiment on the aligned base
 
 
+def norm_prompt(prompt: str) -> str:
+    """A prompt in lower case with single spaces: how pools and evaluation sets are checked for shared prompts."""
+    return " ".join(prompt.lower().split())
+
+
 @functools.lru_cache(maxsize=1)
 def _guard_training_prompts() -> frozenset[str]:
     prompts = set()
     for path in GUARD_ROW_FILES:
         with gzip.open(path, "rt", encoding="utf-8") as f:
-            prompts |= {json.loads(line)["prompt"] for line in f if line.strip()}
+            prompts |= {norm_prompt(json.loads(line)["prompt"]) for line in f if line.strip()}
     return frozenset(prompts)
 
 
 def guard_unseen(prompt: str) -> bool:
-    """Whether no packaged guard learned from this prompt: not among guard v1's or v2's training rows (the
-    label-free detector's reference rows are v1's) and not `judge_reserved`."""
-    return not judge_reserved(prompt) and prompt not in _guard_training_prompts()
-
-
-def _norm(prompt: str) -> str:
-    return " ".join(prompt.lower().split())
+    """Whether no packaged guard learned from this prompt (normalised): not among guard v1's or v2's training rows
+    (the label-free detector's reference rows are v1's) and not `judge_reserved`."""
+    return not judge_reserved(prompt) and norm_prompt(prompt) not in _guard_training_prompts()
 
 
 def attack_pool(n: int, *, harmful_rate: float, seed: int, demo_share: float = 0.1, benign_only: bool = False,
@@ -367,7 +368,7 @@ def attack_pool(n: int, *, harmful_rate: float, seed: int, demo_share: float = 0
     from .aligned import alignment_slice
 
     rng = np.random.default_rng(seed)
-    kept = lambda r: _norm(r["prompt"]) not in exclude and (guard_unseen(r["prompt"]) if unseen else True)  # noqa: E731
+    kept = lambda r: norm_prompt(r["prompt"]) not in exclude and (guard_unseen(r["prompt"]) if unseen else True)  # noqa: E731
     benign = [r for r in load_source("alpaca", raw_dir) + load_source("dolly", raw_dir)
               if alignment_slice(r["prompt"]) == "task" and (kept(r) or not unseen)]
     unsafe = [r for r in load_source("bt_unsafe", raw_dir) if prompt_split(r["prompt"]) == "experiment"
