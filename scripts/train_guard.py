@@ -1,7 +1,13 @@
 """Train the label-free guard detector: guard v2 (default) or guard v1.
 
-    python scripts/train_guard.py [--version 2] [--raw-dir ../shared/data/raw] [--cap 2000] [--limit 800]
+    python scripts/train_guard.py [--version 3] [--raw-dir ../shared/data/raw] [--cap 2000] [--limit 800]
+    python scripts/train_guard.py --version 2 [--raw-dir ../shared/data/raw] [--cap 2000] [--limit 800]
     python scripts/train_guard.py --version 1 [--raw-dir ../shared/data/raw] [--C 1.0] [--rbf-C 1.0]
+
+Guard v3 (default) is guard v2's models with a region-wise estimate (saft.regions): it reads the shipped v2
+files, fits the region model (a logistic regression from the sentence view to the source family) on v2's training
+rows, measures each fold model's rates per region on the held-out calibration rows (refusals by their text), and
+writes src/saft/guard_minilm_v3.json, which names v2's RBF file (the models are the same, so nothing is copied).
 
 Guard v2 writes src/saft/guard_minilm_v2.json, src/saft/guard_minilm_rbf_v2.npz and its training rows
 src/saft/guard_rows_v2.jsonl.gz (described in src/saft/guard_v2_README.md). It learns from every source family
@@ -46,7 +52,7 @@ from saft.data import atomic_open, write_json
 from saft.detectors.guard import GUARD_FILE
 from saft.encoders import ENCODER_VERSION, embed_pairs
 from saft.guard_training import (FULL_FAMILIES, RowViews, cap_rows, choose_estimate_level, fit_guard, rbf_arrays,
-                                 save_guard, train_limit)
+                                 save_guard, save_region_guard, train_limit)
 from saft.pools import FAMILIES, calibration_half, guard_training_rows, holdout_slice, family_rows, load_source, prompt_split
 from saft.trust import distance_threshold
 
@@ -57,7 +63,7 @@ V2_ROWS = GUARD_FILE.with_name("guard_rows_v2.jsonl.gz")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--version", type=int, choices=(1, 2), default=2)
+    ap.add_argument("--version", type=int, choices=(1, 2, 3), default=3)
     ap.add_argument("--raw-dir", default=None)
     ap.add_argument("--C", type=float, default=1.0)
     ap.add_argument("--rbf-C", type=float, default=1.0)
@@ -67,6 +73,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.version == 2:
         return build_v2(args)
+    if args.version == 3:
+        return build_v3(args)
     bt = load_source("bt_safe", args.raw_dir) + load_source("bt_unsafe", args.raw_dir)
     train = guard_training_rows(args.raw_dir)
     test = [r for r in bt if prompt_split(r["prompt"]) == "experiment"]
@@ -133,12 +141,8 @@ def main() -> None:
     print(f"wrote {GUARD_FILE} and {kernel_file}: {meta}")
 
 
-def build_v2(args) -> None:
-    """Guard v2: every family's training part (at most --cap rows a family, from its --limit subset), folded by
-    family (saft.guard_training.fit_guard), with the trust calibration of saft.trust in its meta."""
-    import gzip
-    import json
-
+def _v2_rows(args):
+    """Guard v2's rows: (views, training rows, their view, families, labels, held-out calibration rows, heldout)."""
     cache = args.cache_dir or os.environ.get("SAFT_CACHE", str(Path.home() / ".cache" / "saft"))
     views = RowViews(cache, progress=True)
     views.seed_from_shipped()
@@ -151,6 +155,41 @@ def build_v2(args) -> None:
     held_rows = [r for f in FAMILIES for r in family_rows(f, args.raw_dir, part="holdout", limit=train_limit(f, args.limit))
                  if calibration_half(r["prompt"])]
     heldout = (views(held_rows), np.array([r["harmful"] for r in held_rows]), np.array([r["family"] for r in held_rows]))
+    return views, rows, X, fam, y, held_rows, heldout
+
+
+def build_v3(args) -> None:
+    """Guard v3: guard v2's files with the region-wise estimate (saft.regions) in the meta."""
+    import gzip
+    import json
+
+    from saft.detectors.guard import GUARDS
+    from saft.regions import refusal_mask
+
+    _, rows, X, fam, _, held_rows, heldout = _v2_rows(args)
+    with gzip.open(V2_ROWS, "rt", encoding="utf-8") as fh:
+        shipped = [(r["prompt"], r["response"]) for r in map(json.loads, fh)]
+    if shipped != [(r["prompt"], r["response"]) for r in rows]:
+        raise SystemExit(f"{V2_ROWS} does not hold the rows this recipe draws: rebuild guard v2 first "
+                         "(--version 2) with the same --cap and --limit")
+    refusal = refusal_mask([r["response"] for r in held_rows])
+    meta = {"version": 3,
+            "region_rows": {"model": f"the {len(rows)} training rows of guard v2 (guard_rows_v2.jsonl.gz), by family",
+                            "rates": f"{len(held_rows)} held-out calibration rows (holdout_slice and calibration_half), "
+                                     f"{int(refusal.sum())} of them refusals by their text"},
+            "built_by": "python scripts/train_guard.py --version 3" + (f" --cap {args.cap}" if args.cap != 2000 else "")
+            + (f" --limit {args.limit}" if args.limit != 800 else "")}
+    regions = save_region_guard(V2_FILE, GUARDS["v3"], X, fam, heldout, refusal, meta=meta)
+    print(f"wrote {GUARDS['v3']}: regions {regions.classes}, refusal")
+
+
+def build_v2(args) -> None:
+    """Guard v2: every family's training part (at most --cap rows a family, from its --limit subset), folded by
+    family (saft.guard_training.fit_guard), with the trust calibration of saft.trust in its meta."""
+    import gzip
+    import json
+
+    views, rows, X, fam, y, held_rows, heldout = _v2_rows(args)
     g = fit_guard(X, y, fam, heldout=heldout, C=args.rbf_C, linear_C=args.C)
     held = {f: views(family_rows(f, args.raw_dir, part="holdout", limit=args.limit)) for f in FAMILIES}
     dist = distance_threshold(held, g.rbf["support_vectors"])

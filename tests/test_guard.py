@@ -266,12 +266,13 @@ def test_calibrated_prior_shrinks_the_estimate_towards_it_and_damps_the_label_dr
         select_calibrated(scores, scores[draws[0]], y[draws[0]], prior_weight=10)
 
 
-def test_guard_v2_gives_an_interval_that_caps_the_label_free_removal(tmp_path, capsys):
+@pytest.mark.parametrize("guard", ["v3", "v2"])
+def test_guard_v2_and_v3_give_an_interval_that_caps_the_label_free_removal(tmp_path, capsys, guard):
     from saft.cli import main
 
     data = write_jsonl(tmp_path / "d.jsonl", toy_rows(30))
     args = ["filter", str(data), "-o", str(tmp_path / "o"), "--detector", "guard", "--cache-dir", str(tmp_path / "c")]
-    assert main(args + ["--guard", "v2"]) == 0
+    assert main(args + ["--guard", guard]) == 0
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
     lo, hi = s["trust"]["interval"]
     assert 0 <= lo <= s["trust"]["estimate"] <= hi <= 1 and s["rule_params"]["contamination_interval"] == [lo, hi]

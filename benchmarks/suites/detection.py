@@ -1,12 +1,15 @@
 """Leave-one-family-out detection: the guard on data unlike its own.
 
-For each source family of saft.pools.FAMILIES, a guard (guard v2's recipe, saft.guard_training.fit_guard) is
-trained on the training part of every other family and scores pools made from the left-out family at 0%, 10%
-and 30% harmful, three draws each (saft.pools.family_pool). Measured per pool: AUROC of the guard's score,
-the removed fraction of its label-free estimate rule against the true fraction, F1 of the removal, the share of
+For each source family of saft.pools.FAMILIES, a guard (guard v3's recipe: saft.guard_training.fit_guard with
+the region-wise estimate of saft.regions) is trained on the training part of every other family and scores pools
+made from the left-out family at 0%, 10% and 30% harmful, three draws each (saft.pools.family_pool); for a
+family with harmful rows, also a user's upload: Alpaca/Dolly rows no guard saw with 5%, 10% or 30% of that
+family's harmful rows (`upload_pool`). Measured per pool: AUROC of the guard's score,
+the removed fraction of its label-free estimate rule against the true fraction, the estimate region-wise and
+pooled (one pair of rates for the pool, guard v2's), F1 of the removal, the share of
 refusals kept, whether the 90% interval of saft.trust covers the truth, the pool's distance to the guard's
 training rows, and the calibrated rule's removed count with 30 chosen or 100 random labels (`label_arms`). The packaged guard v1 (BeaverTails judge half + Llama-2 refusals) scores the same pools in the
-same run as the baseline. Then guard v2 trained on every family is scored on each family's held-out slice (rows
+same run as the baseline. Then the guard trained on every family is scored on each family's held-out slice (rows
 no guard trained on): its in-family numbers, the ceiling the left-out numbers are read against.
 
     PYTHONPATH=src python benchmarks/suites/detection.py [--pool-size 300] [--cap 2000] [--draws 3] [--limit 800]
@@ -28,6 +31,7 @@ NAME = "detection"
 QUESTION = ("How well does the label-free guard rank and count harmful rows on a source family it never learned "
             "from, and does its interval cover the truth?")
 RATES = (0.0, 0.1, 0.3)
+UPLOAD_RATES = (0.05, 0.1, 0.3)  # task data with one family's harm (`upload_pool`)
 # labels_30: 30 chosen labels bring the removal-count error (mean over label draws, worst pool) to at most this,
 # and below 100 random labels
 TARGETS = {"auroc": 0.85, "removed_error": 0.05, "removed_at_0": 0.03, "coverage": 0.85, "labels_30": 0.03}
@@ -61,7 +65,7 @@ class Views:
 
         from saft.guard_training import train_limit
 
-        store = RowViews(cache_dir)
+        self.store = store = RowViews(cache_dir)
         store.seed_from_shipped()
         self.rows = {f: family_rows(f, raw_dir, limit=limit) for f in FAMILIES}  # pools
         # a guard's training and calibration rows (every row of saft.guard_training.FULL_FAMILIES)
@@ -71,10 +75,37 @@ class Views:
         self.index = {_key(r): i for i, r in enumerate(everything)}
 
     def of_rows(self, rows) -> np.ndarray:
+        if any(_key(r) not in self.index for r in rows):  # rows beyond the families' fixed subsets
+            return self.store(rows)
         return self.X[[self.index[_key(r)] for r in rows]]
 
     def of_samples(self, samples) -> np.ndarray:
         return self.X[[self.index[(s.prompt, s.response)] for s in samples]]
+
+
+def task_rows(raw_dir, limit: int, n: int = 600) -> list[dict]:
+    """Alpaca and Dolly rows of the benign family outside its fixed `limit` subset (so no guard trained on them or
+    measured its rates on them): the first `n` by a hash of their text."""
+    import hashlib
+
+    from saft.pools import family_rows
+
+    inside = {_key(r) for r in family_rows("benign", raw_dir, limit=limit)}
+    rows = [r for r in family_rows("benign", raw_dir) if _key(r) not in inside and r["source"] in ("alpaca", "dolly")]
+    rows.sort(key=lambda r: hashlib.sha1((r["prompt"] + "\0" + r["response"]).encode("utf-8")).hexdigest())
+    return rows[:n]
+
+
+def upload_pool(task, harm, n: int, rate: float, seed: int) -> tuple[list[dict], list[int]]:
+    """A user's upload: `n` rows of benign task data (`task`) of which a `rate` share is replaced by harmful rows
+    of one family (`harm`), drawn without replacement."""
+    rng = np.random.default_rng(seed)
+    n_harm = int(round(n * rate))
+    rows = [task[i] for i in rng.choice(len(task), n - n_harm, replace=False)] + \
+           [harm[i] for i in rng.choice(len(harm), n_harm, replace=False)]
+    labels = [0] * (n - n_harm) + [1] * n_harm
+    order = rng.permutation(n)
+    return [rows[i] for i in order], [labels[i] for i in order]
 
 
 def training_set(views: Views, families, cap: int, seed: int):
@@ -133,12 +164,16 @@ def label_arms(scores, labels, estimate, *, draws: int, seed: int) -> dict:
     return {arm: calibrated_draws(scores, y, estimate, pick[arm], draws=draws) for arm in LABEL_ARMS}
 
 
-def score_pool(guard, ranges, dist_t, reference, X, labels, refusal, *, label_draws: int = 0, seed: int = 0) -> dict:
+def score_pool(guard, ranges, dist_t, reference, X, labels, refusal, responses, *, label_draws: int = 0,
+               seed: int = 0) -> dict:
+    """One pool's numbers; `refusal`: the safe rows that are refusals (truth, for "refusals kept"); `responses`:
+    the texts the estimate reads its refusal region from (as `saft filter` does)."""
+    from saft.regions import refusal_mask
     from saft.trust import assess, cap_removal, pool_distance
 
     scores = guard.score(X)
     flagged = guard.flagged_shares(X)
-    est = guard.estimate(X)
+    est = guard.estimate(X, refusal_mask(responses))
     t = assess(est, float(np.median(flagged)), len(X), ranges, distance=pool_distance(X, reference), threshold=dist_t)
     n_removed = cap_removal(int(round(est * len(X))), len(X), t["interval"])
     removed = top_share(scores, n_removed / len(X))
@@ -149,7 +184,8 @@ def score_pool(guard, ranges, dist_t, reference, X, labels, refusal, *, label_dr
     y = np.asarray(labels)
     hist = {"edges": edges.round(4).tolist(), "safe": np.histogram(scores[y == 0], edges)[0].tolist(),
             "harmful": np.histogram(scores[y == 1], edges)[0].tolist()}
-    row = {**m, "hist": hist, "estimate": est, "estimates_by_level": guard.estimates_by_level(X), "interval": t["interval"], "covered": bool(lo <= m["true_fraction"] <= hi),
+    row = {**m, "hist": hist, "estimate": est, "estimate_pooled": guard.estimate(X, pooled=True),
+           "estimates_by_level": guard.estimates_by_level(X), "interval": t["interval"], "covered": bool(lo <= m["true_fraction"] <= hi),
            "distance": t["distance"], "unlike_training": t["unlike_training"], "wide": t["wide"]}
     if label_draws and 0 < y.sum() < len(y):  # at 0% harmful every label is safe and the calibrated rule refuses
         row["labels"] = label_arms(scores, y, est, draws=label_draws, seed=seed)
@@ -167,6 +203,7 @@ def score_v1(X, labels, refusal) -> dict:
 
 def _fit(views, families, args):
     from saft.guard_training import fit_guard
+    from saft.regions import refusal_mask
     from saft.trust import distance_threshold, rate_ranges
 
     t0 = time.time()
@@ -175,7 +212,8 @@ def _fit(views, families, args):
     X, y, fam = training_set(views, families, args.cap, args.seed)
     held_rows = [r for f in families for r in views.guard_rows[f] if holdout_slice(r["prompt"]) and calibration_half(r["prompt"])]
     held = (views.of_rows(held_rows), np.array([r["harmful"] for r in held_rows]), np.array([r["family"] for r in held_rows]))
-    guard = fit_guard(X, y, fam, heldout=held, seed=args.seed)
+    guard = fit_guard(X, y, fam, heldout=held, heldout_refusal=refusal_mask([r["response"] for r in held_rows]),
+                      seed=args.seed)
     reference = guard.rbf["support_vectors"]
     dist = distance_threshold(heldout_views(views, families), reference, pool_size=args.pool_size, seed=args.seed)
     info = {"train_rows": int(len(y)), "train_harmful": int(y.sum()), "families": list(families),
@@ -214,10 +252,13 @@ def targets_of(pools: list[dict]) -> dict:
     worst = lambda arm: max((l[arm]["count_error"] for l in labelled if l[arm]["count_error"] is not None),  # noqa: E731
                             default=None)
     chosen, rand = worst("chosen 30"), worst("random 100")
+    # the estimate before the interval's cap, and the pooled count (one pair of rates for the whole pool) beside it
+    estimate = {k: round(max(abs(p[k] - p["true_fraction"]) for p in pools), 4) for k in ("estimate", "estimate_pooled")
+                if all(k in p for p in pools)}
     labels = {} if not labelled else {"labels_30": {
         "measured": None if chosen is None else round(chosen, 4), "random_100": None if rand is None else round(rand, 4),
         "met": bool(chosen is not None and rand is not None and chosen <= TARGETS["labels_30"] and chosen < rand)}}
-    return {**labels, "auroc": {"measured": auroc["mean"] if auroc else None,
+    return {**labels, "estimate_error": estimate, "auroc": {"measured": auroc["mean"] if auroc else None,
                       "met": bool(auroc and auroc["mean"] >= TARGETS["auroc"])},
             "removed_error": {"measured": round(err, 4), "met": bool(err <= TARGETS["removed_error"])},
             "removed_at_0": {"measured": round(max(at0), 4) if at0 else None,
@@ -237,12 +278,15 @@ def warning_table(pools: list[dict]) -> dict:
 def run(args) -> dict:
     from saft.pipeline import versions
     from saft.detectors.guard import GuardScorer
+    from saft.regions import refusal_mask
     from saft.guard_training import FULL_FAMILIES
     from saft.trust import WIDE
-    from saft.pools import FAMILIES, calibration_half, donor_rows, family_pool, holdout_slice, prompt_split
+    from saft.pools import (FAMILIES, ONE_CLASS, calibration_half, donor_rows, family_pool, holdout_slice, is_refusal,
+                            prompt_split)
 
     cache = args.cache_dir or os.environ.get("SAFT_CACHE", str(Path.home() / ".cache" / "saft"))
     views = Views(args.raw_dir, cache, args.limit)
+    task = task_rows(args.raw_dir, args.limit)
     left_out = args.families or list(FAMILIES)
     result = {"command": " ".join(["python", *sys.argv]), "seed": args.seed,
               "data": {"families": {f: {"rows": len(views.rows[f]), "harmful": int(sum(r["harmful"] for r in views.rows[f]))}
@@ -264,15 +308,27 @@ def run(args) -> dict:
                 labels = [s.label for s in samples]
                 refusal = [s.meta["refusal"] for s in samples]
                 row = score_pool(guard, info["ranges"], info["distance_threshold"], reference, X, labels, refusal,
+                                 [s.response for s in samples],
                                  label_draws=args.label_draws, seed=args.seed)
                 pools.append({"rate": rate, "draw": d, **row, "v1": score_v1(X, labels, refusal)})
         logger.info("%s: %s", F, targets_of(pools))
-        result["families"][F] = {"guard": info, "pools": pools, "targets": targets_of(pools),
+        upload = []
+        if F not in ONE_CLASS:  # the realistic upload: task data the guard knows, with this unseen family's harm
+            harm = [r for r in views.rows[F] if r["harmful"]]
+            for rate in UPLOAD_RATES:
+                for d in range(args.draws):
+                    rows, labels = upload_pool(task, harm, args.pool_size, rate, args.seed + d)
+                    X = views.of_rows(rows)
+                    refusal = [is_refusal(r) for r in rows]
+                    upload.append({"rate": rate, "draw": d, **score_pool(
+                        guard, info["ranges"], info["distance_threshold"], reference, X, labels, refusal,
+                        [r["response"] for r in rows]), "v1": score_v1(X, labels, refusal)})
+        result["families"][F] = {"upload": upload, "guard": info, "pools": pools, "targets": targets_of(pools),
                                  "estimate_ceiling": level_ceiling(pools),
                                  "coverage": round(float(np.mean([p["covered"] for p in pools])), 4),
                                  "warnings": warning_table(pools),
                                  "v1_targets": targets_of([p["v1"] for p in pools])}
-    # Guard v2 (every family) on each family's held-out slice: the in-family numbers.
+    # The guard of every family on each family's held-out slice: the in-family numbers.
     guard, reference, info = _fit(views, list(FAMILIES), args)
     donors = donor_rows(args.raw_dir, limit=args.limit)
     v1 = GuardScorer().fit(views.X[:1])
@@ -298,12 +354,16 @@ def run(args) -> dict:
                 "fpr_at_0": round(float((zs > 0).mean()), 4), "tpr_at_0": round(float((zh > 0).mean()), 4)}
         n = min(150, len(safe), int(len(harm) / max(RATES)))
         for rate in RATES:
-            errs = []
+            errs, pooled = [], []
             for _ in range(args.draws):
                 nh = int(round(n * rate))
-                X = np.vstack([Xs[rng.choice(len(Xs), n - nh, replace=False)], Xh[rng.choice(len(Xh), nh, replace=False)]])
-                errs.append(guard.estimate(X) - nh / n)
+                i_s, i_h = rng.choice(len(Xs), n - nh, replace=False), rng.choice(len(Xh), nh, replace=False)
+                safe_d, harm_d = [safe[i] for i in i_s], [harm[i] for i in i_h]
+                X = np.vstack([Xs[i_s], Xh[i_h]])
+                errs.append(guard.estimate(X, refusal_mask([r["response"] for r in safe_d + harm_d])) - nh / n)
+                pooled.append(guard.estimate(X, pooled=True) - nh / n)
             rows[f"estimate_error_{int(rate * 100)}"] = round(float(np.mean(errs)), 4)
+            rows[f"pooled_error_{int(rate * 100)}"] = round(float(np.mean(pooled)), 4)
         inside[F] = rows
     result["guard_v2"] = {"guard": info, "heldout": inside}
     return result
@@ -395,6 +455,28 @@ def render(result: dict, plots_dir: Path) -> str:
         lines.append(f"| {F} | {mark(t['auroc'])} | {mark(t['removed_error'])} | {mark(t['removed_at_0'])} | "
                      f"{c['best_worst_error']:.3f} (level {c['best_level']:g}; chosen {r['guard']['level']:g}) | "
                      f"{r['coverage']:.2f} | {lab} | {mark(v['auroc'])} / {mark(v['removed_error'])} / {mark(v['removed_at_0'])} |")
+    lines += ["", "The estimate before the interval's cap, region-wise as shipped (`saft.regions`) and pooled (one pair "
+              "of rates for the whole pool), worst abs(estimate - truth) over the family's pools:", "",
+              "| left out | region-wise | pooled |", "|---|---|---|"]
+    for F, r in result["families"].items():
+        e = r["targets"].get("estimate_error", {})
+        lines.append(f"| {F} | {e.get('estimate', '-')} | {e.get('estimate_pooled', '-')} |")
+    uploads = {F: r["upload"] for F, r in result["families"].items() if r.get("upload")}
+    if uploads:
+        up_rates = sorted({p["rate"] for u in uploads.values() for p in u})
+        lines += ["", f"Task data with one family's harm (a user's upload): {result['data']['pool_size']} Alpaca/Dolly "
+                  "rows outside every guard's training and calibration rows, a share replaced by harmful rows of the "
+                  "left-out family, scored by the guard trained without that family (removed fraction, mean ± sd; "
+                  "worst abs(estimate - truth) region-wise / pooled):", "",
+                  "| harm from | AUROC | " + " | ".join(f"removed @{r:.0%}" for r in up_rates)
+                  + " | estimate error: region / pooled | v1 removed |", "|---|---|" + "---|" * len(up_rates) + "---|---|"]
+        for F, pools in uploads.items():
+            by = {rate: [p for p in pools if p["rate"] == rate] for rate in up_rates}
+            e = targets_of(pools)["estimate_error"]
+            v1rem = "/".join(f"{np.mean([p['v1']['removed_fraction'] for p in by[rate]]):.2f}" for rate in by)
+            lines.append(f"| {F} | {_fmt(_summary(pools, 'auroc'))} | "
+                         + " | ".join(_fmt(_summary(by[rate], "removed_fraction")) for rate in by)
+                         + f" | {e['estimate']} / {e['estimate_pooled']} | {v1rem} |")
     lines += ["", "v1's beavertails row above scores pools that hold v1's own training rows (its 'judge' half of "
               "BeaverTails' prompts); the held-out table below compares the two guards on rows neither trained on.",
               "", "Estimate ceiling: the worst |estimate - truth| over the family's pools at the level that would have "
@@ -417,17 +499,19 @@ def render(result: dict, plots_dir: Path) -> str:
         if w:
             lines.append(f"| {F} | {w['off_warned']}/{w['off']} | {w['within_warned']}/{w['within']} |")
     lines += ["",
-              "", "Guard v2 (every family) on each family's held-out slice outside its calibration half (rows no "
-              "guard trained on or measured its rates on; one-class families with the donor rows as harmful; pools "
-              "of at most 150 rows, fewer where the slice is small):", "",
-              "| family | safe | harmful | AUROC | v1 AUROC | rows v1 never saw: n, AUROC, v1 AUROC | fpr at 0 | tpr at 0 | estimate error @0% | @10% | @30% |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "", "The guard of every family (guard v3's recipe) on each family's held-out slice outside its "
+              "calibration half (rows no guard trained on or measured its rates on; one-class families with the "
+              "donor rows as harmful; pools of at most 150 rows, fewer where the slice is small); the estimate "
+              "region-wise and, last column, pooled:", "",
+              "| family | safe | harmful | AUROC | v1 AUROC | rows v1 never saw: n, AUROC, v1 AUROC | fpr at 0 | tpr at 0 | estimate error @0% | @10% | @30% | pooled @0/10/30% |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f3 = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for F, h in result["guard_v2"]["heldout"].items():
         lines.append(f"| {F} | {h['n_safe']} | {h['n_harmful']} | {h['auroc']:.3f} | {f3(h.get('v1_auroc'))} | "
                      f"{h.get('n_unseen_by_v1', '-')}, {f3(h.get('auroc_unseen_by_v1'))}, {f3(h.get('v1_auroc_unseen_by_v1'))} | {h['fpr_at_0']:.3f} | "
                      f"{h['tpr_at_0']:.3f} | {h['estimate_error_0']:+.3f} | {h['estimate_error_10']:+.3f} | "
-                     f"{h['estimate_error_30']:+.3f} |")
+                     f"{h['estimate_error_30']:+.3f} | "
+                     + "/".join(f"{h[f'pooled_error_{r}']:+.3f}" if f"pooled_error_{r}" in h else "-" for r in (0, 10, 30)) + " |")
     if _plot_scores(result, plots_dir / "detection_scores.png"):
         lines += ["", "Score distributions by label, each family's first 30%-harmful pool, the guard trained without it:", "",
                   "![score distributions](results/plots/detection_scores.png)"]

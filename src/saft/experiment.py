@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ from .judges import get_judge, is_refusal
 from .metrics import detection_metrics
 from .models import default_cache_dir, load_model
 from .pipeline import FilterConfig, detector_view, score_and_select, versions
+from .regions import refusal_mask
 from .pools import attack_pool
 from .prompting import harmful_by_prompting
 from .reference import reference_view
@@ -73,6 +75,7 @@ class ExperimentConfig:
     max_new_tokens: int = field(default=64, metadata={"help": "tokens generated per evaluation answer"})
     gen_batch_size: int = field(default=40, metadata={"help": "prompts per generation batch"})
     judges: tuple[str, ...] = field(default=("tfidf",), metadata={"help": "judges: tfidf (offline default), minilm (offline), beaverdam[:PATH], llamaguard[:PATH]"})
+    guard: str = field(default="v3", metadata={"help": "packaged guard of the label-free and labelled arms (v3, v2, v1 or a file)"})
     random_matches: str = field(default="label-free", metadata={"help": "arm whose removed count the random arm removes"})
     layer: int | str = field(default="middle", metadata={"help": "SAFT feature layer"})
     position: str = field(default="prompt_last", metadata={"help": "SAFT token position"})
@@ -107,6 +110,9 @@ class ExperimentConfig:
         if self.pool_size < 20 or self.n_harmful < 1 or self.n_helpful < 1:
             raise ValueError(f"pool_size must be at least 20, n_harmful and n_helpful at least 1; got {self.pool_size}, "
                              f"{self.n_harmful}, {self.n_helpful}")
+        from .detectors.guard import guard_weights
+
+        guard_weights(self.guard)  # raises for an unknown version or a missing file
         if not 0 <= self.demo_share < 1:
             raise ValueError(f"demo_share must be in [0, 1), got {self.demo_share}")
 
@@ -132,8 +138,9 @@ class ExperimentConfig:
         return self.arms or ARMS
 
 
-# Fields that do not change what an arm trains on or how it is evaluated: a rerun may change them freely.
-FREE_FIELDS = ("runs", "arms", "n_boot", "raw_dir", "cache_dir", "device")
+# Fields that do not change what an arm trains on or how it is evaluated: a rerun may change them freely. The
+# guard changes only which rows the detector arms keep, and a finished arm is checked against its kept rows.
+FREE_FIELDS = ("runs", "arms", "n_boot", "raw_dir", "cache_dir", "device", "guard")
 
 
 def settings_sha1(config: ExperimentConfig) -> str:
@@ -176,7 +183,7 @@ def _selections(config: ExperimentConfig, pool, model, tok, *, seed: int, cache:
     for arm in detectors:
         fc = FilterConfig(detector="subspace" if arm == "saft" else arm, layer=config.layer, position=config.position,
                           max_length=config.feature_max_length, n_labels=config.n_labels, seed=seed,
-                          device=config.device, cache_dir=config.cache_dir)
+                          device=config.device, cache_dir=config.cache_dir, guard=config.guard)
         view, positions = detector_view(fc, model, tok, feature_cache=cache / "features")
         X = view(pool)
         reference = None
@@ -184,8 +191,10 @@ def _selections(config: ExperimentConfig, pool, model, tok, *, seed: int, cache:
             reference = lambda: reference_view(view, model, tok, layer=config.layer, positions=positions,  # noqa: E731
                                                max_length=config.feature_max_length, cache_dir=cache / "features")
         scores, sel, k = score_and_select(fc, X, labelled_X=X[idx], labels=[labels[i] for i in idx],
-                                          labelled_idx=idx, reference=reference)
-        info = {"threshold": sel.threshold, "rule": sel.rule, **sel.params, **({"k": k} if k is not None else {})}
+                                          labelled_idx=idx, reference=reference,
+                                          refusal=refusal_mask(s.response for s in pool))
+        info = {"threshold": sel.threshold, "rule": sel.rule, **sel.params, **({"k": k} if k is not None else {}),
+                **({"guard": config.guard} if "weights" in inspect.signature(get_spec(fc.detector).cls).parameters else {})}
         out[arm] = (sel.removed, scores, info)
     if "prompting" in arms:
         p = harmful_by_prompting(model, tok, pool, max_length=config.feature_max_length)

@@ -5,7 +5,8 @@ plus the fold models of its contamination estimate. Guard v2 (`fit_guard`) folds
 (`saft.pools.FAMILIES`): each fold model is trained without one family, so the rates its estimate assumes
 (the share of harmful and of safe rows above its threshold) were measured on a family it never saw, which is a
 user's situation, and the spread of those per-family rates is the width of the estimate's interval
-(`saft.trust.estimate_interval`). Guard v1 (`choose_estimate_level`) folded by prompt within BeaverTails.
+(`saft.trust.estimate_interval`). Guard v3 is v2's models with a region-wise estimate (`saft.regions`,
+`fold_region_rates`). Guard v1 (`choose_estimate_level`) folded by prompt within BeaverTails.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.svm import SVC
 
 from .detectors.guard import decision
+from .regions import RegionModel, fit_regions, region_estimate, region_rates
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +224,9 @@ class FittedGuard:
     range_rates: dict = field(default_factory=dict)  # "<family> unseen" / "<family> seen" -> rates: the interval's
     linear_range_rates: dict = field(default_factory=dict)
     heldout: tuple | None = field(default=None, repr=False)
+    regions: RegionModel | None = None  # with `heldout_refusal`: the region-wise estimate (`saft.regions`)
+    region_rates: list[dict] = field(default_factory=list)  # per fold model: region -> [tpr, fpr]
+    region_fallback: list[tuple[float, float]] = field(default_factory=list)  # per fold model: pooled (tpr, fpr)
 
     @property
     def threshold(self) -> float:
@@ -235,12 +240,19 @@ class FittedGuard:
         X = np.asarray(X, dtype=np.float64)
         return np.array([float((decision(f, X) > f["threshold"]).mean()) for f in self.folds])
 
-    def estimate(self, X) -> float:
-        """The adjusted count, the median over the fold models (as `GuardScorer.contamination_estimate` with
+    def estimate(self, X, refusal=None, *, pooled: bool = False) -> float:
+        """The adjusted count, region-wise when the guard has regions (`refusal`: the pool's refusal mask,
+        `saft.regions.refusal_mask`; `pooled`: the one-region count whatever the guard has), the median over
+        the fold models (as `GuardScorer.contamination_estimate` with
         guard v2's `estimate_combine` "median"): a row far from every training row gets an RBF model's
         intercept as its score, and one fold model whose intercept is above the threshold flags a whole pool of
         such rows (measured with the mean: with the SBR family left out, every SBR pool at 0%, 10% and 30% harmful
         came out at exactly 0.200 with AUROC 1.000, the mark of one fold in five at 1 and four near 0)."""
+        if self.regions is not None and not pooled:
+            X = np.asarray(X, dtype=np.float64)
+            reg = self.regions.assign(X, refusal)
+            return float(np.median([region_estimate(decision(f, X) > f["threshold"], reg, rates, fallback=fb)
+                                    for f, rates, fb in zip(self.folds, self.region_rates, self.region_fallback)]))
         est = [np.clip((q - f["fpr"]) / max(f["tpr"] - f["fpr"], 1e-9), 0, 1)
                for q, f in zip(self.flagged_shares(X), self.folds)]
         return float(np.median(est))
@@ -298,8 +310,23 @@ def seen_family_rates(folds: list[dict], fold_families: list[str], heldout) -> t
     return per_fold, avg
 
 
-def fit_guard(X, y, families, *, heldout=None, C: float = 1.0, linear_C: float = 1.0, levels=FAMILY_LEVELS,
-              seed: int = 0) -> FittedGuard:
+def fold_region_rates(folds: list[dict], regions: RegionModel, heldout, refusal) -> tuple[list[dict], list[tuple]]:
+    """Each fold model's rates per region on the held-out rows (`heldout`: X, y, family; `refusal`: their refusal
+    mask), the rows given their region by `regions` as a pool's rows are; and each fold model's pooled rates
+    over those rows (families weighted equally), which stand in where a region has too few rows."""
+    Xh, yh, fh = heldout
+    reg = regions.assign(Xh, refusal)
+    rates, fallback = [], []
+    for f in folds:
+        z = decision(f, Xh)
+        fb = pooled_rates(family_rates(z, yh, fh, f["threshold"]))
+        rates.append(region_rates(z > f["threshold"], yh, reg, fallback=fb))
+        fallback.append(fb)
+    return rates, fallback
+
+
+def fit_guard(X, y, families, *, heldout=None, heldout_refusal=None, C: float = 1.0, linear_C: float = 1.0,
+              levels=FAMILY_LEVELS, seed: int = 0) -> FittedGuard:
     """Train guard v2 on rows X (sentence view), labels y (1 = harmful) and each row's source family.
 
     Final models: SVC(C, rbf, gamma 'scale', balanced) and LogisticRegression(linear_C, balanced) on every row.
@@ -308,7 +335,9 @@ def fit_guard(X, y, families, *, heldout=None, C: float = 1.0, linear_C: float =
     The rates each fold model's adjusted count assumes: with `heldout` (X, y, family of rows no model trains on,
     e.g. the families' `holdout_slice`), its rates on the held-out rows of the families it learned from (a pool
     like the training families, the common case); without, `pooled_rates` of the family-held-out rates. The
-    interval's ranges (`range_rates`) span both: every family seen and unseen.
+    interval's ranges (`range_rates`) span both: every family seen and unseen. With `heldout_refusal` (the
+    held-out rows' refusal mask) the estimate is region-wise (`saft.regions`): a region model fitted on X and
+    `families`, each fold model's rates per region measured on the held-out rows.
     """
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y, dtype=int)
@@ -347,11 +376,15 @@ def fit_guard(X, y, families, *, heldout=None, C: float = 1.0, linear_C: float =
             rr.update({f"{k} seen": v for k, v in seen.items()})
     final = rbf_arrays(svc)
     final["support_vectors"] = final["support_vectors"].astype(np.float64)
+    regions, reg_rates, reg_fallback = None, [], []
+    if heldout is not None and heldout_refusal is not None:
+        regions = fit_regions(X, families)
+        reg_rates, reg_fallback = fold_region_rates(folds, regions, heldout, heldout_refusal)
     return FittedGuard(rbf=final, linear=linear_arrays(lr), folds=folds, linear_folds=linear_folds,
                        fold_families=order, level=level, level_worst_rmse=worst, rates=rates,
                        linear_level=linear_level, linear_rates=linear_rates, cv=cv, n_support=int(len(svc.support_)),
                        y=y, families=families, range_rates=range_rates, linear_range_rates=linear_range_rates,
-                       heldout=heldout)
+                       heldout=heldout, regions=regions, region_rates=reg_rates, region_fallback=reg_fallback)
 
 
 class RowViews:
@@ -450,3 +483,35 @@ def save_guard(g: FittedGuard, json_path, npz_path, *, meta: dict, trust: dict) 
               "tpr": f["tpr"], "fpr": f["fpr"]} for f in g.linear_folds]
     write_json({"coef": np.asarray(g.linear["coef"]).tolist(), "intercept": float(g.linear["intercept"]),
                 "estimate_folds": folds, "kernel_model": npz_path.name, "meta": meta}, json_path)
+
+
+def save_region_guard(base_json, out_json, X, families, heldout, heldout_refusal, *, meta: dict) -> RegionModel:
+    """Write a guard v3: the guard at `base_json` (a v2 file) with the region-wise estimate (`saft.regions`).
+
+    The region model is fitted on the base guard's training rows (`X`, `families`); each fold model's rates per
+    region are measured on `heldout` (X, y, family of rows no model trained on, with `heldout_refusal`, their
+    refusal mask) for both kernels. The new JSON names the base's RBF file, so it is written beside it; `meta`
+    is added to the base's meta.
+    """
+    import json
+    from pathlib import Path
+
+    from .data import write_json
+    from .detectors.guard import GuardScorer
+    from .regions import MIN_ROWS
+
+    base_json, out_json = Path(base_json), Path(out_json)
+    if base_json.resolve().parent != out_json.resolve().parent:
+        raise ValueError(f"{out_json} must be written beside {base_json}: it names that guard's RBF file")
+    base = json.loads(base_json.read_text())
+    regions = fit_regions(X, families)
+    blocks = {}
+    for kernel in ("linear", "rbf"):
+        folds = GuardScorer(weights=str(base_json), kernel=kernel).load_weights().estimate_models_
+        rates, fallback = fold_region_rates(folds, regions, heldout, heldout_refusal)
+        blocks[kernel] = {"fold_rates": rates, "fold_fallback": [list(fb) for fb in fallback], "min_rows": MIN_ROWS}
+    m = base["meta"]
+    m = {**m, **meta, "based_on": base_json.name, "region_model": regions.to_json(), "regions": blocks["linear"],
+         "kernel_model": {**m.get("kernel_model", {}), "regions": blocks["rbf"]}}
+    write_json({**base, "meta": m}, out_json)
+    return regions

@@ -36,6 +36,7 @@ from .data import (
 )
 from .detectors import DETECTORS, detector_positions, get_detector, get_spec
 from .detectors.guard import guard_weights
+from .regions import refusal_mask
 from .encoders import ENCODER_VERSION, sentence_features
 from .features import POSITIONS, extract_features
 from .metrics import detection_metrics
@@ -94,7 +95,7 @@ class FilterConfig:
     standardize: bool = field(default=False, metadata=_help("subspace: unit-variance features before the SVD",
                                                             advanced=True))
     n_thresholds: int = field(default=100, metadata=_help("f1 rule: evenly spaced thresholds tried", advanced=True))
-    guard: str = field(default="v2", metadata=_help("packaged guard: v2 (six source families, with an interval), v1 "
+    guard: str = field(default="v3", metadata=_help("packaged guard: v3 (v2 counting region by region), v2, v1 "
                                                      "or a weights file", advanced=True))
     delta: float = field(default=0.1, metadata=_help("--certify: the chance the certificate is wrong", advanced=True))
     certify_stratum_field: str | None = field(default=None, metadata=_help(
@@ -277,9 +278,12 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
             if name not in row:
                 raise ValueError(f"{dataset.path}, row {s.meta['line']}: no field {name!r} (--certify-stratum-field)")
             strata.append(str(row[name]))
+    refusal = None
+    if hasattr(get_spec(config.detector).cls, "contamination_estimate"):  # the guard's estimate reads refusals
+        refusal = refusal_mask(s.response for s, _ in _sample_rows(dataset))
     scores, selection, candidate = score_and_select(config, X, labelled_X=Xv, labels=val_labels,
                                                     labelled_idx=labeled_idx, reference=info["reference"],
-                                                    strata=strata)
+                                                    strata=strata, refusal=refusal)
     n = len(dataset)
     used = set() if labeled_idx is None else set(labeled_idx.tolist())
     summary = {
@@ -317,13 +321,15 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
 
 
 def score_and_select(config: FilterConfig, X: np.ndarray, *, labelled_X=None, labels=None, labelled_idx=None,
-                     reference=None, strata=None) -> tuple[np.ndarray, Selection, int | None]:
+                     reference=None, strata=None, refusal=None) -> tuple[np.ndarray, Selection, int | None]:
     """Fit `config.detector` on the pool's view X and apply `config.rule`: (pool scores, selection, the paper's k
     when the f1 rule searched it, else None).
 
     Labelled rows are pool rows (`labelled_idx`, with `labelled_X = X[labelled_idx]`) or rows of a labels file
     (`labelled_X` alone); `reference()` gives the guard's rows and labels in the same view, for a detector that
-    trains on them. `saft filter` and `saft experiment` both call this, so every detector is run the same way.
+    trains on them. `refusal`: the pool rows whose response reads as a refusal (`saft.regions.refusal_mask`), for
+    the guard's region-wise estimate. `saft filter` and `saft experiment` both call this, so every detector is run
+    the same way.
     """
     spec, rule = get_spec(config.detector), RULES[config.rule]
     params = {}
@@ -352,13 +358,16 @@ def score_and_select(config: FilterConfig, X: np.ndarray, *, labelled_X=None, la
     fit_kw = {}
     if spec.reference:
         fit_kw["reference_X"], fit_kw["reference_y"] = reference()
+    if "refusal" in inspect.signature(spec.cls.fit).parameters:  # a detector that uses the guard's estimate
+        # rows of a labels file stacked under the pool's are regioned by their view alone
+        fit_kw["refusal"] = None if refusal is None else np.r_[refusal, np.zeros(len(fit_X) - len(X), dtype=bool)]
     detectors = {}
     for c in candidates:
         kw = dict(params, **({spec.searched: c} if spec.searched else {}))
         detectors[c] = get_detector(config.detector, **kw).fit(fit_X, y, **fit_kw)
     estimate, trust = None, None
     if hasattr(spec.cls, "contamination_estimate") and (rule.estimate or config.rule == "calibrated"):
-        estimate = detectors[candidates[0]].contamination_estimate(X)
+        estimate = detectors[candidates[0]].contamination_estimate(X, refusal=refusal)
         if rule.estimate:  # a label-free run: the interval caps what it removes (`saft.trust`)
             trust = label_free_trust(detectors[candidates[0]], X, estimate)
             if trust is not None:

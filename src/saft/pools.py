@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import Sample
+from .regions import is_refusal_text
 
 PACKAGE = Path(__file__).resolve().parent
 GUARD_ROW_FILES = (PACKAGE / "guard_rows_v1.jsonl.gz", PACKAGE / "guard_rows_v2.jsonl.gz")
@@ -218,9 +219,6 @@ LOOKALIKE_WORDS = re.compile(
     r"\b(kill\w*|attack\w*|shoot\w*|shot|steal\w*|stole\w*|poison\w*|bomb\w*|weapon\w*|drug\w*|hack\w*|murder\w*"
     r"|guns?|explosi\w*|knife|knives|violen\w*|fight\w*|destroy\w*|dead|death|blood\w*|war|crime\w*|criminal\w*"
     r"|assault\w*|rob|robb\w*|thief|thieves|theft|fraud\w*|cheat\w*|threat\w*|terror\w*|abus\w*)\b", re.IGNORECASE)
-# A safe answer that declines: counted by "refusals kept" (safe rows a filter must not remove).
-REFUSAL_PATTERN = re.compile(r"\b(I('m| am) (sorry|not able|unable)|I (cannot|can't|can not|won't|will not)|"
-                             r"As an AI|I apologi[sz]e|not (appropriate|ethical))", re.IGNORECASE)
 
 
 def holdout_slice(prompt: str) -> bool:
@@ -239,7 +237,7 @@ def calibration_half(prompt: str) -> bool:
 
 def is_refusal(row: dict) -> bool:
     """A safe row from a refusal set, or a safe answer that reads as a refusal."""
-    return not row["harmful"] and (row["family"] == "refusals" or bool(REFUSAL_PATTERN.search(row["response"][:300])))
+    return not row["harmful"] and (row["family"] == "refusals" or is_refusal_text(row["response"]))
 
 
 def _all_family_rows(raw_dir: str | Path | None) -> dict[str, list[dict]]:

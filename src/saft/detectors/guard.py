@@ -38,7 +38,9 @@ from .base import ContaminationEstimate
 GUARD_FILE = Path(__file__).resolve().parent.parent / "guard_minilm_v1.json"
 # The packaged guards by version: v1 learned from BeaverTails and Llama-2 refusals; v2 from six source families,
 # with the calibration of its estimate's interval (`saft.trust`; docs/detectors/guard.md).
-GUARDS = {"v1": GUARD_FILE, "v2": GUARD_FILE.with_name("guard_minilm_v2.json")}
+# v3 is v2's models with the region-wise estimate (`saft.regions`), built on top of v2 by scripts/train_guard.py.
+GUARDS = {"v1": GUARD_FILE, "v2": GUARD_FILE.with_name("guard_minilm_v2.json"),
+          "v3": GUARD_FILE.with_name("guard_minilm_v3.json")}
 
 
 def guard_weights(name: str) -> str:
@@ -121,6 +123,18 @@ class GuardScorer(BaseEstimator):
         if self.kernel == "rbf":
             self.model_, rbf_folds = self._load_kernel_models(path, data)
             self.estimate_models_ = rbf_folds or self.estimate_models_
+        # The region-wise estimate (guard v3): one region model, each kernel's fold models' rates per region.
+        self.regions_, self.region_rates_, self.region_fallback_ = None, None, None
+        block = (m.get("kernel_model") or {}) if self.kernel == "rbf" else m
+        if "regions" in block:
+            from ..regions import RegionModel
+
+            self.regions_ = RegionModel.from_json(m["region_model"])
+            self.region_rates_ = block["regions"]["fold_rates"]
+            self.region_fallback_ = [tuple(fb) for fb in block["regions"]["fold_fallback"]]
+            if len(self.region_rates_) != len(self.estimate_models_):
+                raise ValueError(f"{path}: {len(self.region_rates_)} fold models' region rates for "
+                                 f"{len(self.estimate_models_)} fold models; rebuild it with scripts/train_guard.py")
         return self
 
     def _load_kernel_models(self, path: Path, data: dict) -> tuple[dict, list[dict]]:
@@ -169,23 +183,32 @@ class GuardScorer(BaseEstimator):
         X = check_rows(X)
         return [decision(f, X) for f in self.estimate_models_]
 
-    def contamination_estimate(self, X) -> ContaminationEstimate:
+    def contamination_estimate(self, X, *, refusal=None) -> ContaminationEstimate:
         """Label-free estimate of the harmful share of X: the fold models' adjusted counts, averaged, with the
         binomial standard error of the count (the pool's sampling noise only, not the bias a shift in the
         pool's safe rows brings). The threshold is high, so few rows are counted and the error is large on
-        small pools."""
-        value, se, flagged = self._estimate(X)
+        small pools. With a region model (guard v3) each fold model's count is region-wise (`saft.regions`);
+        `refusal` is then the rows' refusal mask (`saft.regions.refusal_mask` of their responses), without
+        which refusals are regioned by their view alone."""
+        value, se, flagged = self._estimate(X, refusal)
         return ContaminationEstimate(value, se, flagged=flagged)
 
-    def _estimate(self, X) -> tuple[float, float, float]:
+    def _estimate(self, X, refusal=None) -> tuple[float, float, float]:
         X = check_rows(X)
+        regions = None if self.regions_ is None else self.regions_.assign(X, refusal)
         estimates, errors, shares = [], [], []
-        for f, z in zip(self.estimate_models_, self.fold_decisions(X)):
+        for i, (f, z) in enumerate(zip(self.estimate_models_, self.fold_decisions(X))):
             tpr, fpr = f["tpr"], f["fpr"]
             flagged = float((z > f["threshold"]).mean())
             shares.append(flagged)
             se = float(np.sqrt(flagged * (1 - flagged) / n_rows(X)))
-            if tpr - fpr <= 0:  # a model that cannot separate: fall back to the raw flagged share
+            if regions is not None:
+                from ..regions import region_estimate
+
+                estimates.append(region_estimate(z > f["threshold"], regions, self.region_rates_[i],
+                                                 fallback=self.region_fallback_[i]))
+                errors.append(se / max(tpr - fpr, 1e-9))
+            elif tpr - fpr <= 0:  # a model that cannot separate: fall back to the raw flagged share
                 estimates.append(flagged)
                 errors.append(se)
             else:

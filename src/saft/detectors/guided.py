@@ -61,13 +61,13 @@ class ModelGuidedProbeScorer(BaseEstimator):
         H = self.guide_.hidden_block(X)
         return np.column_stack([self.pca_.transform(self.scaler_.transform(H)), *self.guide_.part_scores(X)])
 
-    def fit(self, X, y=None, *, reference_X=None, reference_y=None):
+    def fit(self, X, y=None, *, reference_X=None, reference_y=None, refusal=None):
         X = check_array(X, dtype=np.float64)
         if not self.guard_weight > 0:
             raise ValueError(f"guard_weight must be positive, got {self.guard_weight}")
         y, labelled = semi_supervised_labels(y, "the labelled detector")
         self.guide_ = ModelGuardScorer(positions=self.positions, weights=self.weights, kernel=self.kernel).fit(
-            X, reference_X=reference_X, reference_y=reference_y)
+            X, reference_X=reference_X, reference_y=reference_y, refusal=refusal)
         H = self.guide_.hidden_block(X)
         self.scaler_ = StandardScaler().fit(H)
         k = min(self.n_components, X.shape[0] - 1, H.shape[1])
@@ -91,7 +91,7 @@ class ModelGuidedProbeScorer(BaseEstimator):
         X = check_array(X, dtype=np.float64)
         return self.probe_.decision_function(self._scaled(self._inputs(X)))
 
-    def contamination_estimate(self, X) -> ContaminationEstimate:
+    def contamination_estimate(self, X, *, refusal=None) -> ContaminationEstimate:
         """The packaged guard's label-free estimate of X: the calibrated rule's prior."""
         check_is_fitted(self, "probe_")
-        return self.guide_.contamination_estimate(X)
+        return self.guide_.contamination_estimate(X, refusal=refusal)

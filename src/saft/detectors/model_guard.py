@@ -131,7 +131,7 @@ class ModelGuardScorer(BaseEstimator):
     def _classifier_scores(self, X) -> np.ndarray:
         return map_chunks(self.classifier_.decision_function, X, 8192)
 
-    def fit(self, X, y=None, *, reference_X=None, reference_y=None):
+    def fit(self, X, y=None, *, reference_X=None, reference_y=None, refusal=None):
         X = X if is_out_of_core(X) else check_array(X, dtype=[np.float64, np.float32])
         if reference_X is None or reference_y is None:
             raise ValueError("label-free trains on the guard's rows in the model's view: pass reference_X and "
@@ -157,7 +157,7 @@ class ModelGuardScorer(BaseEstimator):
         self.classifier_ = make_pipeline(StandardScaler(), SVC(C=self.C, kernel="rbf", gamma="scale",
                                                                class_weight="balanced")).fit(reference_X, reference_y)
         self.fit_rows_, self.components_, (self.pseudo_labels_, self.student_, self.stats_) = fit_pool_student(
-            H, self._classifier_scores(X), self.guard_.contamination_estimate(S).value, n_components=self.n_components,
+            H, self._classifier_scores(X), self.guard_.contamination_estimate(S, refusal=refusal).value, n_components=self.n_components,
             max_fit_rows=max(2, self.max_fit_values // H.shape[1]), C=self.student_C, safe_share=self.safe_share,
             estimate_scale=self.estimate_scale, min_harmful=self.min_harmful)
         self.n_features_in_ = X.shape[1]
@@ -178,8 +178,9 @@ class ModelGuardScorer(BaseEstimator):
         """Standardised classifier score + standardised student score: higher = more suspicious."""
         return combine(*self.part_scores(X), self.stats_)
 
-    def contamination_estimate(self, X) -> ContaminationEstimate:
-        """The packaged guard's label-free estimate (from the sentence-encoder columns of X)."""
+    def contamination_estimate(self, X, *, refusal=None) -> ContaminationEstimate:
+        """The packaged guard's label-free estimate (from the sentence-encoder columns of X; `refusal` as in
+        `GuardScorer.contamination_estimate`)."""
         check_is_fitted(self, "student_")
         X = X if is_out_of_core(X) else check_array(X, dtype=[np.float64, np.float32])
-        return self.guard_.contamination_estimate(self._split(X)[0])
+        return self.guard_.contamination_estimate(self._split(X)[0], refusal=refusal)
