@@ -1,4 +1,4 @@
-"""Train the label-free guard detector: guard v2 (default) or guard v1.
+"""Train the label-free guard detector: guard v3 (default; v2's models counting region by region), v2 or v1.
 
     python scripts/train_guard.py [--version 3] [--raw-dir ../shared/data/raw] [--cap 2000] [--limit 800]
     python scripts/train_guard.py --version 2 [--raw-dir ../shared/data/raw] [--cap 2000] [--limit 800]

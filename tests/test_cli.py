@@ -133,7 +133,7 @@ def test_evaluate_needs_harmful_prompts(capsys):
     assert "--harmful-prompts" in capsys.readouterr().err
 
 
-def test_labels_file_for_the_f1_rule(tiny_model_dir, tmp_path, capsys, small_reference):
+def test_labels_file_for_the_f1_rule(tiny_model_dir, tmp_path, capsys, small_reference, monkeypatch):
     pool = write_jsonl(tmp_path / "pool.jsonl", [{k: v for k, v in r.items() if k != "is_safe"} for r in toy_rows(20)])
     labelled = write_jsonl(tmp_path / "lab.jsonl", toy_rows(12))
     out = tmp_path / "o"
@@ -141,9 +141,19 @@ def test_labels_file_for_the_f1_rule(tiny_model_dir, tmp_path, capsys, small_ref
     s = json.loads((out / "summary.json").read_text())
     assert s["rule_params"]["n_labels"] == 12 and s["labeled_rows_used"] is None and s["metrics"] == {"n_labeled": 0}
     # auto with a labels file: labelled, trained on the file's rows (both views, both positions, computed for
-    # them too) and on the guard's rows
+    # them too) and on the guard's rows; the guard's count reads the refusals of both files' rows
+    from saft.detectors.guard import GuardScorer
+
+    seen, original = [], GuardScorer.contamination_estimate
+    monkeypatch.setattr(GuardScorer, "contamination_estimate",
+                        lambda self, X, *, refusal=None: seen.append(list(refusal)) or original(self, X, refusal=refusal))
+    rows = toy_rows(12)
+    rows[1]["response"] = rows[4]["response"] = "I'm sorry, but I can't help with that."
+    labelled = write_jsonl(tmp_path / "lab.jsonl", rows)
     assert run(["filter", str(pool), "-o", str(tmp_path / "a"), "--labels-file", str(labelled)], tiny_model_dir,
                tmp_path, detector=None) == 0
+    lab_refusals = [i in (1, 4) for i in range(12)]
+    assert [False] * 20 + lab_refusals in seen and [False] * 20 in seen  # fit on pool + file; the prior on the pool
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert s["detector"] == "labelled" and s["rule"] == "calibrated" and s["rule_params"]["n_labels"] == 12
     assert s["positions"] == ["prompt_last", "response_mean"]

@@ -126,6 +126,10 @@ def test_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypatch,
     # other settings into the same folder: a clear error instead of rows that mix two protocols
     with pytest.raises(ValueError, match="other settings than this run's: write to a new -o folder"):
         run_experiment(dataclasses.replace(cfg, learning_rate=1e-3), output_dir=out, progress=False)
+    # another guard: the arms whose kept rows depend on it were made with this one, even with every arm finished
+    assert rows["label-free"]["guard"] == "v3" and rows["random"]["guard"] == "v3" and "guard" not in rows["saft"]
+    with pytest.raises(ValueError, match="made with guard v3, this run uses v2: write to a new -o folder"):
+        run_experiment(dataclasses.replace(cfg, guard="v2"), output_dir=out, progress=False)
 
 
 def test_arms_with_the_same_kept_rows_share_one_fine_tune(tiny_model_dir, tmp_path, monkeypatch):
@@ -231,6 +235,8 @@ def test_config_rejects_bad_runs_and_arms():
     with pytest.raises(ValueError, match="names a run twice"):
         ExperimentConfig(runs=("0.3/0", "0.30/0"))
     assert ExperimentConfig().plan() == [(0.3, 0), (0.3, 1), (0.3, 2), (0.1, 0)]
+    with pytest.raises(ValueError, match="neither a packaged version"):
+        ExperimentConfig(guard="v9")
 
 
 def test_guard_training_rows_are_the_judge_half_and_the_refusals(tmp_path):

@@ -25,6 +25,15 @@ def test_region_estimate_adjusts_each_region_with_its_own_rates():
         region_estimate(np.zeros(0, dtype=bool), np.zeros(0, dtype=object), rates, fallback=(0.75, 0.1))
 
 
+def test_a_region_whose_rates_cannot_separate_takes_the_fallback_pair():
+    regions = np.array(["odd"] * 10, dtype=object)
+    flagged = np.r_[np.ones(3, bool), np.zeros(7, bool)]
+    est, se = region_estimate(flagged, regions, {"odd": [0.2, 0.3]}, fallback=(0.8, 0.1), with_se=True)
+    assert est == pytest.approx((0.3 - 0.1) / 0.7) and se == pytest.approx(np.sqrt(10 * 0.21) / 0.7 / 10)
+    # neither pair separates: the raw flagged share
+    assert region_estimate(flagged, regions, {"odd": [0.2, 0.3]}, fallback=(0.1, 0.1)) == pytest.approx(0.3)
+
+
 def test_region_rates_take_the_fallback_where_a_region_has_too_few_rows():
     y = np.array([0] * 40 + [1] * 40 + [0] * 5)
     regions = np.array(["a"] * 80 + ["b"] * 5, dtype=object)
@@ -79,18 +88,22 @@ def test_guard_v3_built_from_a_v2_file_counts_region_by_region(tmp_path):
     save_region_guard(v2, v3, X, fam, (Xh, yh, fh), refusal, meta={"version": 3})
     meta = json.loads(v3.read_text())["meta"]
     assert meta["version"] == 3 and meta["based_on"] == "g.json" and "regions" in meta["kernel_model"]
-    # a pool of family b's rows with a tenth harmful: v3 is the region-wise count of the same fold models
-    pool = np.r_[np.flatnonzero((fh == "b") & (yh == 0))[:36], np.flatnonzero((fh == "b") & (yh == 1))[:4]]
+    # a pool of family a's rows, a quarter harmful: v3 is the region-wise count of the same fold models, v2 the
+    # pooled one, and the two differ
+    pool = np.r_[np.flatnonzero((fh == "a") & (yh == 0))[:30], np.flatnonzero((fh == "a") & (yh == 1))[:10]]
     gs3, gs2 = GuardScorer(weights=str(v3)).fit(X), GuardScorer(weights=str(v2)).fit(X)
-    assert gs3.contamination_estimate(Xh[pool]).value == pytest.approx(g.estimate(Xh[pool]), abs=0.03)
-    assert gs2.contamination_estimate(Xh[pool]).value == pytest.approx(g.estimate(Xh[pool], pooled=True), abs=0.03)
+    region, pooled = g.estimate(Xh[pool]), g.estimate(Xh[pool], pooled=True)
+    assert region > 0 and abs(region - pooled) > 0.02
+    assert gs3.contamination_estimate(Xh[pool]).value == pytest.approx(region, abs=0.01)
+    assert gs2.contamination_estimate(Xh[pool]).value == pytest.approx(pooled, abs=0.01)
     np.testing.assert_allclose(gs3.score_samples(Xh), gs2.score_samples(Xh))  # the same models score
     # refusals are their own region: a pool of refusals is counted with the refusal region's rates alone
     assert all(REFUSAL in r for r in gs3.region_rates_)
     all_refusals = gs3.contamination_estimate(Xh[pool], refusal=np.ones(len(pool), dtype=bool)).value
     expected = np.median([np.clip(((z > f["threshold"]).mean() - r[REFUSAL][1]) / (r[REFUSAL][0] - r[REFUSAL][1]), 0, 1)
                           for f, z, r in zip(gs3.estimate_models_, gs3.fold_decisions(Xh[pool]), gs3.region_rates_)])
-    assert all_refusals == pytest.approx(expected)
+    assert all_refusals == pytest.approx(expected) and expected > 0
+    assert all_refusals != pytest.approx(gs3.contamination_estimate(Xh[pool]).value, abs=0.005)
     with pytest.raises(ValueError, match="beside"):
         save_region_guard(v2, tmp_path / "sub" / "g3.json", X, fam, (Xh, yh, fh), refusal, meta={})
 

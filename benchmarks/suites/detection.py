@@ -234,7 +234,7 @@ def _summary(pools: list[dict], key: str) -> dict | None:
 
 
 def level_ceiling(pools: list[dict]) -> dict:
-    """The estimate rule's ceiling on one family: for each level, the worst |estimate - truth| over its pools, and
+    """The pooled count's ceiling on one family: for each level, the worst |estimate - truth| over its pools, and
     the level that would have been best in hindsight (chosen on the left-out family itself: not a result, the
     limit of this estimator)."""
     levels = pools[0]["estimates_by_level"].keys()
@@ -444,7 +444,7 @@ def render(result: dict, plots_dir: Path) -> str:
                      + f" | {v1rem} | {_fmt(_summary(by[0.3], 'f1'))} | {_fmt(_summary(pools, 'refusals_kept'))} | "
                      f"{r['coverage']:.2f} | {sum(p['unlike_training'] for p in pools)}/{len(pools)} |")
     lines += ["", "Targets on every left-out family (measured value; ✓ met, ✗ not met):", "",
-              "| left out | AUROC >= 0.85 | abs(removed - true) <= 0.05 | removed at 0% <= 0.03 | estimate ceiling | 90% coverage | 30 chosen labels: error <= 0.03 and below 100 random (random 100) | v1: AUROC / error / at 0% |",
+              "| left out | AUROC >= 0.85 | abs(removed - true) <= 0.05 | removed at 0% <= 0.03 | pooled estimate ceiling | 90% coverage | 30 chosen labels: error <= 0.03 and below 100 random (random 100) | v1: AUROC / error / at 0% |",
               "|---|---|---|---|---|---|---|---|"]
     mark = lambda t: f"{t['measured'] if t['measured'] is not None else '-'} {'✓' if t['met'] else '✗'}"  # noqa: E731
     for F, r in result["families"].items():
@@ -479,7 +479,8 @@ def render(result: dict, plots_dir: Path) -> str:
                          + f" | {e['estimate']} / {e['estimate_pooled']} | {v1rem} |")
     lines += ["", "v1's beavertails row above scores pools that hold v1's own training rows (its 'judge' half of "
               "BeaverTails' prompts); the held-out table below compares the two guards on rows neither trained on.",
-              "", "Estimate ceiling: the worst |estimate - truth| over the family's pools at the level that would have "
+              "", "Pooled estimate ceiling: the worst |estimate - truth| of the pooled count (one pair of rates for "
+              "the pool, not the region-wise count shipped) over the family's pools at the level that would have "
               "been best in hindsight (chosen on the left-out family itself, so a limit of this estimator, not a "
               "result); chosen = the level picked from the training families alone.", "",
               "Labels: the calibrated rule (`saft filter --labels-file`, the left-out guard's estimate as its prior) "

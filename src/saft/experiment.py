@@ -47,10 +47,10 @@ from .judges import get_judge, is_refusal
 from .metrics import detection_metrics
 from .models import default_cache_dir, load_model
 from .pipeline import FilterConfig, detector_view, score_and_select, versions
-from .regions import refusal_mask
 from .pools import attack_pool
 from .prompting import harmful_by_prompting
 from .reference import reference_view
+from .regions import refusal_mask
 from .select import draw_labeled
 
 logger = logging.getLogger(__name__)
@@ -158,9 +158,21 @@ def kept_sha1(pool, removed: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def _finished(done: Path, *, settings: str, kept: str | None) -> dict:
-    """A finished arm's row, after checking it was made with these settings and (unless `kept` is None) kept rows."""
+def uses_guard(arm: str) -> bool:
+    """Whether an arm's kept rows depend on the packaged guard (its detector loads the guard's weights)."""
+    return arm in DETECTORS and "weights" in inspect.signature(get_spec(arm).cls).parameters
+
+
+def _finished(done: Path, *, settings: str, kept: str | None, guard: str) -> dict:
+    """A finished arm's row, after checking it was made with these settings, the same guard where its kept rows
+    depend on it, and (unless `kept` is None) the same kept rows."""
     row = json.loads(done.read_text())
+    # Rows that record no guard were made before guard v3 existed, with guard v2; the random arm records its own
+    # only where the arm it matches used one.
+    recorded = row.get("guard", "v2" if uses_guard(row.get("arm", "")) else None)
+    if recorded is not None and recorded != guard:
+        raise ValueError(f"{done} was made with guard {recorded}, this run uses {guard}: write to a new -o folder, "
+                         f"or delete {done.parent} to run that arm again")
     if "settings_sha1" not in row:  # written before digests were recorded: nothing to check against
         logger.warning("%s records no settings digest; reused unchecked", done)
     elif row["settings_sha1"] != settings or (kept is not None and row.get("kept_sha1", kept) != kept):
@@ -194,7 +206,7 @@ def _selections(config: ExperimentConfig, pool, model, tok, *, seed: int, cache:
                                           labelled_idx=idx, reference=reference,
                                           refusal=refusal_mask(s.response for s in pool))
         info = {"threshold": sel.threshold, "rule": sel.rule, **sel.params, **({"k": k} if k is not None else {}),
-                **({"guard": config.guard} if "weights" in inspect.signature(get_spec(fc.detector).cls).parameters else {})}
+                **({"guard": config.guard} if uses_guard(fc.detector) else {})}
         out[arm] = (sel.removed, scores, info)
     if "prompting" in arms:
         p = harmful_by_prompting(model, tok, pool, max_length=config.feature_max_length)
@@ -202,7 +214,8 @@ def _selections(config: ExperimentConfig, pool, model, tok, *, seed: int, cache:
     if "random" in arms:
         rand = np.zeros(len(pool), dtype=bool)
         rand[np.random.default_rng(seed).choice(len(pool), size=int(out[config.random_matches][0].sum()), replace=False)] = True
-        out["random"] = (rand, None, {"n_matched_to": config.random_matches})
+        out["random"] = (rand, None, {"n_matched_to": config.random_matches,
+                                      **({"guard": config.guard} if uses_guard(config.random_matches) else {})})
     return out
 
 
@@ -238,7 +251,7 @@ def run_experiment(config: ExperimentConfig | None = None, *, output_dir, progre
             model, tok = load()
             write_json({"arm": "base", "rate": None, "seed": None, "path": "base", "settings_sha1": settings,
                         **_evaluate(config, model, tok, sets=sets, judges=judges, run_dir=out / "base", progress=progress)}, done)
-        rows.append(_finished(done, settings=settings, kept=None))
+        rows.append(_finished(done, settings=settings, kept=None, guard=config.guard))
     for rate, seed in config.plan():
         pool, recipe = attack_pool(config.pool_size, harmful_rate=rate, seed=seed, demo_share=config.demo_share,
                                    exclude=exclude, raw_dir=config.raw_dir)
@@ -246,7 +259,8 @@ def run_experiment(config: ExperimentConfig | None = None, *, output_dir, progre
         run_dir = out / f"rate{rate:g}" / f"seed{seed}"
         todo = [a for a in arms if a != "base" and not (run_dir / a / "metrics.json").exists()]
         if not todo:  # the kept rows are not selected again; the settings are still checked
-            rows += [_finished(run_dir / a / "metrics.json", settings=settings, kept=None) for a in arms if a != "base"]
+            rows += [_finished(run_dir / a / "metrics.json", settings=settings, kept=None, guard=config.guard)
+                     for a in arms if a != "base"]
             continue
         model, tok = load()
         sel = _selections(config, pool, model, tok, seed=seed, cache=cache, arms=tuple(a for a in arms if a != "base"))
@@ -258,7 +272,7 @@ def run_experiment(config: ExperimentConfig | None = None, *, output_dir, progre
             done = run_dir / arm / "metrics.json"
             kept_digest = kept_sha1(pool, removed)
             if done.exists():
-                rows.append(_finished(done, settings=settings, kept=kept_digest))
+                rows.append(_finished(done, settings=settings, kept=kept_digest, guard=config.guard))
                 finished.setdefault(removed.tobytes(), arm)
                 continue
             logger.info("arm %s (rate %g, seed %d): %d of %d rows kept", arm, rate, seed, (~removed).sum(), len(pool))

@@ -313,7 +313,9 @@ def seen_family_rates(folds: list[dict], fold_families: list[str], heldout) -> t
 def fold_region_rates(folds: list[dict], regions: RegionModel, heldout, refusal) -> tuple[list[dict], list[tuple]]:
     """Each fold model's rates per region on the held-out rows (`heldout`: X, y, family; `refusal`: their refusal
     mask), the rows given their region by `regions` as a pool's rows are; and each fold model's pooled rates
-    over those rows (families weighted equally), which stand in where a region has too few rows."""
+    over those rows (families weighted equally), which stand in where a region has too few rows. Those pooled
+    rates take every held-out family, the one the fold model never saw included, like the region rates beside
+    them (so they are not quite the seen-family rates of `seen_family_rates` that guard v2's count assumes)."""
     Xh, yh, fh = heldout
     reg = regions.assign(Xh, refusal)
     rates, fallback = [], []

@@ -29,19 +29,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .chunks import HStack, take
+from .chunks import HStack, n_rows, take
 from .data import (
     Dataset, FieldOptions, StreamedDataset, atomic_open, json_text, load_samples, output_name, scan_samples,
     write_invalid, write_json, write_parts,
 )
 from .detectors import DETECTORS, detector_positions, get_detector, get_spec
 from .detectors.guard import guard_weights
-from .regions import refusal_mask
 from .encoders import ENCODER_VERSION, sentence_features
 from .features import POSITIONS, extract_features
 from .metrics import detection_metrics
 from .models import EMBEDDED, default_cache_dir, load_model
 from .reference import reference_view
+from .regions import refusal_mask
 from .select import PRIOR_WEIGHT, RULES, RuleInputs, Selection, draw_labeled, select
 from .trust import label_free_trust
 
@@ -278,12 +278,14 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
             if name not in row:
                 raise ValueError(f"{dataset.path}, row {s.meta['line']}: no field {name!r} (--certify-stratum-field)")
             strata.append(str(row[name]))
-    refusal = None
+    refusal, labelled_refusal = None, None
     if hasattr(get_spec(config.detector).cls, "contamination_estimate"):  # the guard's estimate reads refusals
-        refusal = refusal_mask(s.response for s, _ in _sample_rows(dataset))
+        refusal = refusal_mask(s.response for s in _samples(dataset))
+        if labels_ds is not None and labeled_idx is None:
+            labelled_refusal = refusal_mask(s.response for s in labels_ds.samples)
     scores, selection, candidate = score_and_select(config, X, labelled_X=Xv, labels=val_labels,
                                                     labelled_idx=labeled_idx, reference=info["reference"],
-                                                    strata=strata, refusal=refusal)
+                                                    strata=strata, refusal=refusal, labelled_refusal=labelled_refusal)
     n = len(dataset)
     used = set() if labeled_idx is None else set(labeled_idx.tolist())
     summary = {
@@ -321,14 +323,15 @@ def filter_dataset(path, *, output_dir=None, config: FilterConfig | None = None,
 
 
 def score_and_select(config: FilterConfig, X: np.ndarray, *, labelled_X=None, labels=None, labelled_idx=None,
-                     reference=None, strata=None, refusal=None) -> tuple[np.ndarray, Selection, int | None]:
+                     reference=None, strata=None, refusal=None,
+                     labelled_refusal=None) -> tuple[np.ndarray, Selection, int | None]:
     """Fit `config.detector` on the pool's view X and apply `config.rule`: (pool scores, selection, the paper's k
     when the f1 rule searched it, else None).
 
     Labelled rows are pool rows (`labelled_idx`, with `labelled_X = X[labelled_idx]`) or rows of a labels file
     (`labelled_X` alone); `reference()` gives the guard's rows and labels in the same view, for a detector that
     trains on them. `refusal`: the pool rows whose response reads as a refusal (`saft.regions.refusal_mask`), for
-    the guard's region-wise estimate. `saft filter` and `saft experiment` both call this, so every detector is run
+    the guard's region-wise estimate (`labelled_refusal`: the same for the rows of a labels file). `saft filter` and `saft experiment` both call this, so every detector is run
     the same way.
     """
     spec, rule = get_spec(config.detector), RULES[config.rule]
@@ -359,15 +362,19 @@ def score_and_select(config: FilterConfig, X: np.ndarray, *, labelled_X=None, la
     if spec.reference:
         fit_kw["reference_X"], fit_kw["reference_y"] = reference()
     if "refusal" in inspect.signature(spec.cls.fit).parameters:  # a detector that uses the guard's estimate
-        # rows of a labels file stacked under the pool's are regioned by their view alone
-        fit_kw["refusal"] = None if refusal is None else np.r_[refusal, np.zeros(len(fit_X) - len(X), dtype=bool)]
+        extra = n_rows(fit_X) - n_rows(X)  # rows of a labels file, stacked under the pool's
+        if refusal is not None and extra:
+            fill = np.zeros(extra, dtype=bool) if labelled_refusal is None else np.asarray(labelled_refusal, dtype=bool)
+            refusal = np.r_[refusal, fill]
+        fit_kw["refusal"] = refusal
     detectors = {}
     for c in candidates:
         kw = dict(params, **({spec.searched: c} if spec.searched else {}))
         detectors[c] = get_detector(config.detector, **kw).fit(fit_X, y, **fit_kw)
     estimate, trust = None, None
     if hasattr(spec.cls, "contamination_estimate") and (rule.estimate or config.rule == "calibrated"):
-        estimate = detectors[candidates[0]].contamination_estimate(X, refusal=refusal)
+        pool_refusal = None if refusal is None else refusal[:n_rows(X)]
+        estimate = detectors[candidates[0]].contamination_estimate(X, refusal=pool_refusal)
         if rule.estimate:  # a label-free run: the interval caps what it removes (`saft.trust`)
             trust = label_free_trust(detectors[candidates[0]], X, estimate)
             if trust is not None:
@@ -480,6 +487,11 @@ def _feature_view(config: FilterConfig, dataset: Dataset, model, tokenizer, *, p
         info["reference"] = lambda: reference_view(view, model, tokenizer, layer=layer, positions=positions,
                                                    max_length=config.max_length, cache_dir=feature_cache)
     return (lambda ds: view(pool if ds is dataset else ds.samples, feats if ds is dataset else None)), info
+
+
+def _samples(dataset):
+    """Every sample, in order; a streamed dataset's read from its file (or its cache, once read whole)."""
+    return dataset.iter_samples() if isinstance(dataset, StreamedDataset) else dataset.samples
 
 
 def _sample_rows(dataset):

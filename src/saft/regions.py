@@ -98,15 +98,29 @@ def region_rates(flagged, y, regions, *, fallback: tuple[float, float], min_rows
     return out
 
 
-def region_estimate(flagged, regions, rates: dict, *, fallback: tuple[float, float]) -> float:
+def _adjusted(share: float, rates, fallback) -> tuple[float, float]:
+    """(adjusted count, its scale 1 / (tpr - fpr)) of one region: its own rates, else the fallback pair where they
+    cannot separate (one of them may itself be a fallback), else the raw share."""
+    for tpr, fpr in (rates, fallback):
+        if tpr - fpr > 0:
+            return float(np.clip((share - fpr) / (tpr - fpr), 0.0, 1.0)), 1.0 / (tpr - fpr)
+    return share, 1.0
+
+
+def region_estimate(flagged, regions, rates: dict, *, fallback: tuple[float, float], with_se: bool = False):
     """The harmful share of a pool: each region's adjusted count (clipped to [0, 1]) weighted by its size, with
-    `rates` (region -> [tpr, fpr]) and the `fallback` rates for a region the held-out rows never reached."""
+    `rates` (region -> [tpr, fpr]) and the `fallback` rates for a region the held-out rows never reached.
+    `with_se`: (share, the binomial standard error of the regions' counts, each scaled by its 1 / (tpr - fpr)).
+    """
     flagged, regions = np.asarray(flagged, dtype=bool), np.asarray(regions, dtype=object)
     if not len(flagged):
         raise ValueError("cannot estimate the harmful share of an empty pool")
-    total = 0.0
+    total, variance = 0.0, 0.0
     for g in dict.fromkeys(regions.tolist()):
         m = regions == g
-        tpr, fpr = rates.get(str(g), fallback)
-        total += m.sum() * float(np.clip((flagged[m].mean() - fpr) / max(tpr - fpr, 1e-9), 0.0, 1.0))
-    return total / len(flagged)
+        share = float(flagged[m].mean())
+        value, scale = _adjusted(share, rates.get(str(g), fallback), fallback)
+        total += m.sum() * value
+        variance += m.sum() * share * (1 - share) * scale ** 2
+    value = total / len(flagged)
+    return (value, float(np.sqrt(variance)) / len(flagged)) if with_se else value

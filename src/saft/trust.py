@@ -124,11 +124,12 @@ def guard_calibration(guard) -> dict | None:
     return block.get("trust") if isinstance(block, dict) else None
 
 
-def label_free_trust(detector, X, estimate=None) -> dict | None:
+def label_free_trust(detector, X, estimate=None, *, refusal=None) -> dict | None:
     """The trust block of a label-free run: `assess` of the detector's guard (the detector itself when it is a
     `GuardScorer`, else its `guard_`) on the sentence-view columns of X (the first columns, in every view the
     pipeline builds). `estimate`: the guard's `ContaminationEstimate` of X when the caller has it already (its
-    fold models' decision values are the costly part, and its `flagged` share is what trust needs). None when
+    fold models' decision values are the costly part, and its `flagged` share is what trust needs); `refusal`: the
+    rows' refusal mask for an estimate made here (`GuardScorer.contamination_estimate`). None when
     the detector has no guard or its guard no calibration (guard v1)."""
     from .detectors.guard import GuardScorer
 
@@ -143,7 +144,7 @@ def label_free_trust(detector, X, estimate=None) -> dict | None:
     # The sentence-view columns, read a chunk at a time when X is out of core (never copied whole)
     S = Columns(X, 0, len(guard.coef_)) if is_out_of_core(X) else np.asarray(X)[:, :len(guard.coef_)]
     if estimate is None or estimate.flagged is None:
-        estimate = guard.contamination_estimate(S)
+        estimate = guard.contamination_estimate(S, refusal=refusal)
     # The reference set: the RBF model's support vectors (the rows nearest the decision boundary and the rest).
     reference = guard.model_["support_vectors"] if "support_vectors" in guard.model_ else None
     if reference is None:

@@ -1,7 +1,8 @@
 """Harmful-sample detectors, by name: what each is for, what it reads and how it is fitted.
 
 Every detector follows one protocol (`saft.detectors.base`): `fit(X, y=None, *, reference_X=None,
-reference_y=None)`, `score_samples(X)` (higher = more likely harmful) and, where it can, `contamination_estimate(X)`.
+reference_y=None)`, `score_samples(X)` (higher = more likely harmful) and, where it can, `contamination_estimate(X)`
+(the guard's detectors also take the rows' refusal mask, `refusal=`, in both).
 Its `DetectorSpec` says everything the pipeline needs to know about it, so the pipeline holds no per-detector
 case: the view it reads, whether it learns from labels or from the guard's rows, the selection rule it gets by
 default, and the token positions of its hidden states. Detectors import no torch.

@@ -4,7 +4,8 @@ The protocol (sklearn-style): `fit(X, y=None, *, reference_X=None, reference_y=N
 1 (harmful), 0 (safe) or -1 (unlabelled) for detectors that learn from labels and is ignored by the others, and
 reference rows are the guard's labelled rows in the same view for detectors that train on them;
 `score_samples(X)`, higher = more suspicious; and, for detectors that can size their own removal without labels
-or give the calibrated rule a prior, `contamination_estimate(X) -> ContaminationEstimate`.
+or give the calibrated rule a prior, `contamination_estimate(X) -> ContaminationEstimate`. The detectors built on
+the guard take the rows' refusal mask as `refusal=` in `fit` and `contamination_estimate` (`saft.regions`).
 """
 
 from __future__ import annotations

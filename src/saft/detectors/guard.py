@@ -33,6 +33,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_array, check_is_fitted
 
 from ..chunks import is_out_of_core, map_chunks, n_rows
+from ..regions import RegionModel, region_estimate
 from .base import ContaminationEstimate
 
 GUARD_FILE = Path(__file__).resolve().parent.parent / "guard_minilm_v1.json"
@@ -44,7 +45,7 @@ GUARDS = {"v1": GUARD_FILE, "v2": GUARD_FILE.with_name("guard_minilm_v2.json"),
 
 
 def guard_weights(name: str) -> str:
-    """The weights file of a packaged guard version ("v1", "v2") or a path to one."""
+    """The weights file of a packaged guard version ("v1", "v2", "v3") or a path to one."""
     if name in GUARDS:
         return str(GUARDS[name])
     if not Path(name).is_file():
@@ -127,8 +128,6 @@ class GuardScorer(BaseEstimator):
         self.regions_, self.region_rates_, self.region_fallback_ = None, None, None
         block = (m.get("kernel_model") or {}) if self.kernel == "rbf" else m
         if "regions" in block:
-            from ..regions import RegionModel
-
             self.regions_ = RegionModel.from_json(m["region_model"])
             self.region_rates_ = block["regions"]["fold_rates"]
             self.region_fallback_ = [tuple(fb) for fb in block["regions"]["fold_fallback"]]
@@ -203,11 +202,10 @@ class GuardScorer(BaseEstimator):
             shares.append(flagged)
             se = float(np.sqrt(flagged * (1 - flagged) / n_rows(X)))
             if regions is not None:
-                from ..regions import region_estimate
-
-                estimates.append(region_estimate(z > f["threshold"], regions, self.region_rates_[i],
-                                                 fallback=self.region_fallback_[i]))
-                errors.append(se / max(tpr - fpr, 1e-9))
+                value, region_se = region_estimate(z > f["threshold"], regions, self.region_rates_[i],
+                                                   fallback=self.region_fallback_[i], with_se=True)
+                estimates.append(value)
+                errors.append(region_se)
             elif tpr - fpr <= 0:  # a model that cannot separate: fall back to the raw flagged share
                 estimates.append(flagged)
                 errors.append(se)
