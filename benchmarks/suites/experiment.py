@@ -109,5 +109,7 @@ def render(result: dict, plots_dir: Path) -> str:
     c = res["config"]
     setup = (f"Model `{c['model']}`; fine-tuning LoRA r{c['rank']} alpha {c['alpha']} on {', '.join(c['target_modules'])}, "
              f"lr {c['learning_rate']}, {c['epochs']:g} epochs, batch {c['batch_size']}, {c['max_length']} tokens; "
-             f"answers of {c['max_new_tokens']} new tokens, greedy. Random removes as many rows as {c['random_matches']}.")
+             f"answers of {c['max_new_tokens']} new tokens, greedy. Random removes as many rows as {c['random_matches']}. "
+             # results.json written before guard v3 existed records no guard: those arms counted with guard v2
+             f"The label-free and labelled arms use guard {c.get('guard', 'v2')}.")
     return "\n\n".join([setup, results_table(res), "![harmful rate per arm](results/plots/experiment.png)", reading(res)])
