@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from saft.data import Sample
-from saft.detectors.guard import GuardScorer
+from saft.detectors.guard import GuardScorer, guard_weights
 from saft.encoders import sentence_features
 from saft.pools import beavertails_pool, default_raw_dir, guard_training_rows, heldout_pool, load_source, task_pool
 
@@ -61,7 +61,7 @@ def jailbreak_pool(n: int = 1000, *, harmful_rate: float = 0.1, safe_rate: float
 
 
 def build_pools(names, *, seed: int = 0, n: int = 1000) -> list[tuple[str, list[Sample]]]:
-    """(name, samples) for each name of BASE_POOLS, restricted to prompts the guard never trained on."""
+    """(name, samples) for each name of BASE_POOLS, restricted to prompts guard v1 never trained on."""
     seen = {r["prompt"] for r in guard_training_rows(None)}
     makers = {"T": task_pool, "B": beavertails_pool, "H": heldout_pool, "J": jailbreak_pool}
     out = []
@@ -72,10 +72,10 @@ def build_pools(names, *, seed: int = 0, n: int = 1000) -> list[tuple[str, list[
 
 
 def guard_scores(samples: list[Sample]) -> tuple[np.ndarray, float]:
-    """The packaged guard's scores of `samples` (sentence view) and its label-free estimate of their share harmful."""
+    """Guard v1's scores of `samples` (sentence view) and its label-free estimate of their share harmful."""
     cache = Path(os.environ.get("SAFT_CACHE", Path.home() / ".cache" / "saft")) / "sentence"
     X = sentence_features(samples, cache_dir=cache, progress=False)
-    guard = GuardScorer().fit(X)
+    guard = GuardScorer(guard_weights("v1")).fit(X)
     return guard.score_samples(X), float(guard.contamination_estimate(X).value)
 
 

@@ -1,7 +1,7 @@
 """Suite `certify`: how many random labels does the certificate need, and is it ever wrong more than delta?
 
-For each pool (a list of (name, samples); see _label_pools.py, where the per-family pools plug in), the packaged
-guard's sentence-view scores, and for each number of labels and each ALPHA, --draws uniformly random label sets
+For each pool (a list of (name, samples); see _label_pools.py, where the per-family pools plug in), guard v1's
+sentence-view scores, and for each number of labels and each ALPHA, --draws uniformly random label sets
 drawn from the pool (the labels are the pool's truth). Each draw runs `saft.certify.certify_cutoff` (delta
 --delta). Measured per cell: the certification rate (draws certified), the false-certification rate (draws
 certified whose kept set is in truth more than ALPHA harmful; the guarantee says at most delta), and, over the
@@ -82,9 +82,9 @@ def run(args) -> dict:
     t0 = time.time()
     res = {"command": " ".join(["python", *sys.argv]), "seed": args.seed,
            "data": (f"pools {', '.join(args.pools)} of {args.n} rows (seed {args.seed}) without the rows whose prompt "
-                    "the guard trained on; J = Alpaca/Dolly + JailbreakBench artifacts (benchmarks/suites/_label_pools.py)"),
+                    "guard v1 trained on; J = Alpaca/Dolly + JailbreakBench artifacts (benchmarks/suites/_label_pools.py)"),
            "versions": versions(), "delta": args.delta, "draws": args.draws,
-           "detector": "guard (packaged RBF guard, sentence view)", "pools": []}
+           "detector": "guard v1 (RBF, sentence view; see _label_pools.py for why v1)", "pools": []}
     for name, samples in build_pools(args.pools, seed=args.seed, n=args.n):
         y = np.array([s.label for s in samples])
         z, _ = guard_scores(samples)

@@ -1,7 +1,7 @@
 """Suite `labels`: do 30 chosen labels fix the removed count better than 100 random ones?
 
-For each pool (a list of (name, samples); see _label_pools.py, where the per-family pools plug in), the packaged
-guard's sentence-view scores and its label-free estimate (the prior) go through `select_calibrated` (prior worth
+For each pool (a list of (name, samples); see _label_pools.py, where the per-family pools plug in), guard v1's
+sentence-view scores and its label-free estimate (the prior) go through `select_calibrated` (prior worth
 100 labels, weighted by its agreement with the labels) with labels from the pool's own truth on:
 - 30 rows chosen by `saft.label.choose_rows` (the `saft label` default), over --draws seeds of its random pick
   inside each stratum;
@@ -99,9 +99,9 @@ def run(args) -> dict:
     pools = build_pools(args.pools, seed=args.seed, n=args.n)
     res = {"command": " ".join(["python", *sys.argv]), "seed": args.seed,
            "data": (f"pools {', '.join(args.pools)} of {args.n} rows (seed {args.seed}) without the rows whose prompt "
-                    "the guard trained on; J = Alpaca/Dolly + JailbreakBench artifacts (benchmarks/suites/_label_pools.py)"),
+                    "guard v1 trained on; J = Alpaca/Dolly + JailbreakBench artifacts (benchmarks/suites/_label_pools.py)"),
            "versions": versions(), "draws": args.draws, "prior_weight": PRIOR_WEIGHT,
-           "detector": "guard (packaged RBF guard, sentence view); prior: its label-free estimate", "pools": []}
+           "detector": "guard v1 (RBF, sentence view; see _label_pools.py for why v1); prior: its label-free estimate", "pools": []}
     for name, samples in pools:
         r = evaluate_pool(name, samples, draws=args.draws)
         res["pools"].append(r)
