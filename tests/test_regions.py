@@ -94,6 +94,12 @@ def test_guard_v3_built_from_a_v2_file_counts_region_by_region(tmp_path):
     gs3, gs2 = GuardScorer(weights=str(v3)).fit(X), GuardScorer(weights=str(v2)).fit(X)
     region, pooled = g.estimate(Xh[pool]), g.estimate(Xh[pool], pooled=True)
     assert region > 0 and abs(region - pooled) > 0.02
+    # the region-wise count at every level: at the guard's own level it is the estimate, refusals included
+    by_level = g.estimates_by_level(Xh[pool], pooled=False)
+    assert by_level[str(g.level)] == pytest.approx(region) and len(set(by_level.values())) > 1
+    ones = np.ones(len(pool), dtype=bool)
+    assert g.estimates_by_level(Xh[pool], refusal=ones, pooled=False)[str(g.level)] == pytest.approx(g.estimate(Xh[pool], ones))
+    assert g.estimates_by_level(Xh[pool])[str(g.level)] == pytest.approx(pooled)
     assert gs3.contamination_estimate(Xh[pool]).value == pytest.approx(region, abs=0.01)
     assert gs2.contamination_estimate(Xh[pool]).value == pytest.approx(pooled, abs=0.01)
     np.testing.assert_allclose(gs3.score_samples(Xh), gs2.score_samples(Xh))  # the same models score

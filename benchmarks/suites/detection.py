@@ -173,7 +173,8 @@ def score_pool(guard, ranges, dist_t, reference, X, labels, refusal, responses, 
 
     scores = guard.score(X)
     flagged = guard.flagged_shares(X)
-    est = guard.estimate(X, refusal_mask(responses))
+    refusals = refusal_mask(responses)
+    est = guard.estimate(X, refusals)
     t = assess(est, float(np.median(flagged)), len(X), ranges, distance=pool_distance(X, reference), threshold=dist_t)
     n_removed = cap_removal(int(round(est * len(X))), len(X), t["interval"])
     removed = top_share(scores, n_removed / len(X))
@@ -185,7 +186,8 @@ def score_pool(guard, ranges, dist_t, reference, X, labels, refusal, responses, 
     hist = {"edges": edges.round(4).tolist(), "safe": np.histogram(scores[y == 0], edges)[0].tolist(),
             "harmful": np.histogram(scores[y == 1], edges)[0].tolist()}
     row = {**m, "hist": hist, "estimate": est, "estimate_pooled": guard.estimate(X, pooled=True),
-           "estimates_by_level": guard.estimates_by_level(X), "interval": t["interval"], "covered": bool(lo <= m["true_fraction"] <= hi),
+           "estimates_by_level": guard.estimates_by_level(X),
+           "estimates_by_level_region": guard.estimates_by_level(X, refusal=refusals, pooled=False), "interval": t["interval"], "covered": bool(lo <= m["true_fraction"] <= hi),
            "distance": t["distance"], "unlike_training": t["unlike_training"], "wide": t["wide"]}
     if label_draws and 0 < y.sum() < len(y):  # at 0% harmful every label is safe and the calibrated rule refuses
         row["labels"] = label_arms(scores, y, est, draws=label_draws, seed=seed)
@@ -233,12 +235,13 @@ def _summary(pools: list[dict], key: str) -> dict | None:
             "min": round(float(np.min(vals)), 4), "max": round(float(np.max(vals)), 4), "n": len(vals)}
 
 
-def level_ceiling(pools: list[dict]) -> dict:
-    """The pooled count's ceiling on one family: for each level, the worst |estimate - truth| over its pools, and
-    the level that would have been best in hindsight (chosen on the left-out family itself: not a result, the
-    limit of this estimator)."""
-    levels = pools[0]["estimates_by_level"].keys()
-    worst = {lv: round(max(abs(p["estimates_by_level"][lv] - p["true_fraction"]) for p in pools), 4) for lv in levels}
+def level_ceiling(pools: list[dict], key: str = "estimates_by_level") -> dict:
+    """A count's ceiling on one family (`key`: the pooled count's estimates by level, or "estimates_by_level_region"
+    for the region-wise count shipped): for each level, the worst |estimate - truth| over its pools, and the level
+    that would have been best in hindsight (chosen on the left-out family itself: not a result, the limit of
+    this estimator)."""
+    levels = pools[0][key].keys()
+    worst = {lv: round(max(abs(p[key][lv] - p["true_fraction"]) for p in pools), 4) for lv in levels}
     best = min(worst, key=worst.get)
     return {"worst_error_by_level": worst, "best_level": float(best), "best_worst_error": worst[best]}
 
@@ -325,6 +328,7 @@ def run(args) -> dict:
                         [r["response"] for r in rows]), "v1": score_v1(X, labels, refusal)})
         result["families"][F] = {"upload": upload, "guard": info, "pools": pools, "targets": targets_of(pools),
                                  "estimate_ceiling": level_ceiling(pools),
+                                 "estimate_ceiling_region": level_ceiling(pools, "estimates_by_level_region"),
                                  "coverage": round(float(np.mean([p["covered"] for p in pools])), 4),
                                  "warnings": warning_table(pools),
                                  "v1_targets": targets_of([p["v1"] for p in pools])}
@@ -444,16 +448,17 @@ def render(result: dict, plots_dir: Path) -> str:
                      + f" | {v1rem} | {_fmt(_summary(by[0.3], 'f1'))} | {_fmt(_summary(pools, 'refusals_kept'))} | "
                      f"{r['coverage']:.2f} | {sum(p['unlike_training'] for p in pools)}/{len(pools)} |")
     lines += ["", "Targets on every left-out family (measured value; ✓ met, ✗ not met):", "",
-              "| left out | AUROC >= 0.85 | abs(removed - true) <= 0.05 | removed at 0% <= 0.03 | pooled estimate ceiling | 90% coverage | 30 chosen labels: error <= 0.03 and below 100 random (random 100) | v1: AUROC / error / at 0% |",
+              "| left out | AUROC >= 0.85 | abs(removed - true) <= 0.05 | removed at 0% <= 0.03 | estimate ceiling: region-wise / pooled | 90% coverage | 30 chosen labels: error <= 0.03 and below 100 random (random 100) | v1: AUROC / error / at 0% |",
               "|---|---|---|---|---|---|---|---|"]
     mark = lambda t: f"{t['measured'] if t['measured'] is not None else '-'} {'✓' if t['met'] else '✗'}"  # noqa: E731
     for F, r in result["families"].items():
         t, v = r["targets"], r["v1_targets"]
-        c = r["estimate_ceiling"]
+        c, cr = r["estimate_ceiling"], r.get("estimate_ceiling_region")
+        region_ceiling = "-" if cr is None else f"{cr['best_worst_error']:.3f} (level {cr['best_level']:g}) / "
         lab = t.get("labels_30")
         lab = "-" if lab is None else f"{mark(lab)} ({'-' if lab['random_100'] is None else lab['random_100']})"
         lines.append(f"| {F} | {mark(t['auroc'])} | {mark(t['removed_error'])} | {mark(t['removed_at_0'])} | "
-                     f"{c['best_worst_error']:.3f} (level {c['best_level']:g}; chosen {r['guard']['level']:g}) | "
+                     f"{region_ceiling}{c['best_worst_error']:.3f} (level {c['best_level']:g}); chosen {r['guard']['level']:g} | "
                      f"{r['coverage']:.2f} | {lab} | {mark(v['auroc'])} / {mark(v['removed_error'])} / {mark(v['removed_at_0'])} |")
     lines += ["", "The estimate before the interval's cap, region-wise as shipped (`saft.regions`) and pooled (one pair "
               "of rates for the whole pool), worst abs(estimate - truth) over the family's pools:", "",
@@ -479,10 +484,11 @@ def render(result: dict, plots_dir: Path) -> str:
                          + f" | {e['estimate']} / {e['estimate_pooled']} | {v1rem} |")
     lines += ["", "v1's beavertails row above scores pools that hold v1's own training rows (its 'judge' half of "
               "BeaverTails' prompts); the held-out table below compares the two guards on rows neither trained on.",
-              "", "Pooled estimate ceiling: the worst |estimate - truth| of the pooled count (one pair of rates for "
-              "the pool, not the region-wise count shipped) over the family's pools at the level that would have "
-              "been best in hindsight (chosen on the left-out family itself, so a limit of this estimator, not a "
-              "result); chosen = the level picked from the training families alone.", "",
+              "", "Estimate ceiling: the worst |estimate - truth| over the family's pools at the level that would "
+              "have been best in hindsight (chosen on the left-out family itself, so a limit of the estimator, not a "
+              "result), for the region-wise count shipped (each level's region rates measured on the held-out rows) "
+              "and the pooled count (one pair of rates for the pool); chosen = the level picked from the training "
+              "families alone.", "",
               "Labels: the calibrated rule (`saft filter --labels-file`, the left-out guard's estimate as its prior) "
               "with the truth of 30 rows chosen by `saft label` or of 100 uniformly random rows (a third of a "
               f"{result['data']['pool_size']}-row pool), "

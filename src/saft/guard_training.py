@@ -227,6 +227,10 @@ class FittedGuard:
     regions: RegionModel | None = None  # with `heldout_refusal`: the region-wise estimate (`saft.regions`)
     region_rates: list[dict] = field(default_factory=list)  # per fold model: region -> [tpr, fpr]
     region_fallback: list[tuple[float, float]] = field(default_factory=list)  # per fold model: pooled (tpr, fpr)
+    heldout_refusal: np.ndarray | None = field(default=None, repr=False)  # the held-out rows' refusal mask
+    # `_region_rates_at`'s results by threshold, and the fold models' held-out decisions they are made from
+    _rates_by_threshold: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _heldout_decisions: list | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def threshold(self) -> float:
@@ -257,12 +261,33 @@ class FittedGuard:
                for q, f in zip(self.flagged_shares(X), self.folds)]
         return float(np.median(est))
 
-    def estimates_by_level(self, X, levels=FAMILY_LEVELS) -> dict:
-        """The same adjusted count at each level of `levels` (its threshold and pooled rates from the training
-        rows' family-held-out scores): what a different level choice would have estimated."""
+    def _region_rates_at(self, t: float) -> tuple[list[dict], list[tuple]]:
+        """`fold_region_rates` with every fold model's threshold at `t`, kept per threshold (they do not depend
+        on the pool)."""
+        if t not in self._rates_by_threshold:
+            if self._heldout_decisions is None:
+                self._heldout_decisions = [decision(f, self.heldout[0]) for f in self.folds]
+            folds = [{**f, "threshold": t} for f in self.folds]
+            self._rates_by_threshold[t] = fold_region_rates(folds, self.regions, self.heldout, self.heldout_refusal,
+                                                            decisions=self._heldout_decisions)
+        return self._rates_by_threshold[t]
+
+    def estimates_by_level(self, X, levels=FAMILY_LEVELS, *, refusal=None, pooled: bool = True) -> dict:
+        """The same adjusted count at each level of `levels` (its threshold from the training rows'
+        family-held-out scores): what a different level choice would have estimated. `pooled`: one pair of rates
+        per fold model; else, for a guard with regions, the region-wise count as `estimate` makes it (`refusal`:
+        the pool's refusal mask), each level's region rates measured on the held-out rows as at the chosen level."""
         X = np.asarray(X, dtype=np.float64)
         z = [decision(f, X) for f in self.folds]
         out = {}
+        if not pooled and self.regions is not None:
+            reg = self.regions.assign(X, refusal)
+            for level in levels:
+                t = float(np.quantile(self.cv[self.y == 1], level))
+                rates, fallback = self._region_rates_at(t)
+                out[str(level)] = float(np.median([region_estimate(zz > t, reg, r, fallback=fb)
+                                                   for zz, r, fb in zip(z, rates, fallback)]))
+            return out
         for level in levels:
             t = float(np.quantile(self.cv[self.y == 1], level))
             folds = [{**f, "threshold": t} for f in self.folds]
@@ -310,17 +335,19 @@ def seen_family_rates(folds: list[dict], fold_families: list[str], heldout) -> t
     return per_fold, avg
 
 
-def fold_region_rates(folds: list[dict], regions: RegionModel, heldout, refusal) -> tuple[list[dict], list[tuple]]:
+def fold_region_rates(folds: list[dict], regions: RegionModel, heldout, refusal, *,
+                      decisions=None) -> tuple[list[dict], list[tuple]]:
     """Each fold model's rates per region on the held-out rows (`heldout`: X, y, family; `refusal`: their refusal
     mask), the rows given their region by `regions` as a pool's rows are; and each fold model's pooled rates
     over those rows (families weighted equally), which stand in where a region has too few rows. Those pooled
     rates take every held-out family, the one the fold model never saw included, like the region rates beside
-    them (so they are not quite the seen-family rates of `seen_family_rates` that guard v2's count assumes)."""
+    them (so they are not quite the seen-family rates of `seen_family_rates` that guard v2's count assumes).
+    `decisions`: each fold model's decision values on the held-out rows, where already computed."""
     Xh, yh, fh = heldout
     reg = regions.assign(Xh, refusal)
     rates, fallback = [], []
-    for f in folds:
-        z = decision(f, Xh)
+    for i, f in enumerate(folds):
+        z = decision(f, Xh) if decisions is None else decisions[i]
         fb = pooled_rates(family_rates(z, yh, fh, f["threshold"]))
         rates.append(region_rates(z > f["threshold"], yh, reg, fallback=fb))
         fallback.append(fb)
@@ -386,7 +413,8 @@ def fit_guard(X, y, families, *, heldout=None, heldout_refusal=None, C: float = 
                        fold_families=order, level=level, level_worst_rmse=worst, rates=rates,
                        linear_level=linear_level, linear_rates=linear_rates, cv=cv, n_support=int(len(svc.support_)),
                        y=y, families=families, range_rates=range_rates, linear_range_rates=linear_range_rates,
-                       heldout=heldout, regions=regions, region_rates=reg_rates, region_fallback=reg_fallback)
+                       heldout=heldout, regions=regions, region_rates=reg_rates, region_fallback=reg_fallback,
+                       heldout_refusal=None if regions is None else np.asarray(heldout_refusal, dtype=bool))
 
 
 class RowViews:
