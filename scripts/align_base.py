@@ -7,7 +7,11 @@ Training rows (all from shared/data/raw, see docs/aligned-base.md):
   safety-tuned-llamas refusals (safety_only_refusals_vinid.json) whose prompt is in the 'align' slice of
   `saft.aligned.alignment_slice`;
 - benign prompts answered helpfully: Alpaca and Dolly rows in the 'align' slice, those whose prompt uses a word
-  harmful requests also use ("kill", "attack", ...) first, so the model learns the word alone is no reason to refuse.
+  harmful requests also use ("kill", "attack", ...) first, so the model learns the word alone is no reason to refuse;
+  with --self-answered, also the benign prompts of those files (one per line, written for this: look-alikes such as
+  "How do I steal second base in baseball?" and instructions phrased as harmful requests are, "Write a script that
+  ..."), answered by the embedded model itself (greedy; answers that read as refusals are dropped), so the tuning
+  keeps the model's own behaviour on them instead of teaching another.
 No training prompt is reserved for the judge (`judge_reserved`), occurs in BeaverTails (either half), in a task or
 held-out pool source outside the 'align' slice, or in an evaluation set (AdvBench, I-MaliciousInstructions,
 I-Alpaca, src/saft/lookalike_prompts.txt; the Llama-2-chat refusals answer 361 AdvBench prompts, so AdvBench's
@@ -53,7 +57,8 @@ def eval_prompt_sets(raw: Path) -> dict[str, set[str]]:
             "lookalike": {norm(p) for p in load_prompts(LOOKALIKES)}}
 
 
-def build_rows(raw: Path, *, n_harmful: int, n_benign: int, seed: int) -> tuple[list[dict], dict]:
+def build_rows(raw: Path, *, n_harmful: int, n_benign: int, seed: int,
+               self_answered: list[dict] = ()) -> tuple[list[dict], dict]:
     rng = np.random.default_rng(seed)
     evals = eval_prompt_sets(raw)
     banned = set().union(*evals.values())
@@ -77,6 +82,8 @@ def build_rows(raw: Path, *, n_harmful: int, n_benign: int, seed: int) -> tuple[
     benign = [benign[i] for i in rng.permutation(len(benign))]
     benign.sort(key=lambda r: not TRIGGER.search(r["prompt"]))  # stable: look-alike words first, then random
     benign = list({norm(r["prompt"]): r for r in reversed(benign)}.values())[::-1][:n_benign]
+    own = [r for r in self_answered if ok(r) and norm(r["prompt"]) not in {norm(b["prompt"]) for b in benign}]
+    benign += own
     rows = [{**r, "harmful_prompt": 1} for r in harmful] + [{**r, "harmful_prompt": 0} for r in benign]
     train = {norm(r["prompt"]) for r in rows}
     overlaps = {name: len(train & s) for name, s in {**evals, **others}.items()}
@@ -87,10 +94,33 @@ def build_rows(raw: Path, *, n_harmful: int, n_benign: int, seed: int) -> tuple[
               "benign_alpaca": sum(r["source"] == "alpaca" for r in benign),
               "benign_dolly": sum(r["source"] == "dolly" for r in benign),
               "benign_with_lookalike_word": sum(bool(TRIGGER.search(r["prompt"])) for r in benign),
+              "benign_self_answered": len(own),
+              "self_answered_skipped": len(self_answered) - len(own),
               "available": {"llama2": len(llama), "vinid_align": len(vinid)},
               "overlap_checked_against": {k: len(v) for k, v in {**evals, **others}.items()},
               "overlaps": overlaps}
     return rows, counts
+
+
+def self_answers(files: list[str], cache: Path, *, max_new_tokens: int) -> tuple[list[dict], int]:
+    """The prompts of `files` answered by the embedded model (greedy), kept in `cache` (JSONL) so a rerun reuses
+    them; rows whose answer reads as a refusal are left out (their count is returned beside the rows)."""
+    from saft.data import write_jsonl
+    from saft.generate import generate
+    from saft.models import load_model
+    from saft.regions import is_refusal_text
+
+    prompts = list(dict.fromkeys(p for f in files for p in load_prompts(Path(f))))
+    done = {}
+    if cache.exists():
+        done = {r["prompt"]: r["response"] for r in map(json.loads, cache.read_text(encoding="utf-8").splitlines())}
+    todo = [p for p in prompts if p not in done]
+    if todo:
+        model, tok = load_model(EMBEDDED, device="cpu")
+        done.update(zip(todo, generate(model, tok, todo, max_new_tokens=max_new_tokens, batch_size=32)))
+        write_jsonl([{"prompt": p, "response": done[p]} for p in prompts if p in done], cache)
+    rows = [{"prompt": p, "response": done[p], "source": "self"} for p in prompts if not is_refusal_text(done[p])]
+    return rows, len(prompts) - len(rows)
 
 
 def write_shipped_adapter(adapter: Path, target: Path, manifest: dict) -> None:
@@ -130,12 +160,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ship-checkpoint", type=int, default=None, metavar="STEP",
                     help="ship the adapter of checkpoint STEP in --work-dir (a run stopped early) instead of training on")
+    ap.add_argument("--self-answered", nargs="*", default=[], metavar="FILE",
+                    help="files of benign prompts (one per line) the embedded model answers itself, added to the benign rows")
+    ap.add_argument("--self-answer-tokens", type=int, default=72, help="new tokens of each such answer")
     ap.add_argument("--dry-run", action="store_true", help="build and check the rows, print the counts, stop")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     raw = Path(args.raw_dir) if args.raw_dir else default_raw_dir()
-    rows, counts = build_rows(raw, n_harmful=args.n_harmful, n_benign=args.n_benign, seed=args.seed)
+    own, refused = self_answers(args.self_answered, Path(args.work_dir) / "self_answers.jsonl",
+                                max_new_tokens=args.self_answer_tokens) if args.self_answered else ([], 0)
+    rows, counts = build_rows(raw, n_harmful=args.n_harmful, n_benign=args.n_benign, seed=args.seed, self_answered=own)
+    counts["self_answered_refusals_dropped"] = refused
     print(json.dumps(counts, indent=1))
     if args.dry_run:
         return
@@ -163,7 +199,8 @@ def main() -> None:
                            "epochs": args.epochs, "batch_size": 8, "max_length": args.max_length, "seed": args.seed,
                            "steps": ft["steps"], "planned_steps": ft.get("planned_steps", ft["steps"]),
                            "train_loss": ft["train_loss"], "seconds": None if seconds != seconds else round(seconds),
-                           "threads": args.threads},
+                           "threads": args.threads, "self_answered": [Path(f).name for f in args.self_answered],
+                           "self_answer_tokens": args.self_answer_tokens if args.self_answered else None},
                 "rows": counts, "train_prompt_sha1": sorted(prompt_sha1(r["prompt"]) for r in rows)}
     write_shipped_adapter(Path(ft["adapter"]), ADAPTER_DIR, manifest)
     print(f"wrote {ADAPTER_DIR} ({ft['steps']} steps, loss {ft['train_loss']:.3f}, {seconds:.0f} s)")
