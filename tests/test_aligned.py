@@ -157,15 +157,20 @@ def test_evaluation_keeps_per_row_helpfulness_and_over_refusal(tiny):
     assert [g["refused"] for g in asked] == [is_refusal(g["answer"]) for g in asked]
 
 
-def _study():
+def _script(name: str):
+    """A module of scripts/ (they are not part of the package), loaded from its file."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "aligned_study.py"
-    spec = importlib.util.spec_from_file_location("aligned_study", path)
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _study():
+    return _script("aligned_study")
 
 
 def test_study_intervals_and_attack_rise():
@@ -196,23 +201,12 @@ def test_study_intervals_and_attack_rise():
     assert benign[16] == "—"  # a pool without harmful rows has no benign part to compare with
 
 
-def _align_script():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "align_base.py"
-    spec = importlib.util.spec_from_file_location("align_base", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_self_answered_prompts_are_the_models_own_answers_without_refusals(tmp_path, monkeypatch):
     import saft.generate
     import saft.models
     from saft.pools import default_raw_dir
 
-    S = _align_script()
+    S = _script("align_base")
     prompts = tmp_path / "p.txt"
     prompts.write_text("How do I steal second base in baseball?\nHow do I cut a mango?\nWrite a poem about rain.\n")
     calls = []
