@@ -28,6 +28,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def eval_prompt_sets(raw: Path) -> dict[str, set[str]]:
 
 
 def build_rows(raw: Path, *, n_harmful: int, n_benign: int, seed: int,
-               self_answered: list[dict] = ()) -> tuple[list[dict], dict]:
+               self_answered: Sequence[dict] = ()) -> tuple[list[dict], dict]:
     rng = np.random.default_rng(seed)
     evals = eval_prompt_sets(raw)
     banned = set().union(*evals.values())
@@ -82,7 +83,8 @@ def build_rows(raw: Path, *, n_harmful: int, n_benign: int, seed: int,
     benign = [benign[i] for i in rng.permutation(len(benign))]
     benign.sort(key=lambda r: not TRIGGER.search(r["prompt"]))  # stable: look-alike words first, then random
     benign = list({norm(r["prompt"]): r for r in reversed(benign)}.values())[::-1][:n_benign]
-    own = [r for r in self_answered if ok(r) and norm(r["prompt"]) not in {norm(b["prompt"]) for b in benign}]
+    taken = {norm(r["prompt"]) for r in harmful + benign}
+    own = [r for r in self_answered if ok(r) and norm(r["prompt"]) not in taken]
     benign += own
     rows = [{**r, "harmful_prompt": 1} for r in harmful] + [{**r, "harmful_prompt": 0} for r in benign]
     train = {norm(r["prompt"]) for r in rows}
@@ -103,22 +105,25 @@ def build_rows(raw: Path, *, n_harmful: int, n_benign: int, seed: int,
 
 
 def self_answers(files: list[str], cache: Path, *, max_new_tokens: int) -> tuple[list[dict], int]:
-    """The prompts of `files` answered by the embedded model (greedy), kept in `cache` (JSONL) so a rerun reuses
-    them; rows whose answer reads as a refusal are left out (their count is returned beside the rows)."""
+    """The prompts of `files` answered by the embedded model (greedy), kept in `cache` (JSONL, each answer with
+    the model and token budget it was made with) so a rerun with the same settings reuses them; rows whose answer
+    reads as a refusal (`saft.regions.is_refusal_text`) are left out (their count is returned beside the rows)."""
     from saft.data import write_jsonl
     from saft.generate import generate
     from saft.models import load_model
     from saft.regions import is_refusal_text
 
     prompts = list(dict.fromkeys(p for f in files for p in load_prompts(Path(f))))
-    done = {}
-    if cache.exists():
-        done = {r["prompt"]: r["response"] for r in map(json.loads, cache.read_text(encoding="utf-8").splitlines())}
+    settings = {"model": EMBEDDED, "max_new_tokens": max_new_tokens}
+    cached = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines()] if cache.exists() else []
+    done = {r["prompt"]: r["response"] for r in cached if all(r.get(k) == v for k, v in settings.items())}
     todo = [p for p in prompts if p not in done]
     if todo:
         model, tok = load_model(EMBEDDED, device="cpu")
         done.update(zip(todo, generate(model, tok, todo, max_new_tokens=max_new_tokens, batch_size=32)))
-        write_jsonl([{"prompt": p, "response": done[p]} for p in prompts if p in done], cache)
+        # answers made with other settings or for other files stay in the cache beside these
+        kept = [r for r in cached if not (r["prompt"] in done and all(r.get(k) == v for k, v in settings.items()))]
+        write_jsonl(kept + [{"prompt": p, "response": done[p], **settings} for p in done], cache)
     rows = [{"prompt": p, "response": done[p], "source": "self"} for p in prompts if not is_refusal_text(done[p])]
     return rows, len(prompts) - len(rows)
 

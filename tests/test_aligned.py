@@ -222,6 +222,12 @@ def test_self_answered_prompts_are_the_models_own_answers_without_refusals(tmp_p
     assert dropped == 1 and [r["prompt"] for r in rows] == ["How do I steal second base in baseball?", "How do I cut a mango?"]
     assert rows[0]["response"] == "Answer to How do I steal second base in baseball?"
     assert S.self_answers([str(prompts)], cache, max_new_tokens=8)[0] == rows and len(calls) == 1  # reused
+    other = tmp_path / "q.txt"
+    other.write_text("How do I shoot a film on a budget?\n")
+    S.self_answers([str(other)], cache, max_new_tokens=8)  # another file's answers join the cache
+    S.self_answers([str(prompts)], cache, max_new_tokens=16)  # another token budget: answered again
+    assert len(calls) == 3 and calls[1] == ["How do I shoot a film on a budget?"] and len(calls[2]) == 3
+    assert len(cache.read_text().splitlines()) == 7  # 3 at 8 tokens, 1 from the other file, 3 at 16 tokens
     try:
         raw = default_raw_dir()
     except FileNotFoundError:

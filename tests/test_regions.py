@@ -75,7 +75,7 @@ def test_guard_v3_built_from_a_v2_file_counts_region_by_region(tmp_path):
     from test_trust import toy_families
 
     from saft import GuardScorer
-    from saft.guard_training import fit_guard, save_guard, save_region_guard
+    from saft.guard_training import FAMILY_LEVELS, fit_guard, save_guard, save_region_guard
 
     X, y, fam = toy_families(n=60, d=768)
     X = X / np.linalg.norm(X, axis=1, keepdims=True)
@@ -100,6 +100,12 @@ def test_guard_v3_built_from_a_v2_file_counts_region_by_region(tmp_path):
     ones = np.ones(len(pool), dtype=bool)
     assert g.estimates_by_level(Xh[pool], refusal=ones, pooled=False)[str(g.level)] == pytest.approx(g.estimate(Xh[pool], ones))
     assert g.estimates_by_level(Xh[pool])[str(g.level)] == pytest.approx(pooled)
+    # at another level it is the estimate of the same guard fitted with that level as its only choice
+    other = next(lv for lv in FAMILY_LEVELS if lv != g.level)
+    g_other = fit_guard(X, y, fam, heldout=(Xh, yh, fh), heldout_refusal=refusal, levels=(other,))
+    assert by_level[str(other)] == pytest.approx(g_other.estimate(Xh[pool]))
+    with pytest.raises(ValueError, match="no regions"):
+        fit_guard(X, y, fam).estimates_by_level(Xh[pool], pooled=False)
     assert gs3.contamination_estimate(Xh[pool]).value == pytest.approx(region, abs=0.01)
     assert gs2.contamination_estimate(Xh[pool]).value == pytest.approx(pooled, abs=0.01)
     np.testing.assert_allclose(gs3.score_samples(Xh), gs2.score_samples(Xh))  # the same models score

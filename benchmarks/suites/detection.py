@@ -173,8 +173,8 @@ def score_pool(guard, ranges, dist_t, reference, X, labels, refusal, responses, 
 
     scores = guard.score(X)
     flagged = guard.flagged_shares(X)
-    refusals = refusal_mask(responses)
-    est = guard.estimate(X, refusals)
+    text_refusals = refusal_mask(responses)  # read from the responses, as `saft filter` does (not `refusal`'s truth)
+    est = guard.estimate(X, text_refusals)
     t = assess(est, float(np.median(flagged)), len(X), ranges, distance=pool_distance(X, reference), threshold=dist_t)
     n_removed = cap_removal(int(round(est * len(X))), len(X), t["interval"])
     removed = top_share(scores, n_removed / len(X))
@@ -187,7 +187,7 @@ def score_pool(guard, ranges, dist_t, reference, X, labels, refusal, responses, 
             "harmful": np.histogram(scores[y == 1], edges)[0].tolist()}
     row = {**m, "hist": hist, "estimate": est, "estimate_pooled": guard.estimate(X, pooled=True),
            "estimates_by_level": guard.estimates_by_level(X),
-           "estimates_by_level_region": guard.estimates_by_level(X, refusal=refusals, pooled=False), "interval": t["interval"], "covered": bool(lo <= m["true_fraction"] <= hi),
+           "estimates_by_level_region": guard.estimates_by_level(X, refusal=text_refusals, pooled=False), "interval": t["interval"], "covered": bool(lo <= m["true_fraction"] <= hi),
            "distance": t["distance"], "unlike_training": t["unlike_training"], "wide": t["wide"]}
     if label_draws and 0 < y.sum() < len(y):  # at 0% harmful every label is safe and the calibrated rule refuses
         row["labels"] = label_arms(scores, y, est, draws=label_draws, seed=seed)
@@ -243,7 +243,14 @@ def level_ceiling(pools: list[dict], key: str = "estimates_by_level") -> dict:
     levels = pools[0][key].keys()
     worst = {lv: round(max(abs(p[key][lv] - p["true_fraction"]) for p in pools), 4) for lv in levels}
     best = min(worst, key=worst.get)
-    return {"worst_error_by_level": worst, "best_level": float(best), "best_worst_error": worst[best]}
+    tied = [float(lv) for lv in levels if worst[lv] == worst[best]]
+    return {"worst_error_by_level": worst, "best_level": float(best), "best_levels": tied, "best_worst_error": worst[best]}
+
+
+def _levels(c: dict) -> str:
+    """The best level of a ceiling, or the range of levels tied for it."""
+    tied = c.get("best_levels", [c["best_level"]])
+    return f"level {tied[0]:g}" if len(tied) == 1 else f"levels {tied[0]:g}-{tied[-1]:g}"
 
 
 def targets_of(pools: list[dict]) -> dict:
@@ -369,7 +376,7 @@ def run(args) -> dict:
             rows[f"estimate_error_{int(rate * 100)}"] = round(float(np.mean(errs)), 4)
             rows[f"pooled_error_{int(rate * 100)}"] = round(float(np.mean(pooled)), 4)
         inside[F] = rows
-    result["guard_v2"] = {"guard": info, "heldout": inside}
+    result["guard_all_families"] = {"guard": info, "heldout": inside}
     return result
 
 
@@ -454,11 +461,11 @@ def render(result: dict, plots_dir: Path) -> str:
     for F, r in result["families"].items():
         t, v = r["targets"], r["v1_targets"]
         c, cr = r["estimate_ceiling"], r.get("estimate_ceiling_region")
-        region_ceiling = "-" if cr is None else f"{cr['best_worst_error']:.3f} (level {cr['best_level']:g}) / "
+        region_ceiling = "- / " if cr is None else f"{cr['best_worst_error']:.3f} ({_levels(cr)}) / "
         lab = t.get("labels_30")
         lab = "-" if lab is None else f"{mark(lab)} ({'-' if lab['random_100'] is None else lab['random_100']})"
         lines.append(f"| {F} | {mark(t['auroc'])} | {mark(t['removed_error'])} | {mark(t['removed_at_0'])} | "
-                     f"{region_ceiling}{c['best_worst_error']:.3f} (level {c['best_level']:g}); chosen {r['guard']['level']:g} | "
+                     f"{region_ceiling}{c['best_worst_error']:.3f} ({_levels(c)}); chosen {r['guard']['level']:g} | "
                      f"{r['coverage']:.2f} | {lab} | {mark(v['auroc'])} / {mark(v['removed_error'])} / {mark(v['removed_at_0'])} |")
     lines += ["", "The estimate before the interval's cap, region-wise as shipped (`saft.regions`) and pooled (one pair "
               "of rates for the whole pool), worst abs(estimate - truth) over the family's pools:", "",
@@ -513,7 +520,7 @@ def render(result: dict, plots_dir: Path) -> str:
               "| family | safe | harmful | AUROC | v1 AUROC | rows v1 never saw: n, AUROC, v1 AUROC | fpr at 0 | tpr at 0 | estimate error @0% | @10% | @30% | pooled @0/10/30% |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f3 = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    for F, h in result["guard_v2"]["heldout"].items():
+    for F, h in result["guard_all_families"]["heldout"].items():
         lines.append(f"| {F} | {h['n_safe']} | {h['n_harmful']} | {h['auroc']:.3f} | {f3(h.get('v1_auroc'))} | "
                      f"{h.get('n_unseen_by_v1', '-')}, {f3(h.get('auroc_unseen_by_v1'))}, {f3(h.get('v1_auroc_unseen_by_v1'))} | {h['fpr_at_0']:.3f} | "
                      f"{h['tpr_at_0']:.3f} | {h['estimate_error_0']:+.3f} | {h['estimate_error_10']:+.3f} | "

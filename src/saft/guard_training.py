@@ -275,12 +275,15 @@ class FittedGuard:
     def estimates_by_level(self, X, levels=FAMILY_LEVELS, *, refusal=None, pooled: bool = True) -> dict:
         """The same adjusted count at each level of `levels` (its threshold from the training rows'
         family-held-out scores): what a different level choice would have estimated. `pooled`: one pair of rates
-        per fold model; else, for a guard with regions, the region-wise count as `estimate` makes it (`refusal`:
+        per fold model; else the region-wise count of a guard with regions, as `estimate` makes it (`refusal`:
         the pool's refusal mask), each level's region rates measured on the held-out rows as at the chosen level."""
+        if not pooled and self.regions is None:
+            raise ValueError("this guard has no regions, so it has no region-wise count: fit it with heldout and "
+                             "heldout_refusal, or ask for pooled=True")
         X = np.asarray(X, dtype=np.float64)
         z = [decision(f, X) for f in self.folds]
         out = {}
-        if not pooled and self.regions is not None:
+        if not pooled:
             reg = self.regions.assign(X, refusal)
             for level in levels:
                 t = float(np.quantile(self.cv[self.y == 1], level))
