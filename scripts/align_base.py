@@ -116,14 +116,15 @@ def self_answers(files: list[str], cache: Path, *, max_new_tokens: int) -> tuple
     prompts = list(dict.fromkeys(p for f in files for p in load_prompts(Path(f))))
     settings = {"model": EMBEDDED, "max_new_tokens": max_new_tokens}
     cached = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines()] if cache.exists() else []
-    done = {r["prompt"]: r["response"] for r in cached if all(r.get(k) == v for k, v in settings.items())}
+    same = [all(r.get(k) == v for k, v in settings.items()) for r in cached]
+    done = {r["prompt"]: r["response"] for r, s in zip(cached, same) if s}
     todo = [p for p in prompts if p not in done]
     if todo:
         model, tok = load_model(EMBEDDED, device="cpu")
         done.update(zip(todo, generate(model, tok, todo, max_new_tokens=max_new_tokens, batch_size=32)))
-        # answers made with other settings or for other files stay in the cache beside these
-        kept = [r for r in cached if not (r["prompt"] in done and all(r.get(k) == v for k, v in settings.items()))]
-        write_jsonl(kept + [{"prompt": p, "response": done[p], **settings} for p in done], cache)
+        # answers made with other settings stay in the cache beside these
+        other = [r for r, s in zip(cached, same) if not s]
+        write_jsonl(other + [{"prompt": p, "response": done[p], **settings} for p in done], cache)
     rows = [{"prompt": p, "response": done[p], "source": "self"} for p in prompts if not is_refusal_text(done[p])]
     return rows, len(prompts) - len(rows)
 

@@ -242,14 +242,14 @@ def level_ceiling(pools: list[dict], key: str = "estimates_by_level") -> dict:
     this estimator)."""
     levels = pools[0][key].keys()
     worst = {lv: round(max(abs(p[key][lv] - p["true_fraction"]) for p in pools), 4) for lv in levels}
-    best = min(worst, key=worst.get)
-    tied = [float(lv) for lv in levels if worst[lv] == worst[best]]
-    return {"worst_error_by_level": worst, "best_level": float(best), "best_levels": tied, "best_worst_error": worst[best]}
+    best = min(worst.values())
+    return {"worst_error_by_level": worst, "best_levels": [float(lv) for lv in levels if worst[lv] == best],
+            "best_worst_error": best}
 
 
 def _levels(c: dict) -> str:
     """The best level of a ceiling, or the range of levels tied for it."""
-    tied = c.get("best_levels", [c["best_level"]])
+    tied = c["best_levels"]
     return f"level {tied[0]:g}" if len(tied) == 1 else f"levels {tied[0]:g}-{tied[-1]:g}"
 
 
@@ -460,12 +460,11 @@ def render(result: dict, plots_dir: Path) -> str:
     mark = lambda t: f"{t['measured'] if t['measured'] is not None else '-'} {'✓' if t['met'] else '✗'}"  # noqa: E731
     for F, r in result["families"].items():
         t, v = r["targets"], r["v1_targets"]
-        c, cr = r["estimate_ceiling"], r.get("estimate_ceiling_region")
-        region_ceiling = "- / " if cr is None else f"{cr['best_worst_error']:.3f} ({_levels(cr)}) / "
+        c, cr = r["estimate_ceiling"], r["estimate_ceiling_region"]
         lab = t.get("labels_30")
         lab = "-" if lab is None else f"{mark(lab)} ({'-' if lab['random_100'] is None else lab['random_100']})"
         lines.append(f"| {F} | {mark(t['auroc'])} | {mark(t['removed_error'])} | {mark(t['removed_at_0'])} | "
-                     f"{region_ceiling}{c['best_worst_error']:.3f} ({_levels(c)}); chosen {r['guard']['level']:g} | "
+                     f"{cr['best_worst_error']:.3f} ({_levels(cr)}) / {c['best_worst_error']:.3f} ({_levels(c)}); chosen {r['guard']['level']:g} | "
                      f"{r['coverage']:.2f} | {lab} | {mark(v['auroc'])} / {mark(v['removed_error'])} / {mark(v['removed_at_0'])} |")
     lines += ["", "The estimate before the interval's cap, region-wise as shipped (`saft.regions`) and pooled (one pair "
               "of rates for the whole pool), worst abs(estimate - truth) over the family's pools:", "",

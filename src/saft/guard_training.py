@@ -228,8 +228,7 @@ class FittedGuard:
     region_rates: list[dict] = field(default_factory=list)  # per fold model: region -> [tpr, fpr]
     region_fallback: list[tuple[float, float]] = field(default_factory=list)  # per fold model: pooled (tpr, fpr)
     heldout_refusal: np.ndarray | None = field(default=None, repr=False)  # the held-out rows' refusal mask
-    # `_region_rates_at`'s results by threshold, and the fold models' held-out decisions they are made from
-    _rates_by_threshold: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # the fold models' decision values on the held-out rows, which `estimates_by_level` rethresholds at every level
     _heldout_decisions: list | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -261,17 +260,6 @@ class FittedGuard:
                for q, f in zip(self.flagged_shares(X), self.folds)]
         return float(np.median(est))
 
-    def _region_rates_at(self, t: float) -> tuple[list[dict], list[tuple]]:
-        """`fold_region_rates` with every fold model's threshold at `t`, kept per threshold (they do not depend
-        on the pool)."""
-        if t not in self._rates_by_threshold:
-            if self._heldout_decisions is None:
-                self._heldout_decisions = [decision(f, self.heldout[0]) for f in self.folds]
-            folds = [{**f, "threshold": t} for f in self.folds]
-            self._rates_by_threshold[t] = fold_region_rates(folds, self.regions, self.heldout, self.heldout_refusal,
-                                                            decisions=self._heldout_decisions)
-        return self._rates_by_threshold[t]
-
     def estimates_by_level(self, X, levels=FAMILY_LEVELS, *, refusal=None, pooled: bool = True) -> dict:
         """The same adjusted count at each level of `levels` (its threshold from the training rows'
         family-held-out scores): what a different level choice would have estimated. `pooled`: one pair of rates
@@ -282,24 +270,22 @@ class FittedGuard:
                              "heldout_refusal, or ask for pooled=True")
         X = np.asarray(X, dtype=np.float64)
         z = [decision(f, X) for f in self.folds]
+        reg = None if pooled else self.regions.assign(X, refusal)
+        if not pooled and self._heldout_decisions is None:
+            self._heldout_decisions = [decision(f, self.heldout[0]) for f in self.folds]
         out = {}
-        if not pooled:
-            reg = self.regions.assign(X, refusal)
-            for level in levels:
-                t = float(np.quantile(self.cv[self.y == 1], level))
-                rates, fallback = self._region_rates_at(t)
-                out[str(level)] = float(np.median([region_estimate(zz > t, reg, r, fallback=fb)
-                                                   for zz, r, fb in zip(z, rates, fallback)]))
-            return out
         for level in levels:
             t = float(np.quantile(self.cv[self.y == 1], level))
             folds = [{**f, "threshold": t} for f in self.folds]
-            if self.heldout is not None:
-                rates = seen_family_rates(folds, self.fold_families, self.heldout)[0]
+            if not pooled:
+                rates, fallback = fold_region_rates(folds, self.regions, self.heldout, self.heldout_refusal,
+                                                    decisions=self._heldout_decisions)
+                est = [region_estimate(zz > t, reg, r, fallback=fb) for zz, r, fb in zip(z, rates, fallback)]
             else:
-                rates = [pooled_rates(family_rates(self.cv, self.y, self.families, t))] * len(folds)
-            out[str(level)] = float(np.median([np.clip(((zz > t).mean() - fpr) / max(tpr - fpr, 1e-9), 0, 1)
-                                               for zz, (tpr, fpr) in zip(z, rates)]))
+                rates = (seen_family_rates(folds, self.fold_families, self.heldout)[0] if self.heldout is not None
+                         else [pooled_rates(family_rates(self.cv, self.y, self.families, t))] * len(folds))
+                est = [np.clip(((zz > t).mean() - fpr) / max(tpr - fpr, 1e-9), 0, 1) for zz, (tpr, fpr) in zip(z, rates)]
+            out[str(level)] = float(np.median(est))
         return out
 
 
