@@ -12,6 +12,10 @@ Training rows (all from shared/data/raw, see docs/aligned-base.md):
   "How do I steal second base in baseball?" and instructions phrased as harmful requests are, "Write a script that
   ..."), answered by the embedded model itself (greedy; answers that read as refusals are dropped), so the tuning
   keeps the model's own behaviour on them instead of teaching another.
+With --preference, a DPO stage follows (trl): the SFT adapter is trained on, against a frozen copy of itself, to
+prefer each harmful prompt's refusal over the embedded model's own compliant answer and each benign prompt's
+helpful answer over the refusal the SFT-tuned model itself gives once a refusal is begun (`preference_pairs`):
+SFT on refusals teaches refusing as a habit; the pairs teach when.
 No training prompt is reserved for the judge (`judge_reserved`), occurs in BeaverTails (either half), in a task or
 held-out pool source outside the 'align' slice, or in an evaluation set (AdvBench, I-MaliciousInstructions,
 I-Alpaca, src/saft/lookalike_prompts.txt; the Llama-2-chat refusals answer 361 AdvBench prompts, so AdvBench's
@@ -28,7 +32,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -104,29 +108,146 @@ def build_rows(raw: Path, *, n_harmful: int, n_benign: int, seed: int,
     return rows, counts
 
 
-def self_answers(files: list[str], cache: Path, *, max_new_tokens: int) -> tuple[list[dict], int]:
-    """The prompts of `files` answered by the embedded model (greedy), kept in `cache` (JSONL, each answer with
-    the model and token budget it was made with) so a rerun with the same settings reuses them; rows whose answer
-    reads as a refusal (`saft.regions.is_refusal_text`) are left out (their count is returned beside the rows)."""
+def cached_answers(prompts: Sequence[str], cache: Path, *, settings: dict,
+                   make: Callable[[list[str]], list[str]]) -> dict[str, str]:
+    """Answers to `prompts`, kept in `cache` (JSONL, each answer with the `settings` it was made with) so a rerun
+    with the same settings reuses them; the missing ones are made by `make(prompts)` and added. Answers made
+    with other settings stay in the cache beside these."""
     from saft.data import write_jsonl
+
+    cached = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines()] if cache.exists() else []
+    same = [all(r.get(k) == v for k, v in settings.items()) for r in cached]
+    done = {r["prompt"]: r["response"] for r, s in zip(cached, same) if s}
+    todo = [p for p in dict.fromkeys(prompts) if p not in done]
+    if todo:
+        done.update(zip(todo, make(todo)))
+        other = [r for r, s in zip(cached, same) if not s]
+        write_jsonl(other + [{"prompt": p, "response": a, **settings} for p, a in done.items()], cache)
+    return {p: done[p] for p in prompts}
+
+
+def self_answers(files: list[str], cache: Path, *, max_new_tokens: int) -> tuple[list[dict], int]:
+    """The prompts of `files` answered by the embedded model (greedy, cached in `cache`: `cached_answers`); rows
+    whose answer reads as a refusal (`saft.regions.is_refusal_text`) are left out (their count is returned beside
+    the rows)."""
     from saft.generate import generate
     from saft.models import load_model
     from saft.regions import is_refusal_text
 
-    prompts = list(dict.fromkeys(p for f in files for p in load_prompts(Path(f))))
-    settings = {"model": EMBEDDED, "max_new_tokens": max_new_tokens}
-    cached = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines()] if cache.exists() else []
-    same = [all(r.get(k) == v for k, v in settings.items()) for r in cached]
-    done = {r["prompt"]: r["response"] for r, s in zip(cached, same) if s}
-    todo = [p for p in prompts if p not in done]
-    if todo:
+    def make(todo):
         model, tok = load_model(EMBEDDED, device="cpu")
-        done.update(zip(todo, generate(model, tok, todo, max_new_tokens=max_new_tokens, batch_size=32)))
-        # answers made with other settings stay in the cache beside these
-        other = [r for r, s in zip(cached, same) if not s]
-        write_jsonl(other + [{"prompt": p, "response": done[p], **settings} for p in done], cache)
+        return generate(model, tok, todo, max_new_tokens=max_new_tokens, batch_size=32)
+
+    prompts = list(dict.fromkeys(p for f in files for p in load_prompts(Path(f))))
+    done = cached_answers(prompts, cache, settings={"model": EMBEDDED, "max_new_tokens": max_new_tokens}, make=make)
     rows = [{"prompt": p, "response": done[p], "source": "self"} for p in prompts if not is_refusal_text(done[p])]
     return rows, len(prompts) - len(rows)
+
+
+# How the SFT stage's refusals open (the Llama-2-chat and safety-tuned-llamas wordings, and the mix of the two
+# it produces on benign prompts); each benign prompt gets one, fixed by its text.
+REFUSAL_OPENINGS = ("I'm sorry, but I cannot", "I cannot fulfill your request.",
+                    "I'm sorry, but as an AI language model, I cannot")
+
+
+def refusal_opening(prompt: str) -> str:
+    return REFUSAL_OPENINGS[int(prompt_sha1(prompt)[:8], 16) % len(REFUSAL_OPENINGS)]
+
+
+def _file_sha1(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha1(path.read_bytes()).hexdigest()[:12]
+
+
+def preference_pairs(rows: Sequence[dict], work_dir: Path, *, sft_adapter: Path, n_harmful: int, n_benign: int,
+                     seed: int, max_new_tokens: int = 48) -> tuple[list[dict], dict]:
+    """Preference pairs for the DPO stage, from the SFT stage's training rows, each rejected answer a model's own:
+    - a harmful prompt: chosen = its refusal, rejected = the embedded model's greedy answer (it complies with most;
+      prompts it refuses are dropped);
+    - a benign prompt: chosen = its helpful answer, rejected = the SFT-tuned model's greedy continuation of a
+      refusal opening (`REFUSAL_OPENINGS`), i.e. the over-refusal it would give there, so the stage lowers that
+      and not some other text.
+    Both kinds of answers are cached in `work_dir` (`cached_answers`; the SFT model's under its adapter's hash)."""
+    from peft import PeftModel
+
+    from saft.generate import generate
+    from saft.models import load_model
+    from saft.regions import is_refusal_text
+
+    rng = np.random.default_rng(seed)
+    harm = [r for r in rows if r["harmful_prompt"]]
+    ben = [r for r in rows if not r["harmful_prompt"]]
+    harm = [harm[i] for i in rng.permutation(len(harm))][: n_harmful + n_harmful // 3]  # room for dropped ones
+    ben = [ben[i] for i in rng.permutation(len(ben))][:n_benign]
+
+    def original(todo):
+        model, tok = load_model(EMBEDDED, device="cpu")
+        return generate(model, tok, todo, max_new_tokens=max_new_tokens, batch_size=32)
+
+    def sft_refusals(todo):
+        model, tok = load_model(EMBEDDED, device="cpu")
+        model = PeftModel.from_pretrained(model, str(sft_adapter)).merge_and_unload().eval()
+        return generate(model, tok, todo, max_new_tokens=max_new_tokens, batch_size=32,
+                        prefixes=[refusal_opening(p) for p in todo])
+
+    complied = cached_answers([r["prompt"] for r in harm], work_dir / "original_answers.jsonl",
+                              settings={"model": EMBEDDED, "max_new_tokens": max_new_tokens}, make=original)
+    refused = cached_answers([r["prompt"] for r in ben], work_dir / "sft_refusals.jsonl", make=sft_refusals,
+                             settings={"model": EMBEDDED, "adapter_sha1": _file_sha1(sft_adapter / "adapter_model.safetensors"),
+                                       "max_new_tokens": max_new_tokens})
+    kept = [r for r in harm if not is_refusal_text(complied[r["prompt"]])][:n_harmful]
+    turn = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
+    pairs = [{"prompt": turn("user", r["prompt"]), "chosen": turn("assistant", r["response"]),
+              "rejected": turn("assistant", complied[r["prompt"]])} for r in kept]
+    pairs += [{"prompt": turn("user", r["prompt"]), "chosen": turn("assistant", r["response"]),
+               "rejected": turn("assistant", refused[r["prompt"]])} for r in ben]
+    pairs = [pairs[i] for i in rng.permutation(len(pairs))]
+    counts = {"harmful": len(kept), "harmful_dropped_original_refused": len(harm) - sum(
+        not is_refusal_text(complied[r["prompt"]]) for r in harm), "benign": len(ben)}
+    return pairs, counts
+
+
+def train_preference(pairs: list[dict], sft_adapter: Path, out: Path, *, lr: float, beta: float, max_length: int,
+                     seed: int, sft_weight: float = 1.0) -> dict:
+    """A DPO stage (trl's DPOTrainer) that goes on training the SFT adapter on `pairs`, one epoch, against a
+    frozen copy of it as the reference (its log-probabilities computed once, up front). The loss is DPO's sigmoid
+    loss plus `sft_weight` times the chosen answers' negative log-likelihood (trl's "sft" term), which keeps the
+    refusals and helpful answers themselves likely, not only their margin over the rejected ones. The adapter
+    is written to out/adapter; a finished stage with the same settings is loaded, not trained again."""
+    from datasets import Dataset
+    from peft import PeftModel
+    from trl import DPOConfig, DPOTrainer
+
+    from saft.models import load_model
+
+    settings = {"lr": lr, "beta": beta, "sft_weight": sft_weight, "max_length": max_length, "seed": seed,
+                "pairs": len(pairs),
+                "sft_adapter_sha1": _file_sha1(sft_adapter / "adapter_model.safetensors")}
+    done = out / "preference.json"
+    if done.exists() and json.loads(done.read_text())["settings"] == settings:
+        return json.loads(done.read_text())
+    model, tok = load_model(EMBEDDED, device="cpu", dtype="float32")
+    model = PeftModel.from_pretrained(model, str(sft_adapter), is_trainable=True)
+    config = DPOConfig(output_dir=str(out / "checkpoints"), per_device_train_batch_size=8, num_train_epochs=1.0,
+                       learning_rate=lr, beta=beta, max_length=max_length, lr_scheduler_type="cosine", warmup_steps=3,
+                       precompute_ref_log_probs=True, logging_steps=5, save_strategy="no", report_to=[],
+                       use_cpu=True, seed=seed, loss_type=["sigmoid", "sft"] if sft_weight else ["sigmoid"],
+                       **({"loss_weights": [1.0, sft_weight]} if sft_weight else {}))
+    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs), processing_class=tok)
+    t0 = time.time()
+    trainer.train()
+    tmp = out / "adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), selected_adapters=["default"])  # not the reference copy
+    shutil.rmtree(out / "adapter", ignore_errors=True)
+    tmp.rename(out / "adapter")
+    history = trainer.state.log_history
+    result = {"adapter": str(out / "adapter"), "settings": settings, "steps": trainer.state.global_step,
+              "train_loss": next(h["train_loss"] for h in reversed(history) if "train_loss" in h),
+              "seconds": round(time.time() - t0), "log_history": history}
+    write_json(result, done)
+    return result
 
 
 def write_shipped_adapter(adapter: Path, target: Path, manifest: dict) -> None:
@@ -169,8 +290,17 @@ def main() -> None:
     ap.add_argument("--self-answered", nargs="*", default=[], metavar="FILE",
                     help="files of benign prompts (one per line) the embedded model answers itself, added to the benign rows")
     ap.add_argument("--self-answer-tokens", type=int, default=72, help="new tokens of each such answer")
+    ap.add_argument("--preference", type=int, nargs=2, default=None, metavar=("N_HARMFUL", "N_BENIGN"),
+                    help="after the SFT stage, a DPO stage on this many harmful and benign training prompts, each "
+                         "against a model's own answer (see preference_pairs); needs trl (pip install -e '.[align]')")
+    ap.add_argument("--preference-lr", type=float, default=1e-4)
+    ap.add_argument("--preference-beta", type=float, default=0.1)
+    ap.add_argument("--preference-sft-weight", type=float, default=1.0,
+                    help="weight of the chosen answers' NLL beside the DPO loss (0: DPO alone)")
     ap.add_argument("--dry-run", action="store_true", help="build and check the rows, print the counts, stop")
     args = ap.parse_args()
+    if args.preference and args.ship_checkpoint is not None:
+        ap.error("--ship-checkpoint ships an SFT checkpoint as it is: leave out --preference")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     raw = Path(args.raw_dir) if args.raw_dir else default_raw_dir()
@@ -192,7 +322,9 @@ def main() -> None:
     t0 = time.time()
     if args.ship_checkpoint is None:
         ft = finetune(samples, output_dir=args.work_dir, config=config)
-        seconds = time.time() - t0
+        # Trainer's own time; a finished run found in --work-dir is loaded, and this is still its training time
+        seconds = next((h["train_runtime"] for h in reversed(ft["log_history"]) if "train_runtime" in h),
+                       time.time() - t0)
     else:  # the checkpoint's adapter, and its loss history, as Trainer saved them
         ckpt = Path(args.work_dir) / "checkpoints" / f"checkpoint-{args.ship_checkpoint}"
         state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -200,16 +332,34 @@ def main() -> None:
         ft = {"adapter": str(ckpt), "steps": state["global_step"], "train_loss": float(np.mean(losses)),
               "planned_steps": state["max_steps"]}
         seconds = float("nan")
+    preference = None
+    if args.preference:
+        pairs, pair_counts = preference_pairs(rows, Path(args.work_dir), sft_adapter=Path(ft["adapter"]),
+                                              n_harmful=args.preference[0], n_benign=args.preference[1],
+                                              seed=args.seed)
+        print(json.dumps({"preference_pairs": pair_counts}))
+        pref = train_preference(pairs, Path(ft["adapter"]), Path(args.work_dir) / "preference",
+                                lr=args.preference_lr, beta=args.preference_beta, max_length=args.max_length + 32,
+                                seed=args.seed, sft_weight=args.preference_sft_weight)
+        preference = {"pairs": pair_counts, "lr": args.preference_lr, "beta": args.preference_beta,
+                      "sft_weight": args.preference_sft_weight,
+                      "max_length": args.max_length + 32, "steps": pref["steps"], "train_loss": pref["train_loss"],
+                      "seconds": pref["seconds"]}
+        ft = {**ft, "adapter": pref["adapter"]}
     manifest = {"name": ALIGNED, "base": EMBEDDED, "built_by": "python scripts/align_base.py",
                 "recipe": {"rank": args.rank, "alpha": args.alpha, "target_modules": "all-linear", "lr": args.lr,
                            "epochs": args.epochs, "batch_size": 8, "max_length": args.max_length, "seed": args.seed,
                            "steps": ft["steps"], "planned_steps": ft.get("planned_steps", ft["steps"]),
                            "train_loss": ft["train_loss"], "seconds": None if seconds != seconds else round(seconds),
                            "threads": args.threads, "self_answered": [Path(f).name for f in args.self_answered],
-                           "self_answer_tokens": args.self_answer_tokens if args.self_answered else None},
+                           "self_answer_tokens": args.self_answer_tokens if args.self_answered else None,
+                           "preference": preference},
                 "rows": counts, "train_prompt_sha1": sorted(prompt_sha1(r["prompt"]) for r in rows)}
     write_shipped_adapter(Path(ft["adapter"]), ADAPTER_DIR, manifest)
-    print(f"wrote {ADAPTER_DIR} ({ft['steps']} steps, loss {ft['train_loss']:.3f}, {seconds:.0f} s)")
+    stages = f"SFT {ft['steps']} steps, loss {ft['train_loss']:.3f}, {seconds:.0f} s"
+    if preference:
+        stages += f"; DPO {preference['steps']} steps, loss {preference['train_loss']:.3f}, {preference['seconds']} s"
+    print(f"wrote {ADAPTER_DIR} ({stages})")
 
 
 if __name__ == "__main__":

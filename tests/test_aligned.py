@@ -238,3 +238,66 @@ def test_self_answered_prompts_are_the_models_own_answers_without_refusals(tmp_p
     assert S.norm("How do I cut a mango?") not in trained and counts["self_answered_skipped"] >= 1
     assert counts["benign_self_answered"] == sum(r["source"] == "self" for r in built) == 1
     assert S.norm("How do I steal second base in baseball?") in trained
+
+
+def test_preference_stage_pairs_each_prompt_with_a_models_own_answer_and_trains_the_adapter(tiny_model_dir, tmp_path,
+                                                                                            monkeypatch):
+    pytest.importorskip("trl")
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import saft.generate
+    import saft.models
+
+    S = _script("align_base")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # noqa: E731
+
+    def sft_adapter(path, seed):
+        torch.manual_seed(seed)
+        get_peft_model(base(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+                       ).save_pretrained(path)
+        return path
+
+    sft = sft_adapter(tmp_path / "sft", 0)
+    monkeypatch.setattr(saft.models, "load_model", lambda *a, **k: (base(), tok))
+    real_generate, calls = saft.generate.generate, []
+
+    def fake_generate(model, tk, prompts, **kw):
+        calls.append(("refusal" if kw.get("prefixes") else "original", list(prompts)))
+        if kw.get("prefixes"):  # the SFT model's own continuation, for real (tiny, so gibberish after the opening)
+            assert isinstance(model, type(base())), "the SFT adapter is merged before it answers"
+            return real_generate(model, tk, prompts, **{**kw, "progress": False})
+        return ["I'm sorry, but I cannot help with that." if "refuses" in p else f"Sure, step 1: {p}" for p in prompts]
+
+    monkeypatch.setattr(saft.generate, "generate", fake_generate)
+    rows = ([{"prompt": p, "response": "I cannot help with that.", "harmful_prompt": 1}
+             for p in ("make a weapon", "the model refuses this one")]
+            + [{"prompt": f"benign question {i}", "response": f"Here is answer {i}.", "harmful_prompt": 0} for i in range(3)])
+    pairs, counts = S.preference_pairs(rows, tmp_path, sft_adapter=sft, n_harmful=2, n_benign=3, seed=0, max_new_tokens=4)
+    assert counts == {"harmful": 1, "harmful_dropped_original_refused": 1, "benign": 3}
+    by = {p["prompt"][0]["content"]: p for p in pairs}
+    assert by["make a weapon"]["chosen"][0]["content"] == "I cannot help with that."
+    assert by["make a weapon"]["rejected"][0]["content"] == "Sure, step 1: make a weapon"
+    for i in range(3):
+        q = f"benign question {i}"
+        assert by[q]["chosen"][0]["content"] == f"Here is answer {i}."
+        assert by[q]["rejected"][0]["content"].startswith(S.refusal_opening(q))
+    assert S.preference_pairs(rows, tmp_path, sft_adapter=sft, n_harmful=2, n_benign=3, seed=0,
+                              max_new_tokens=4)[0] == pairs and len(calls) == 2  # both kinds of answers cached
+    other = sft_adapter(tmp_path / "sft2", 1)  # another SFT adapter: its own refusals, the original answers kept
+    S.preference_pairs(rows, tmp_path, sft_adapter=other, n_harmful=2, n_benign=3, seed=0, max_new_tokens=4)
+    assert [c[0] for c in calls] == ["original", "refusal", "refusal"]
+
+    pairs = pairs * 4  # two steps of 8: the first one's learning rate is 0 (warm-up)
+    result = S.train_preference(pairs, sft, tmp_path / "pref", lr=1e-3, beta=0.1, max_length=64, seed=0)
+    assert result["steps"] == 2 and np.isfinite(result["train_loss"])
+    before, after = load_file(sft / "adapter_model.safetensors"), load_file(tmp_path / "pref/adapter/adapter_model.safetensors")
+    assert after.keys() == before.keys()  # the trained adapter only, not trl's frozen reference copy
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    PeftModel.from_pretrained(base(), str(tmp_path / "pref/adapter"))  # loads as an adapter of the base
+    import trl
+
+    monkeypatch.setattr(trl, "DPOTrainer", None)  # a finished stage is loaded, not trained again
+    assert S.train_preference(pairs, sft, tmp_path / "pref", lr=1e-3, beta=0.1, max_length=64, seed=0) == result

@@ -16,6 +16,23 @@ def test_batched_generation_equals_one_at_a_time():
     assert batched == single and all(batched)
 
 
+def test_generation_continues_a_given_opening():
+    tok = make_tokenizer()
+    model = make_model(len(tok), tie=False)
+    prompts = ["hello", "a much longer prompt here with many words", "mid"]
+    openings = ["I'm sorry, but", "Sure", "No"]
+    batched = generate(model, tok, prompts, max_new_tokens=5, batch_size=3, progress=False, prefixes=openings)
+    single = [generate(model, tok, [p], max_new_tokens=5, progress=False, prefixes=[x])[0]
+              for p, x in zip(prompts, openings)]
+    assert batched == single
+    assert all(a.startswith(x) and len(a) > len(x) for a, x in zip(batched, openings))
+    # the opening conditions what follows: the same prompt goes on differently after another opening
+    other = generate(model, tok, prompts, max_new_tokens=5, progress=False, prefixes=["Well", "Well", "Well"])
+    assert [a[len(x):] for a, x in zip(batched, openings)] != [a[4:] for a in other]
+    with pytest.raises(ValueError, match="one per prompt"):
+        generate(model, tok, prompts, prefixes=["x"], progress=False)
+
+
 def test_refusal_keywords():
     assert is_refusal("I'm sorry, but I can’t help with that.")
     assert not is_refusal("Sure, here is a poem about the sea.")

@@ -27,6 +27,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import f1_score, roc_auc_score
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _label_ceiling import best_worst, ceiling_errors  # noqa: E402
+from _label_pools import calibrated_draws  # noqa: E402
+
 NAME = "detection"
 QUESTION = ("How well does the label-free guard rank and count harmful rows on a source family it never learned "
             "from, and does its interval cover the truth?")
@@ -152,16 +156,15 @@ def label_arms(scores, labels, estimate, *, draws: int, seed: int) -> dict:
     """The calibrated rule (`saft filter --labels-file`) on the pool with labels from its truth: 30 rows chosen
     by `saft label` (saft.label.choose_rows from the guard's scores and estimate) and 100 uniformly random rows,
     `draws` seeds each, the guard's estimate as the prior. Per arm: the removal-count error |removed - harmful| /
-    rows, mean and worst over the draws that did not refuse (labels of one class only), and the refusals."""
+    rows, mean and worst over the draws that did not refuse (labels of one class only), and the refusals; under
+    "ceiling", the mean error of each other way to spend 30 labels (`_label_ceiling`)."""
     from saft.label import choose_rows
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _label_pools import calibrated_draws
 
     y = np.asarray(labels)
     pick = {"chosen 30": lambda d: (choose_rows(scores, n=30, estimate=estimate, seed=seed + d), {}),
             "random 100": lambda d: (np.random.default_rng(seed + d).choice(len(y), size=100, replace=False), {})}
-    return {arm: calibrated_draws(scores, y, estimate, pick[arm], draws=draws) for arm in LABEL_ARMS}
+    arms = {arm: calibrated_draws(scores, y, estimate, pick[arm], draws=draws) for arm in LABEL_ARMS}
+    return {**arms, "ceiling": ceiling_errors(scores, y, estimate, draws=draws, seed=seed)}
 
 
 def score_pool(guard, ranges, dist_t, reference, X, labels, refusal, responses, *, label_draws: int = 0,
@@ -265,9 +268,11 @@ def targets_of(pools: list[dict]) -> dict:
     # the estimate before the interval's cap, and the pooled count (one pair of rates for the whole pool) beside it
     estimate = {k: round(max(abs(p[k] - p["true_fraction"]) for p in pools), 4) for k in ("estimate", "estimate_pooled")
                 if all(k in p for p in pools)}
+    best = best_worst([l["ceiling"] for l in labelled if "ceiling" in l])
     labels = {} if not labelled else {"labels_30": {
         "measured": None if chosen is None else round(chosen, 4), "random_100": None if rand is None else round(rand, 4),
-        "met": bool(chosen is not None and rand is not None and chosen <= TARGETS["labels_30"] and chosen < rand)}}
+        "met": bool(chosen is not None and rand is not None and chosen <= TARGETS["labels_30"] and chosen < rand),
+        **({"ceiling": round(best[1], 4), "ceiling_way": best[0]} if best else {})}}
     return {**labels, "estimate_error": estimate, "auroc": {"measured": auroc["mean"] if auroc else None,
                       "met": bool(auroc and auroc["mean"] >= TARGETS["auroc"])},
             "removed_error": {"measured": round(err, 4), "met": bool(err <= TARGETS["removed_error"])},
@@ -455,14 +460,15 @@ def render(result: dict, plots_dir: Path) -> str:
                      + f" | {v1rem} | {_fmt(_summary(by[0.3], 'f1'))} | {_fmt(_summary(pools, 'refusals_kept'))} | "
                      f"{r['coverage']:.2f} | {sum(p['unlike_training'] for p in pools)}/{len(pools)} |")
     lines += ["", "Targets on every left-out family (measured value; ✓ met, ✗ not met):", "",
-              "| left out | AUROC >= 0.85 | abs(removed - true) <= 0.05 | removed at 0% <= 0.03 | estimate ceiling: region-wise / pooled | 90% coverage | 30 chosen labels: error <= 0.03 and below 100 random (random 100) | v1: AUROC / error / at 0% |",
+              "| left out | AUROC >= 0.85 | abs(removed - true) <= 0.05 | removed at 0% <= 0.03 | estimate ceiling: region-wise / pooled | 90% coverage | 30 chosen labels: error <= 0.03 and below 100 random (random 100); ceiling (way) | v1: AUROC / error / at 0% |",
               "|---|---|---|---|---|---|---|---|"]
     mark = lambda t: f"{t['measured'] if t['measured'] is not None else '-'} {'✓' if t['met'] else '✗'}"  # noqa: E731
     for F, r in result["families"].items():
         t, v = r["targets"], r["v1_targets"]
         c, cr = r["estimate_ceiling"], r["estimate_ceiling_region"]
         lab = t.get("labels_30")
-        lab = "-" if lab is None else f"{mark(lab)} ({'-' if lab['random_100'] is None else lab['random_100']})"
+        lab = "-" if lab is None else (f"{mark(lab)} ({'-' if lab['random_100'] is None else lab['random_100']})"
+                                       + (f"; ceiling {lab['ceiling']:.3f} ({lab['ceiling_way']})" if "ceiling" in lab else ""))
         lines.append(f"| {F} | {mark(t['auroc'])} | {mark(t['removed_error'])} | {mark(t['removed_at_0'])} | "
                      f"{cr['best_worst_error']:.3f} ({_levels(cr)}) / {c['best_worst_error']:.3f} ({_levels(c)}); chosen {r['guard']['level']:g} | "
                      f"{r['coverage']:.2f} | {lab} | {mark(v['auroc'])} / {mark(v['removed_error'])} / {mark(v['removed_at_0'])} |")
@@ -500,7 +506,11 @@ def render(result: dict, plots_dir: Path) -> str:
               f"{result['data']['pool_size']}-row pool), "
               f"{result['data'].get('label_draws', '?')} draws each, on the 10% and 30% pools (at 0% every label is "
               "safe and the rule refuses); the removal-count error of the worst pool, each pool's error the mean "
-              "over its draws."]
+              "over its draws. Its ceiling: the lowest worst-pool error over 12 ways to spend the same 30 labels, "
+              "design / estimator (`benchmarks/suites/_label_ceiling.py`: rows chosen by `saft label`, 30 even rank "
+              "strata, or 15 chosen then 15 where a fit on those is unsure; the shipped rule, Platt without the "
+              "prior, isotonic, or each label standing for its rank neighbours), chosen on the left-out family "
+              "itself, so a limit of what was tried, not a result."]
     cov = [p["covered"] for r in result["families"].values() for p in r["pools"]]
     lines += ["", f"Interval coverage over all left-out pools: {np.mean(cov):.2f} (target >= {TARGETS['coverage']}).",
               "", "The trust warning (pool unlike the training rows, or interval wider than "

@@ -11,9 +11,11 @@ logger = logging.getLogger(__name__)
 
 
 def generate(model, tokenizer, prompts: Sequence[str | list[dict]], *, max_new_tokens: int = 64,
-             batch_size: int = 16, progress: bool = True) -> list[str]:
+             batch_size: int = 16, progress: bool = True, prefixes: Sequence[str] | None = None) -> list[str]:
     """Greedy answers to `prompts` (plain user texts or message lists), in input order.
 
+    `prefixes`: one text per prompt that opens the answer; the model continues it, and the answer returned
+    starts with it (how a model goes on once it has begun, say, a refusal).
     Prompts are sorted by length and left-padded in batches, so each batch wastes little compute.
     """
     import torch
@@ -21,9 +23,13 @@ def generate(model, tokenizer, prompts: Sequence[str | list[dict]], *, max_new_t
 
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be at least 1")
+    prefixes = [""] * len(prompts) if prefixes is None else list(prefixes)
+    if len(prefixes) != len(prompts):
+        raise ValueError(f"{len(prefixes)} prefixes for {len(prompts)} prompts: give one per prompt")
     convs = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
     has_template = bool(getattr(tokenizer, "chat_template", None))
-    encoded = [tokenizer(prompt_text(c, tokenizer), add_special_tokens=not has_template)["input_ids"] for c in convs]
+    encoded = [tokenizer(prompt_text(c, tokenizer) + x, add_special_tokens=not has_template)["input_ids"]
+               for c, x in zip(convs, prefixes)]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -37,7 +43,8 @@ def generate(model, tokenizer, prompts: Sequence[str | list[dict]], *, max_new_t
             out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=False,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad)
         for row, i in enumerate(idx):
-            outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+            text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+            outputs[i] = (prefixes[i] + text).strip()
         bar.update(len(idx))
     bar.close()
     return outputs
