@@ -301,6 +301,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.preference and args.ship_checkpoint is not None:
         ap.error("--ship-checkpoint ships an SFT checkpoint as it is: leave out --preference")
+    if args.preference:
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            ap.error("--preference trains with trl, which is not installed: pip install -e '.[align]'")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     raw = Path(args.raw_dir) if args.raw_dir else default_raw_dir()
