@@ -38,7 +38,7 @@ import numpy as np
 
 from saft.aligned import ADAPTER_DIR, ALIGNED, LOOKALIKES, MANIFEST, alignment_slice, prompt_sha1
 from saft.data import Sample, load_prompts, write_json
-from saft.models import EMBEDDED
+from saft.models import EMBEDDED, adapter_digest
 from saft.pools import default_raw_dir, judge_reserved, load_source
 
 # Words that harmful requests share with everyday ones; benign rows using them are taken first.
@@ -154,12 +154,6 @@ def refusal_opening(prompt: str) -> str:
     return REFUSAL_OPENINGS[int(prompt_sha1(prompt)[:8], 16) % len(REFUSAL_OPENINGS)]
 
 
-def _file_sha1(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha1(path.read_bytes()).hexdigest()[:12]
-
-
 def preference_pairs(rows: Sequence[dict], work_dir: Path, *, sft_adapter: Path, n_harmful: int, n_benign: int,
                      seed: int, max_new_tokens: int = 48) -> tuple[list[dict], dict]:
     """Preference pairs for the DPO stage, from the SFT stage's training rows, each rejected answer a model's own:
@@ -194,17 +188,17 @@ def preference_pairs(rows: Sequence[dict], work_dir: Path, *, sft_adapter: Path,
     complied = cached_answers([r["prompt"] for r in harm], work_dir / "original_answers.jsonl",
                               settings={"model": EMBEDDED, "max_new_tokens": max_new_tokens}, make=original)
     refused = cached_answers([r["prompt"] for r in ben], work_dir / "sft_refusals.jsonl", make=sft_refusals,
-                             settings={"model": EMBEDDED, "adapter_sha1": _file_sha1(sft_adapter / "adapter_model.safetensors"),
+                             settings={"model": EMBEDDED, "adapter": adapter_digest(sft_adapter),
                                        "max_new_tokens": max_new_tokens})
-    kept = [r for r in harm if not is_refusal_text(complied[r["prompt"]])][:n_harmful]
+    complies = [r for r in harm if not is_refusal_text(complied[r["prompt"]])]
+    kept = complies[:n_harmful]
     turn = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
     pairs = [{"prompt": turn("user", r["prompt"]), "chosen": turn("assistant", r["response"]),
               "rejected": turn("assistant", complied[r["prompt"]])} for r in kept]
     pairs += [{"prompt": turn("user", r["prompt"]), "chosen": turn("assistant", r["response"]),
                "rejected": turn("assistant", refused[r["prompt"]])} for r in ben]
     pairs = [pairs[i] for i in rng.permutation(len(pairs))]
-    counts = {"harmful": len(kept), "harmful_dropped_original_refused": len(harm) - sum(
-        not is_refusal_text(complied[r["prompt"]]) for r in harm), "benign": len(ben)}
+    counts = {"harmful": len(kept), "harmful_dropped_original_refused": len(harm) - len(complies), "benign": len(ben)}
     return pairs, counts
 
 
@@ -223,7 +217,7 @@ def train_preference(pairs: list[dict], sft_adapter: Path, out: Path, *, lr: flo
 
     settings = {"lr": lr, "beta": beta, "sft_weight": sft_weight, "max_length": max_length, "seed": seed,
                 "pairs": len(pairs),
-                "sft_adapter_sha1": _file_sha1(sft_adapter / "adapter_model.safetensors")}
+                "sft_adapter": adapter_digest(sft_adapter)}
     done = out / "preference.json"
     if done.exists() and json.loads(done.read_text())["settings"] == settings:
         return json.loads(done.read_text())

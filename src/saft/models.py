@@ -109,11 +109,18 @@ def merged_model_dir(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     return target
 
 
+def adapter_digest(adapter: str | os.PathLike) -> str:
+    """A short hash of a LoRA adapter folder's weights and config: what names anything made from that adapter."""
+    import hashlib
+
+    adapter = Path(adapter)
+    return hashlib.sha1((adapter / "adapter_model.safetensors").read_bytes()
+                        + (adapter / "adapter_config.json").read_bytes()).hexdigest()[:12]
+
+
 def aligned_model_dir(cache_dir: str | os.PathLike | None = None, *, adapter_dir: str | os.PathLike | None = None,
                       base_dir: str | os.PathLike | None = None) -> Path:
     """Folder with the aligned embedded model (the embedded base + the shipped safety adapter, merged)."""
-    import hashlib
-
     from .aligned import ADAPTER_DIR
 
     adapter = Path(adapter_dir or ADAPTER_DIR)
@@ -122,8 +129,7 @@ def aligned_model_dir(cache_dir: str | os.PathLike | None = None, *, adapter_dir
         raise ModelError(f"{weights} is missing: the aligned model's adapter is not installed; build it with "
                          "`python scripts/align_base.py` or reinstall saft-llm.")
     # The folder is named by the adapter's hash, so a new adapter never reuses an old merge.
-    digest = hashlib.sha1(weights.read_bytes() + (adapter / "adapter_config.json").read_bytes()).hexdigest()[:12]
-    target = Path(cache_dir or default_cache_dir()) / "models" / f"smollm2-135m-aligned-{digest}"
+    target = Path(cache_dir or default_cache_dir()) / "models" / f"smollm2-135m-aligned-{adapter_digest(adapter)}"
     return merged_model_dir(base_dir or embedded_model_dir(cache_dir), adapter, target)
 
 
