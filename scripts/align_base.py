@@ -26,6 +26,7 @@ Resumes from the last checkpoint in --work-dir.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import re
@@ -36,7 +37,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from saft.aligned import ADAPTER_DIR, ALIGNED, LOOKALIKES, MANIFEST, alignment_slice, prompt_sha1
+from saft.aligned import ADAPTER_DIR, ALIGNED, LOOKALIKES, LOOKALIKES_CONFIRM, MANIFEST, alignment_slice, prompt_sha1
 from saft.data import Sample, load_prompts, write_json
 from saft.models import EMBEDDED, adapter_digest
 from saft.pools import default_raw_dir, judge_reserved, load_source
@@ -59,7 +60,8 @@ def eval_prompt_sets(raw: Path) -> dict[str, set[str]]:
     return {"advbench_heldout": {norm(p) for p in load_prompts(raw / "advbench.txt")} - llama,
             "malicious": {norm(p) for p in load_prompts(raw / "eval_malicious_instructions.json")},
             "alpaca50": {norm(p) for p in load_prompts(raw / "eval_alpaca50.json")},
-            "lookalike": {norm(p) for p in load_prompts(LOOKALIKES)}}
+            "lookalike": {norm(p) for p in load_prompts(LOOKALIKES)},
+            "lookalike_confirm": {norm(p) for p in load_prompts(LOOKALIKES_CONFIRM)}}
 
 
 def build_rows(raw: Path, *, n_harmful: int, n_benign: int, seed: int,
@@ -217,6 +219,7 @@ def train_preference(pairs: list[dict], sft_adapter: Path, out: Path, *, lr: flo
 
     settings = {"lr": lr, "beta": beta, "sft_weight": sft_weight, "max_length": max_length, "seed": seed,
                 "pairs": len(pairs),
+                "pairs_sha1": hashlib.sha1(json.dumps(pairs, sort_keys=True).encode("utf-8")).hexdigest(),
                 "sft_adapter": adapter_digest(sft_adapter)}
     done = out / "preference.json"
     if done.exists() and json.loads(done.read_text())["settings"] == settings:
@@ -291,6 +294,8 @@ def main() -> None:
     ap.add_argument("--preference-beta", type=float, default=0.1)
     ap.add_argument("--preference-sft-weight", type=float, default=1.0,
                     help="weight of the chosen answers' NLL beside the DPO loss (0: DPO alone)")
+    ap.add_argument("--preference-seed", type=int, default=None,
+                    help="seed of the pairs' draw and the DPO stage (default --seed): another draw on the same SFT adapter")
     ap.add_argument("--dry-run", action="store_true", help="build and check the rows, print the counts, stop")
     args = ap.parse_args()
     if args.preference and args.ship_checkpoint is not None:
@@ -333,14 +338,15 @@ def main() -> None:
         seconds = float("nan")
     preference = None
     if args.preference:
+        pref_seed = args.seed if args.preference_seed is None else args.preference_seed
         pairs, pair_counts = preference_pairs(rows, Path(args.work_dir), sft_adapter=Path(ft["adapter"]),
                                               n_harmful=args.preference[0], n_benign=args.preference[1],
-                                              seed=args.seed)
+                                              seed=pref_seed)
         print(json.dumps({"preference_pairs": pair_counts}))
         pref = train_preference(pairs, Path(ft["adapter"]), Path(args.work_dir) / "preference",
                                 lr=args.preference_lr, beta=args.preference_beta, max_length=args.max_length + 32,
-                                seed=args.seed, sft_weight=args.preference_sft_weight)
-        preference = {"pairs": pair_counts, "lr": args.preference_lr, "beta": args.preference_beta,
+                                seed=pref_seed, sft_weight=args.preference_sft_weight)
+        preference = {"pairs": pair_counts, "seed": pref_seed, "lr": args.preference_lr, "beta": args.preference_beta,
                       "sft_weight": args.preference_sft_weight,
                       "max_length": args.max_length + 32, "steps": pref["steps"], "train_loss": pref["train_loss"],
                       "seconds": pref["seconds"]}

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saft.aligned import evaluation_prompts, evaluation_sets
+from saft.aligned import PARTS, evaluation_prompts, evaluation_sets
 from saft.data import write_json
 from saft.pools import attack_pool, default_raw_dir
 
@@ -181,6 +181,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-harmful", type=int, default=40, help="per harmful source (two sources)")
     ap.add_argument("--n-helpful", type=int, default=30)
+    ap.add_argument("--part", choices=PARTS, default="dev",
+                    help="evaluation prompts: 'dev' (recipes are chosen on it) or 'confirm' (other prompts, to confirm a choice)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=20)
     ap.add_argument("--judges", default="tfidf,minilm")
@@ -209,11 +211,11 @@ def main() -> None:
     if (out / f"{tag}.json").exists():
         print(f"{out / tag}.json exists; nothing to do")
         return
-    sets = evaluation_sets(raw, n_harmful=args.n_harmful, n_helpful=args.n_helpful)
+    sets = evaluation_sets(raw, n_harmful=args.n_harmful, n_helpful=args.n_helpful, part=args.part)
     judges = [get_judge(j) for j in args.judges.split(",")]
     model, tok = load_model(args.model, device=args.device)
     result = {"command": "python scripts/aligned_study.py " + " ".join(__import__("sys").argv[1:]), "tag": tag,
-              "model": args.model, "seed": args.seed, "threads": args.threads,
+              "model": args.model, "seed": args.seed, "threads": args.threads, "part": args.part,
               # the load says whether the CPU was shared: wall times are only comparable at the same load
               "load_average_at_start": round(os.getloadavg()[0], 2),
               "eval_sets": {k: len(v) for k, v in sets.items()},

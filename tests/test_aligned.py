@@ -301,3 +301,6 @@ def test_preference_stage_pairs_each_prompt_with_a_models_own_answer_and_trains_
 
     monkeypatch.setattr(trl, "DPOTrainer", None)  # a finished stage is loaded, not trained again
     assert S.train_preference(pairs, sft, tmp_path / "pref", lr=1e-3, beta=0.1, max_length=64, seed=0) == result
+    swapped = [{**q, "chosen": q["rejected"], "rejected": q["chosen"]} for q in pairs]  # as many pairs, other ones
+    with pytest.raises(TypeError):  # not the finished stage: it would train (and trl's trainer is gone here)
+        S.train_preference(swapped, sft, tmp_path / "pref", lr=1e-3, beta=0.1, max_length=64, seed=0)

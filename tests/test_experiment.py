@@ -65,6 +65,26 @@ def test_attack_pool_recipe_and_evaluation_sets(tmp_path):
         attack_pool(100, harmful_rate=0.3, seed=0, demo_share=0.1, raw_dir=raw)
 
 
+def test_confirm_part_holds_other_prompts_than_dev():
+    """A recipe chosen on the 'dev' prompts is confirmed on 'confirm' ones: none shared, both harmful sources in
+    equal numbers, no prompt the shipped alignment trained on."""
+    from saft.aligned import is_alignment_prompt
+    from saft.pools import default_raw_dir
+
+    try:
+        raw = default_raw_dir()
+    except FileNotFoundError:
+        pytest.skip("shared/data/raw is not here")
+    dev, confirm = evaluation_sets(raw), evaluation_sets(raw, part="confirm")
+    assert [len(confirm[k]) for k in ("harmful", "benign", "lookalike", "helpful")] == [120, 80, 40, 30]
+    assert not evaluation_prompts(dev) & evaluation_prompts(confirm)
+    malicious = set(json.loads((raw / "eval_malicious_instructions.json").read_text())["instructions"])
+    assert sum(p in malicious for p in confirm["harmful"]) == 60
+    assert not any(is_alignment_prompt(p) for k in ("harmful", "benign", "lookalike") for p in confirm[k])
+    with pytest.raises(ValueError, match="evaluation part 'test'"):
+        evaluation_sets(raw, part="test")
+
+
 def test_attack_pool_keeps_guard_training_rows_out(tmp_path):
     """A row a packaged guard trained on never enters an experiment pool (its detector arms would have seen it)."""
     import gzip
