@@ -128,20 +128,24 @@ def cached_answers(prompts: Sequence[str], cache: Path, *, settings: dict,
     return {p: done[p] for p in prompts}
 
 
+def embedded_answers(prompts: list[str], *, max_new_tokens: int) -> list[str]:
+    """The embedded (original) model's greedy answers."""
+    from saft.generate import generate
+    from saft.models import load_model
+
+    model, tok = load_model(EMBEDDED, device="cpu")
+    return generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=32)
+
+
 def self_answers(files: list[str], cache: Path, *, max_new_tokens: int) -> tuple[list[dict], int]:
     """The prompts of `files` answered by the embedded model (greedy, cached in `cache`: `cached_answers`); rows
     whose answer reads as a refusal (`saft.regions.is_refusal_text`) are left out (their count is returned beside
     the rows)."""
-    from saft.generate import generate
-    from saft.models import load_model
     from saft.regions import is_refusal_text
 
-    def make(todo):
-        model, tok = load_model(EMBEDDED, device="cpu")
-        return generate(model, tok, todo, max_new_tokens=max_new_tokens, batch_size=32)
-
     prompts = list(dict.fromkeys(p for f in files for p in load_prompts(Path(f))))
-    done = cached_answers(prompts, cache, settings={"model": EMBEDDED, "max_new_tokens": max_new_tokens}, make=make)
+    done = cached_answers(prompts, cache, settings={"model": EMBEDDED, "max_new_tokens": max_new_tokens},
+                          make=lambda todo: embedded_answers(todo, max_new_tokens=max_new_tokens))
     rows = [{"prompt": p, "response": done[p], "source": "self"} for p in prompts if not is_refusal_text(done[p])]
     return rows, len(prompts) - len(rows)
 
@@ -177,10 +181,6 @@ def preference_pairs(rows: Sequence[dict], work_dir: Path, *, sft_adapter: Path,
     harm = [harm[i] for i in rng.permutation(len(harm))][: n_harmful + n_harmful // 3]  # room for dropped ones
     ben = [ben[i] for i in rng.permutation(len(ben))][:n_benign]
 
-    def original(todo):
-        model, tok = load_model(EMBEDDED, device="cpu")
-        return generate(model, tok, todo, max_new_tokens=max_new_tokens, batch_size=32)
-
     def sft_refusals(todo):
         model, tok = load_model(EMBEDDED, device="cpu")
         model = PeftModel.from_pretrained(model, str(sft_adapter)).merge_and_unload().eval()
@@ -188,7 +188,8 @@ def preference_pairs(rows: Sequence[dict], work_dir: Path, *, sft_adapter: Path,
                         prefixes=[refusal_opening(p) for p in todo])
 
     complied = cached_answers([r["prompt"] for r in harm], work_dir / "original_answers.jsonl",
-                              settings={"model": EMBEDDED, "max_new_tokens": max_new_tokens}, make=original)
+                              settings={"model": EMBEDDED, "max_new_tokens": max_new_tokens},
+                              make=lambda todo: embedded_answers(todo, max_new_tokens=max_new_tokens))
     refused = cached_answers([r["prompt"] for r in ben], work_dir / "sft_refusals.jsonl", make=sft_refusals,
                              settings={"model": EMBEDDED, "adapter": adapter_digest(sft_adapter),
                                        "max_new_tokens": max_new_tokens})
