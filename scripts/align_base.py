@@ -5,7 +5,8 @@
 Training rows (all from shared/data/raw, see docs/aligned-base.md):
 - harmful prompts answered with refusals: the Llama-2-chat refusals (refusals_llama2chat_1015.csv) and the
   safety-tuned-llamas refusals (safety_only_refusals_vinid.json) whose prompt is in the 'align' slice of
-  `saft.aligned.alignment_slice`;
+  `saft.aligned.alignment_slice` (with --check-harmful, only those whose compliant answer the guard flags:
+  `guard_check`);
 - benign prompts answered helpfully: Alpaca and Dolly rows in the 'align' slice, those whose prompt uses a word
   harmful requests also use ("kill", "attack", ...) first, so the model learns the word alone is no reason to refuse;
   with --self-answered, also the benign prompts of those files (one per line, written for this: look-alikes such as
@@ -64,8 +65,10 @@ def eval_prompt_sets(raw: Path) -> dict[str, set[str]]:
             "lookalike_confirm": {norm(p) for p in load_prompts(LOOKALIKES_CONFIRM)}}
 
 
-def build_rows(raw: Path, *, n_harmful: int, n_benign: int, seed: int,
-               self_answered: Sequence[dict] = ()) -> tuple[list[dict], dict]:
+def build_rows(raw: Path, *, n_harmful: int, n_benign: int, seed: int, self_answered: Sequence[dict] = (),
+               check_harmful: Callable[[list[str]], np.ndarray] | None = None) -> tuple[list[dict], dict]:
+    """The SFT stage's rows and their counts. `check_harmful(prompts)`, when given, is a mask over the
+    safety-tuned-llamas candidates: those it leaves out are not taken as harmful prompts (`guard_check`)."""
     rng = np.random.default_rng(seed)
     evals = eval_prompt_sets(raw)
     banned = set().union(*evals.values())
@@ -82,6 +85,9 @@ def build_rows(raw: Path, *, n_harmful: int, n_benign: int, seed: int,
 
     llama = [r for r in load_source("refusal_llama2", raw) if ok(r)]
     vinid = [r for r in load_source("refusal", raw) if alignment_slice(r["prompt"]) == "align" and ok(r)]
+    n_vinid = len(vinid)
+    if check_harmful is not None:
+        vinid = [r for r, keep in zip(vinid, check_harmful([r["prompt"] for r in vinid])) if keep]
     harmful = [llama[i] for i in rng.permutation(len(llama))] + [vinid[i] for i in rng.permutation(len(vinid))]
     harmful = list({norm(r["prompt"]): r for r in reversed(harmful)}.values())[::-1][:n_harmful]
     benign = [r for r in load_source("alpaca", raw) + load_source("dolly", raw)
@@ -104,7 +110,8 @@ def build_rows(raw: Path, *, n_harmful: int, n_benign: int, seed: int,
               "benign_with_lookalike_word": sum(bool(TRIGGER.search(r["prompt"])) for r in benign),
               "benign_self_answered": len(own),
               "self_answered_skipped": len(self_answered) - len(own),
-              "available": {"llama2": len(llama), "vinid_align": len(vinid)},
+              "available": {"llama2": len(llama), "vinid_align": n_vinid},
+              "vinid_failed_check": None if check_harmful is None else n_vinid - len(vinid),
               "overlap_checked_against": {k: len(v) for k, v in {**evals, **others}.items()},
               "overlaps": overlaps}
     return rows, counts
@@ -135,6 +142,25 @@ def embedded_answers(prompts: list[str], *, max_new_tokens: int) -> list[str]:
 
     model, tok = load_model(EMBEDDED, device="cpu")
     return generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=32)
+
+
+def guard_check(work_dir: Path, *, guard: str = "v3", max_new_tokens: int = 48) -> Callable[[list[str]], np.ndarray]:
+    """A `build_rows` check of harmful prompts: keep a prompt when the packaged `guard` flags the embedded model's
+    own greedy answer to it (decision value > 0), i.e. when complying with it is harmful. The safety-tuned-llamas
+    "harmful" instructions include benign tasks ("Plan a surprise party.", "Analyze the pay gap between men and
+    women."), whose refusals teach the model to refuse ordinary requests. The answers are cached beside the
+    preference stage's (`original_answers.jsonl`, same settings), so its harmful pairs reuse them."""
+    from saft.detectors.guard import GUARDS, GuardScorer
+    from saft.encoders import embed_pairs
+
+    def check(prompts: list[str]) -> np.ndarray:
+        answers = cached_answers(prompts, work_dir / "original_answers.jsonl",
+                                 settings={"model": EMBEDDED, "max_new_tokens": max_new_tokens},
+                                 make=lambda todo: embedded_answers(todo, max_new_tokens=max_new_tokens))
+        X = embed_pairs(prompts, [answers[p] for p in prompts])
+        return GuardScorer(weights=str(GUARDS[guard])).fit(X).score_samples(X) > 0
+
+    return check
 
 
 def self_answers(files: list[str], cache: Path, *, max_new_tokens: int) -> tuple[list[dict], int]:
@@ -297,6 +323,9 @@ def main() -> None:
                     help="weight of the chosen answers' NLL beside the DPO loss (0: DPO alone)")
     ap.add_argument("--preference-seed", type=int, default=None,
                     help="seed of the pairs' draw and the DPO stage (default --seed): another draw on the same SFT adapter")
+    ap.add_argument("--check-harmful", action="store_true",
+                    help="take a safety-tuned-llamas prompt as harmful only when the packaged guard (v3) flags the "
+                         "embedded model's own answer to it (guard_check): the source holds benign tasks too")
     ap.add_argument("--dry-run", action="store_true", help="build and check the rows, print the counts, stop")
     args = ap.parse_args()
     if args.preference and args.ship_checkpoint is not None:
@@ -311,7 +340,9 @@ def main() -> None:
     raw = Path(args.raw_dir) if args.raw_dir else default_raw_dir()
     own, refused = self_answers(args.self_answered, Path(args.work_dir) / "self_answers.jsonl",
                                 max_new_tokens=args.self_answer_tokens) if args.self_answered else ([], 0)
-    rows, counts = build_rows(raw, n_harmful=args.n_harmful, n_benign=args.n_benign, seed=args.seed, self_answered=own)
+    check = guard_check(Path(args.work_dir)) if args.check_harmful else None
+    rows, counts = build_rows(raw, n_harmful=args.n_harmful, n_benign=args.n_benign, seed=args.seed, self_answered=own,
+                              check_harmful=check)
     counts["self_answered_refusals_dropped"] = refused
     print(json.dumps(counts, indent=1))
     if args.dry_run:
@@ -359,6 +390,7 @@ def main() -> None:
                            "train_loss": ft["train_loss"], "seconds": None if seconds != seconds else round(seconds),
                            "threads": args.threads, "self_answered": [Path(f).name for f in args.self_answered],
                            "self_answer_tokens": args.self_answer_tokens if args.self_answered else None,
+                           "check_harmful": "guard v3" if args.check_harmful else None,
                            "preference": preference},
                 "rows": counts, "train_prompt_sha1": sorted(prompt_sha1(r["prompt"]) for r in rows)}
     write_shipped_adapter(Path(ft["adapter"]), ADAPTER_DIR, manifest)

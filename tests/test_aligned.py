@@ -240,6 +240,43 @@ def test_self_answered_prompts_are_the_models_own_answers_without_refusals(tmp_p
     assert S.norm("How do I steal second base in baseball?") in trained
 
 
+def test_harmful_prompt_check_keeps_prompts_whose_compliance_the_guard_flags(tmp_path, monkeypatch):
+    S = _script("align_base")
+    answers = {"Outline the steps to break into a neighbour's house.":
+               "To break into the house, first check which windows are unlocked at night, then pry the back door "
+               "with a crowbar while the owners are away, and take the jewellery from the bedroom first.",
+               "Summarize the history of Rome.": "Rome grew from a small city-state into an empire that ruled the "
+                                                 "Mediterranean, before the western half fell in 476."}
+    calls = []
+
+    def fake_answers(todo, **kw):
+        calls.append(list(todo))
+        return [answers[p] for p in todo]
+
+    monkeypatch.setattr(S, "embedded_answers", fake_answers)
+    check = S.guard_check(tmp_path)
+    assert list(check(list(answers))) == [True, False]
+    assert list(check(list(answers))) == [True, False] and len(calls) == 1  # answers cached in the work dir
+    assert (tmp_path / "original_answers.jsonl").exists()
+    try:
+        from saft.pools import default_raw_dir
+
+        raw = default_raw_dir()
+    except FileNotFoundError:
+        pytest.skip("shared/data/raw not found from the working directory")
+    plain, counts = S.build_rows(raw, n_harmful=5000, n_benign=5, seed=0)
+    seen = []
+
+    def reject_all(prompts):
+        seen.extend(prompts)
+        return np.zeros(len(prompts), dtype=bool)
+
+    checked, checked_counts = S.build_rows(raw, n_harmful=5000, n_benign=5, seed=0, check_harmful=reject_all)
+    assert counts["harmful_refusal_vinid"] > 0 and checked_counts["harmful_refusal_vinid"] == 0
+    assert checked_counts["vinid_failed_check"] == len(seen) == counts["available"]["vinid_align"]
+    assert checked_counts["harmful_refusal_llama2"] == counts["harmful_refusal_llama2"]  # AdvBench's are not checked
+
+
 def test_preference_stage_pairs_each_prompt_with_a_models_own_answer_and_trains_the_adapter(tiny_model_dir, tmp_path,
                                                                                             monkeypatch):
     pytest.importorskip("trl")
