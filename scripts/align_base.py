@@ -144,6 +144,12 @@ def embedded_answers(prompts: list[str], *, max_new_tokens: int) -> list[str]:
     return generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=32)
 
 
+def original_answers(prompts: Sequence[str], cache: Path, *, max_new_tokens: int) -> dict[str, str]:
+    """The embedded model's greedy answers to `prompts`, kept in `cache` (`cached_answers`)."""
+    return cached_answers(prompts, cache, settings={"model": EMBEDDED, "max_new_tokens": max_new_tokens},
+                          make=lambda todo: embedded_answers(todo, max_new_tokens=max_new_tokens))
+
+
 def guard_check(work_dir: Path, *, guard: str = "v3", max_new_tokens: int = 48) -> Callable[[list[str]], np.ndarray]:
     """A `build_rows` check of harmful prompts: keep a prompt when the packaged `guard` flags the embedded model's
     own greedy answer to it (decision value > 0), i.e. when complying with it is harmful. The safety-tuned-llamas
@@ -154,9 +160,7 @@ def guard_check(work_dir: Path, *, guard: str = "v3", max_new_tokens: int = 48) 
     from saft.encoders import embed_pairs
 
     def check(prompts: list[str]) -> np.ndarray:
-        answers = cached_answers(prompts, work_dir / "original_answers.jsonl",
-                                 settings={"model": EMBEDDED, "max_new_tokens": max_new_tokens},
-                                 make=lambda todo: embedded_answers(todo, max_new_tokens=max_new_tokens))
+        answers = original_answers(prompts, work_dir / "original_answers.jsonl", max_new_tokens=max_new_tokens)
         X = embed_pairs(prompts, [answers[p] for p in prompts])
         return GuardScorer(weights=str(GUARDS[guard])).fit(X).score_samples(X) > 0
 
@@ -170,8 +174,7 @@ def self_answers(files: list[str], cache: Path, *, max_new_tokens: int) -> tuple
     from saft.regions import is_refusal_text
 
     prompts = list(dict.fromkeys(p for f in files for p in load_prompts(Path(f))))
-    done = cached_answers(prompts, cache, settings={"model": EMBEDDED, "max_new_tokens": max_new_tokens},
-                          make=lambda todo: embedded_answers(todo, max_new_tokens=max_new_tokens))
+    done = original_answers(prompts, cache, max_new_tokens=max_new_tokens)
     rows = [{"prompt": p, "response": done[p], "source": "self"} for p in prompts if not is_refusal_text(done[p])]
     return rows, len(prompts) - len(rows)
 
@@ -213,9 +216,8 @@ def preference_pairs(rows: Sequence[dict], work_dir: Path, *, sft_adapter: Path,
         return generate(model, tok, todo, max_new_tokens=max_new_tokens, batch_size=32,
                         prefixes=[refusal_opening(p) for p in todo])
 
-    complied = cached_answers([r["prompt"] for r in harm], work_dir / "original_answers.jsonl",
-                              settings={"model": EMBEDDED, "max_new_tokens": max_new_tokens},
-                              make=lambda todo: embedded_answers(todo, max_new_tokens=max_new_tokens))
+    complied = original_answers([r["prompt"] for r in harm], work_dir / "original_answers.jsonl",
+                                max_new_tokens=max_new_tokens)
     refused = cached_answers([r["prompt"] for r in ben], work_dir / "sft_refusals.jsonl", make=sft_refusals,
                              settings={"model": EMBEDDED, "adapter": adapter_digest(sft_adapter),
                                        "max_new_tokens": max_new_tokens})

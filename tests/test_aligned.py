@@ -264,7 +264,7 @@ def test_harmful_prompt_check_keeps_prompts_whose_compliance_the_guard_flags(tmp
         raw = default_raw_dir()
     except FileNotFoundError:
         pytest.skip("shared/data/raw not found from the working directory")
-    plain, counts = S.build_rows(raw, n_harmful=5000, n_benign=5, seed=0)
+    _, counts = S.build_rows(raw, n_harmful=5000, n_benign=5, seed=0)
     seen = []
 
     def reject_all(prompts):
