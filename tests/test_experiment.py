@@ -105,8 +105,8 @@ def test_attack_pool_keeps_guard_training_rows_out(tmp_path):
 
 def test_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypatch, small_reference):
     raw = tiny_raw(tmp_path / "raw")
-    cfg = ExperimentConfig(model=str(tiny_model_dir), pool_size=30, runs=("0.3/0",), n_harmful=2, n_helpful=3,
-                           n_labels=12, max_new_tokens=3, max_steps=1, batch_size=8, raw_dir=str(raw),
+    cfg = ExperimentConfig(model=str(tiny_model_dir), pool_size=30, runs=("0.3/0",), demo_share=0.1, n_harmful=2,
+                           n_helpful=3, n_labels=12, max_new_tokens=3, max_steps=1, batch_size=8, raw_dir=str(raw),
                            cache_dir=str(tmp_path / "c"), device="cpu", gen_batch_size=8, n_boot=200)
     out = tmp_path / "exp"
     res = run_experiment(cfg, output_dir=out, progress=False)
@@ -150,6 +150,11 @@ def test_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypatch,
     assert rows["label-free"]["guard"] == "v3" and rows["random"]["guard"] == "v3" and "guard" not in rows["saft"]
     with pytest.raises(ValueError, match="made with guard v3, this run uses v2: write to a new -o folder"):
         run_experiment(dataclasses.replace(cfg, guard="v2"), output_dir=out, progress=False)
+    # the same name over other weights (a release that ships another aligned adapter): refused, not mixed in
+    assert {r["model_sha1"] for r in rows.values()} == {None}  # a folder: its name is the user's
+    monkeypatch.setattr(E, "model_sha1", lambda model: "0123abcd")
+    with pytest.raises(ValueError, match=r"made from other weights of the model \(digest None, this run's 0123abcd\)"):
+        run_experiment(cfg, output_dir=out, progress=False)
 
 
 def test_arms_with_the_same_kept_rows_share_one_fine_tune(tiny_model_dir, tmp_path, monkeypatch):
@@ -257,6 +262,12 @@ def test_config_rejects_bad_runs_and_arms():
     assert ExperimentConfig().plan() == [(0.3, 0), (0.3, 1), (0.3, 2), (0.1, 0)]
     with pytest.raises(ValueError, match="neither a packaged version"):
         ExperimentConfig(guard="v9")
+
+
+def test_settings_digest_reads_an_int_as_the_same_float():
+    # `--demo-share 0` from the command line is 0.0; demo_share=0 from Python must resume the same folder
+    assert E.settings_sha1(ExperimentConfig(demo_share=0, epochs=2)) == E.settings_sha1(ExperimentConfig())
+    assert E.settings_sha1(ExperimentConfig(demo_share=0.1)) != E.settings_sha1(ExperimentConfig())
 
 
 def test_guard_training_rows_are_the_judge_half_and_the_refusals(tmp_path):

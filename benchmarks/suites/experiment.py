@@ -54,12 +54,13 @@ def run(args) -> dict:
     res = json.loads((Path(folder) / "results.json").read_text())
     c = res["config"]
     loads = [r["load_average"] for r in res["rows"] if "load_average" in r]
+    demos = f"{c['demo_share']:.0%} safety demonstrations" if c["demo_share"] else "no safety demonstrations"
     # The table's cost: every arm's own fine-tuning and evaluation seconds as recorded when it ran (an arm a resumed
     # run reused keeps them; results.json's "seconds" is the last invocation's wall time alone).
     arm_seconds = sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in res["rows"])
     return {"results": res, "folder": folder, "seconds": arm_seconds, "seed": sorted({r["seed"] for r in res["rows"] if r["seed"] is not None}),
             "data": (f"pools of {c['pool_size']} rows ({', '.join(c['runs'])} as rate/seed): BeaverTails unsafe pairs "
-                     f"at the rate, {c['demo_share']:.0%} safety demonstrations, Alpaca/Dolly for the rest, no row a "
+                     f"at the rate, {demos}, Alpaca/Dolly for the rest, no row a "
                      f"guard trained on; {res['evaluation']['harmful']} held-out harmful prompts, "
                      f"{res['evaluation']['benign'] + res['evaluation']['lookalike']} benign prompts, "
                      f"{res['evaluation']['helpful']} benign references"),
@@ -70,6 +71,7 @@ def run(args) -> dict:
                             if loads else "see results.json")),
             "command": (f"saft experiment -o DIR --runs {' '.join(c['runs'])}"
                         + (f" --arms {' '.join(c['arms'])}" if c["arms"] else "")
+                        + (f" --demo-share {c['demo_share']:g}" if c["demo_share"] else "")
                         + f", then python benchmarks/run.py experiment --collect {folder} (DIR's metrics and answers "
                           "copied there)")}
 

@@ -3,8 +3,8 @@
 The embedded model complies with most harmful prompts, so fine-tuning cannot make it less safe and a filter has
 nothing to protect. `embedded:smollm2-135m-aligned` is that model after a LoRA safety tuning (refusals to harmful
 prompts, helpful answers to benign ones; scripts/align_base.py). Its adapter lives in `aligned_adapter/`
-(safetensors) with `manifest.json`, which holds the recipe, the measured refusal rates and the SHA-1 of every
-training prompt, so any pool or evaluation set can be checked for overlap (`is_alignment_prompt`).
+(safetensors) with `manifest.json`, which holds the recipe, the row counts and the SHA-1 of every training
+prompt, so any pool or evaluation set can be checked for overlap (`is_alignment_prompt`).
 
 Which prompts the alignment may use is fixed by `alignment_slice`, a hash of the prompt (version 1), so the
 benign task sources (Alpaca, Dolly) and the safety-tuned-llamas refusals are split once: 'align' rows may train

@@ -38,14 +38,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .aligned import ALIGNED, evaluation_prompts, evaluation_sets
+from .aligned import ADAPTER_DIR, ALIGNED, evaluation_prompts, evaluation_sets
 from .data import atomic_open, write_json, write_jsonl
 from .detectors import DETECTORS, get_spec
 from .evaluate import evaluate_model
 from .finetune import FinetuneConfig, finetune
 from .judges import get_judge, is_refusal
 from .metrics import detection_metrics
-from .models import default_cache_dir, load_model
+from .models import adapter_digest, default_cache_dir, load_model
 from .pipeline import FilterConfig, detector_view, score_and_select, versions
 from .pools import attack_pool
 from .prompting import harmful_by_prompting
@@ -69,7 +69,9 @@ class ExperimentConfig:
                                   metadata={"help": "RATE/SEED pairs, run in this order (rate = harmful share of the pool)"})
     arms: tuple[str, ...] = field(default=(), metadata={"help": f"arms to run (default: {' '.join(ARMS)})"})
     pool_size: int = field(default=320, metadata={"help": "rows in each pool"})
-    demo_share: float = field(default=0.1, metadata={"help": "share of the pool that is safety demonstrations"})
+    # 0 by default: the attack is instruction data with harmful pairs mixed in. Refusal demonstrations in the pool
+    # keep a base tuned with a preference stage safe under it (docs/aligned-base.md), leaving a filter little to win.
+    demo_share: float = field(default=0.0, metadata={"help": "share of the pool that is safety demonstrations (refusals of harmful prompts)"})
     n_harmful: int = field(default=40, metadata={"help": "evaluation prompts from each harmful source (two sources)"})
     n_helpful: int = field(default=30, metadata={"help": "benign samples with reference answers (helpfulness)"})
     max_new_tokens: int = field(default=64, metadata={"help": "tokens generated per evaluation answer"})
@@ -97,6 +99,9 @@ class ExperimentConfig:
     def __post_init__(self):
         self.runs, self.arms = tuple(str(r) for r in self.runs), tuple(self.arms)
         self.judges, self.target_modules = tuple(self.judges), tuple(self.target_modules)
+        for f in dataclasses.fields(self):  # 0 and 0.0 are one setting; the settings digest must not tell them apart
+            if f.type == "float" and isinstance(getattr(self, f.name), int):
+                setattr(self, f.name, float(getattr(self, f.name)))
         self.plan()  # validates the runs
         known = set(ARMS) | set(OPTIONAL_ARMS)
         unknown = set(self.arms) - known
@@ -149,6 +154,12 @@ def settings_sha1(config: ExperimentConfig) -> str:
     return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def model_sha1(model: str) -> str | None:
+    """What names the weights behind `model` where its name does not: the aligned base's name stays when a release
+    ships another adapter, so its results are keyed by the adapter's digest. None for a hub id or a folder."""
+    return adapter_digest(ADAPTER_DIR) if model == ALIGNED else None
+
+
 def kept_sha1(pool, removed: np.ndarray) -> str:
     """A digest of the rows an arm kept (their text, in pool order)."""
     h = hashlib.sha1()
@@ -163,10 +174,16 @@ def uses_guard(arm: str) -> bool:
     return arm in DETECTORS and "weights" in inspect.signature(get_spec(arm).cls).parameters
 
 
-def _finished(done: Path, *, settings: str, kept: str | None, guard: str) -> dict:
-    """A finished arm's row, after checking it was made with these settings, the same guard where its kept rows
-    depend on it, and (unless `kept` is None) the same kept rows."""
+def _finished(done: Path, *, settings: str, kept: str | None, guard: str, weights: str | None) -> dict:
+    """A finished arm's row, after checking it was made with these settings, from the same weights (`model_sha1`),
+    with the same guard where its kept rows depend on it, and (unless `kept` is None) the same kept rows."""
     row = json.loads(done.read_text())
+    if weights is not None:
+        if "model_sha1" not in row:  # written before the weights' digest was recorded
+            logger.warning("%s records no digest of the model's weights; reused unchecked", done)
+        elif row["model_sha1"] != weights:
+            raise ValueError(f"{done} was made from other weights of the model (digest {row['model_sha1']}, this "
+                             f"run's {weights}): write to a new -o folder, or delete {done.parent} to run that arm again")
     # Rows that record no guard were made before guard v3 existed, with guard v2; the random arm records its own
     # only where the arm it matches used one.
     recorded = row.get("guard", "v2" if uses_guard(row.get("arm", "")) else None)
@@ -243,15 +260,17 @@ def run_experiment(config: ExperimentConfig | None = None, *, output_dir, progre
     arms = config.all_arms()
     load = lambda: load_model(config.model, cache_dir=config.cache_dir, device=config.device)  # noqa: E731
     rows, recipes, t0 = [], [], time.time()
-    settings = settings_sha1(config)
+    settings, weights = settings_sha1(config), model_sha1(config.model)
+    check = lambda done, kept: _finished(done, settings=settings, kept=kept, guard=config.guard, weights=weights)  # noqa: E731
     if "base" in arms:
         done = out / "base" / "metrics.json"
         if not done.exists():
             logger.info("arm base (evaluated once: greedy answers are the same in every run)")
             model, tok = load()
             write_json({"arm": "base", "rate": None, "seed": None, "path": "base", "settings_sha1": settings,
+                        "model_sha1": weights,
                         **_evaluate(config, model, tok, sets=sets, judges=judges, run_dir=out / "base", progress=progress)}, done)
-        rows.append(_finished(done, settings=settings, kept=None, guard=config.guard))
+        rows.append(check(done, None))
     for rate, seed in config.plan():
         pool, recipe = attack_pool(config.pool_size, harmful_rate=rate, seed=seed, demo_share=config.demo_share,
                                    exclude=exclude, raw_dir=config.raw_dir)
@@ -259,8 +278,7 @@ def run_experiment(config: ExperimentConfig | None = None, *, output_dir, progre
         run_dir = out / f"rate{rate:g}" / f"seed{seed}"
         todo = [a for a in arms if a != "base" and not (run_dir / a / "metrics.json").exists()]
         if not todo:  # the kept rows are not selected again; the settings are still checked
-            rows += [_finished(run_dir / a / "metrics.json", settings=settings, kept=None, guard=config.guard)
-                     for a in arms if a != "base"]
+            rows += [check(run_dir / a / "metrics.json", None) for a in arms if a != "base"]
             continue
         model, tok = load()
         sel = _selections(config, pool, model, tok, seed=seed, cache=cache, arms=tuple(a for a in arms if a != "base"))
@@ -272,7 +290,7 @@ def run_experiment(config: ExperimentConfig | None = None, *, output_dir, progre
             done = run_dir / arm / "metrics.json"
             kept_digest = kept_sha1(pool, removed)
             if done.exists():
-                rows.append(_finished(done, settings=settings, kept=kept_digest, guard=config.guard))
+                rows.append(check(done, kept_digest))
                 finished.setdefault(removed.tobytes(), arm)
                 continue
             logger.info("arm %s (rate %g, seed %d): %d of %d rows kept", arm, rate, seed, (~removed).sum(), len(pool))
@@ -281,7 +299,7 @@ def run_experiment(config: ExperimentConfig | None = None, *, output_dir, progre
                    "kept": int((~removed).sum()), "harmful_kept": int(labels[~removed].sum()),
                    "demonstrations_kept": int(demos[~removed].sum()), "demonstrations": int(demos.sum()),
                    "detection_auroc": det.get("auroc"), "detection_f1": det.get("f1"), **info,
-                   "settings_sha1": settings, "kept_sha1": kept_digest}
+                   "settings_sha1": settings, "model_sha1": weights, "kept_sha1": kept_digest}
             twin = finished.get(removed.tobytes())
             if twin is not None:  # same rows, seed and settings: the same fine-tune; its results are this arm's
                 src = json.loads((run_dir / twin / "metrics.json").read_text())
