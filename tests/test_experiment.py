@@ -103,7 +103,7 @@ def test_attack_pool_keeps_guard_training_rows_out(tmp_path):
     assert not {s.prompt for s in pool} & trained and recipe["harmful"] == 96
 
 
-def test_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypatch, small_reference):
+def test_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypatch, small_reference, caplog):
     raw = tiny_raw(tmp_path / "raw")
     cfg = ExperimentConfig(model=str(tiny_model_dir), pool_size=30, runs=("0.3/0",), demo_share=0.1, n_harmful=2,
                            n_helpful=3, n_labels=12, max_new_tokens=3, max_steps=1, batch_size=8, raw_dir=str(raw),
@@ -155,6 +155,14 @@ def test_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypatch,
     monkeypatch.setattr(E, "model_sha1", lambda model: "0123abcd")
     with pytest.raises(ValueError, match=r"made from other weights of the model \(digest None, this run's 0123abcd\)"):
         run_experiment(cfg, output_dir=out, progress=False)
+    with pytest.raises(ValueError, match=r"sft/metrics.json was made from other weights"):  # the run's arms too
+        run_experiment(dataclasses.replace(cfg, arms=("sft", "oracle")), output_dir=out, progress=False)
+    # a row written before the digest was recorded is reused, with a warning
+    done = out / "rate0.3" / "seed0" / "sft" / "metrics.json"
+    done.write_text(json.dumps({k: v for k, v in json.loads(done.read_text()).items() if k != "model_sha1"}))
+    with caplog.at_level("WARNING", logger="saft.experiment"):
+        again = run_experiment(dataclasses.replace(cfg, arms=("sft",)), output_dir=out, progress=False)
+    assert [r["arm"] for r in again["rows"]] == ["sft"] and "records no digest of the model's weights" in caplog.text
 
 
 def test_arms_with_the_same_kept_rows_share_one_fine_tune(tiny_model_dir, tmp_path, monkeypatch):
@@ -262,6 +270,15 @@ def test_config_rejects_bad_runs_and_arms():
     assert ExperimentConfig().plan() == [(0.3, 0), (0.3, 1), (0.3, 2), (0.1, 0)]
     with pytest.raises(ValueError, match="neither a packaged version"):
         ExperimentConfig(guard="v9")
+
+
+def test_model_digest_names_the_shipped_adapter_and_not_a_folder(tiny_model_dir):
+    from saft.aligned import ADAPTER_DIR, ALIGNED
+    from saft.models import adapter_digest
+
+    assert E.model_sha1(str(tiny_model_dir)) is None
+    if (ADAPTER_DIR / "adapter_model.safetensors").exists():
+        assert E.model_sha1(ALIGNED) == adapter_digest(ADAPTER_DIR)
 
 
 def test_settings_digest_reads_an_int_as_the_same_float():

@@ -6,8 +6,8 @@ harmful prompts before any fine-tuning, so it has no safety for harmful data to 
   demonstrations (refusals of harmful prompts, label safe) at `demo_share`, benign Alpaca/Dolly rows for the rest;
   no row trained a packaged guard, and none shares a prompt with the alignment or the evaluation.
 - Fine-tuning: the attack measured in docs/aligned-base.md (LoRA r16, alpha 32 on every linear layer, lr 3e-4,
-  2 epochs, 128 tokens), under which 30% harmful rows take most of the aligned base's safety while the pool's
-  benign part keeps most of it: the gap a filter can win.
+  2 epochs, 128 tokens), under which 30% harmful rows take most of the aligned base's safety and the pool's
+  benign part alone far less of it: the gap a filter can win.
 - Evaluation (`saft.aligned.evaluation_sets`): held-out harmful prompts (harmful rate per judge, with the judge's
   held-out accuracy, and the keyword refusal rate), benign prompts (over-refusal) and benign references (ROUGE-L,
   the references' loss).
@@ -157,7 +157,9 @@ def settings_sha1(config: ExperimentConfig) -> str:
 def model_sha1(model: str) -> str | None:
     """What names the weights behind `model` where its name does not: the aligned base's name stays when a release
     ships another adapter, so its results are keyed by the adapter's digest. None for a hub id or a folder."""
-    return adapter_digest(ADAPTER_DIR) if model == ALIGNED else None
+    if model != ALIGNED or not (ADAPTER_DIR / "adapter_model.safetensors").exists():
+        return None  # a missing adapter is reported by load_model, with how to get it
+    return adapter_digest(ADAPTER_DIR)
 
 
 def kept_sha1(pool, removed: np.ndarray) -> str:
@@ -331,7 +333,7 @@ def run_experiment(config: ExperimentConfig | None = None, *, output_dir, progre
             rows.append(row)
     import torch
 
-    results = {"config": dataclasses.asdict(config), "rows": rows, "pools": recipes, "threads": torch.get_num_threads(),
+    results = {"config": dataclasses.asdict(config), "model_sha1": weights, "rows": rows, "pools": recipes, "threads": torch.get_num_threads(),
                "evaluation": {k: len(v) for k, v in sets.items()}, "seconds": round(time.time() - t0, 1),
                "judges": {j.name: getattr(j, "meta", {}) for j in judges}, "versions": versions()}
     results["summary"] = summarize(rows, out, judges=list(results["judges"]), n_boot=config.n_boot)
