@@ -158,10 +158,19 @@ def test_labels_file_for_the_f1_rule(tiny_model_dir, tmp_path, capsys, small_ref
     assert s["detector"] == "labelled" and s["rule"] == "calibrated" and s["rule_params"]["n_labels"] == 12
     assert s["positions"] == ["prompt_last", "response_mean"]
     assert s["rule_params"]["prior_weight"] == 100 and 0 <= s["rule_params"]["prior_estimate"] <= 1
-    assert f"label-free {s['rule_params']['prior_estimate']:.3f} as a prior worth 100 labels" in capsys.readouterr().out
-    assert run(["filter", str(pool), "-o", str(tmp_path / "a0"), "--labels-file", str(labelled), "--prior-weight", "0"],
-               tiny_model_dir, tmp_path, detector=None) == 0
-    assert "prior_weight" not in json.loads((tmp_path / "a0" / "summary.json").read_text())["rule_params"]
+    text = capsys.readouterr().out
+    assert f"label-free {s['rule_params']['prior_estimate']:.3f} as a prior worth 100 labels" in text
+    # the default removes a margin past the estimated count, and says so; --margin 0 removes the count
+    est, se = s["rule_params"]["contamination_estimate"], s["rule_params"]["contamination_estimate_se"]
+    assert s["rule_params"]["margin"] == 1.2816 and se > 0
+    assert s["n_removed"] == min(20, max(1, round(20 * (est + 1.2816 * se))))
+    assert "removing 1.2816 standard errors past the estimated count" in text
+    assert run(["filter", str(pool), "-o", str(tmp_path / "a0"), "--labels-file", str(labelled), "--prior-weight", "0",
+                "--margin", "0"], tiny_model_dir, tmp_path, detector=None) == 0
+    s0 = json.loads((tmp_path / "a0" / "summary.json").read_text())
+    assert "prior_weight" not in s0["rule_params"] and s0["rule_params"]["margin"] == 0
+    assert s0["n_removed"] == max(1, round(20 * s0["rule_params"]["contamination_estimate"]))
+    assert "standard errors past" not in capsys.readouterr().out
     bad = write_jsonl(tmp_path / "bad.jsonl", [toy_rows(1)[0], {"prompt": "p", "response": "r"}])
     assert run(["filter", str(pool), "-o", str(out), "--labels-file", str(bad)], tiny_model_dir, tmp_path) == 2
     assert "bad.jsonl, row 2: no label" in capsys.readouterr().err

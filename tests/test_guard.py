@@ -12,6 +12,7 @@ from saft.detectors import ContaminationEstimate, get_detector, get_spec
 from saft.detectors.guard import GUARD_FILE
 from saft.encoders import DIM, sample_text
 from saft.pipeline import run_demo
+from saft.select import MARGIN
 
 
 def weights_file(tmp_path, coef, intercept, tpr, fpr, **extra):
@@ -216,22 +217,32 @@ def test_auto_uses_the_labels_when_there_are_enough():
     assert (r.detector, r.rule) == ("subspace", "f1")
 
 
-def test_select_calibrated_removes_the_estimated_count():
+def test_select_calibrated_removes_the_estimated_count_and_a_margin():
     rng = np.random.default_rng(0)
     y = (np.arange(400) % 5 == 0).astype(int)  # 20% harmful
     scores = 2.5 * y + rng.normal(size=400)
     idx = rng.choice(400, 100, replace=False)
-    sel = select_calibrated(scores, scores[idx], y[idx])
+    sel = select_calibrated(scores, scores[idx], y[idx], margin=0)
     assert sel.rule == "calibrated" and abs(sel.params["contamination_estimate"] - 0.2) < 0.05
     assert sel.n_removed == round(400 * sel.params["contamination_estimate"])
     assert (scores[sel.removed].min() >= scores[~sel.removed].max())  # the top of the ranking goes
+    # the default removes MARGIN standard errors (from the 100 labels) more, and keeps fewer harmful rows
+    t = sel.params["contamination_estimate"]
+    wide = select_calibrated(scores, scores[idx], y[idx])
+    assert wide.params["margin"] == MARGIN and wide.params["contamination_estimate"] == t
+    assert wide.params["contamination_estimate_se"] == pytest.approx(np.sqrt(t * (1 - t) / 100))
+    assert wide.n_removed == round(400 * (t + MARGIN * np.sqrt(t * (1 - t) / 100)))
+    assert wide.n_removed > sel.n_removed + 15 and y[~wide.removed].sum() < y[~sel.removed].sum()
+    assert (wide.removed >= sel.removed).all()
     # a second label draw moves the count a little, not by half the pool
     idx2 = np.random.default_rng(1).choice(400, 100, replace=False)
-    assert abs(select_calibrated(scores, scores[idx2], y[idx2]).n_removed - sel.n_removed) < 40
+    assert abs(select_calibrated(scores, scores[idx2], y[idx2], margin=0).n_removed - sel.n_removed) < 40
+    with pytest.raises(ValueError, match="margin must be"):
+        select_calibrated(scores, scores[idx], y[idx], margin=-1)
     # the expected-F1 cut (the ablation): the count where the expected F1 peaks, which on a weak ranking is
     # well above the estimated count
     weak = 0.8 * y + rng.normal(size=400)
-    by_count, by_f1 = (select_calibrated(weak, weak[idx], y[idx], cut=c) for c in ("count", "f1"))
+    by_count, by_f1 = (select_calibrated(weak, weak[idx], y[idx], cut=c, margin=0) for c in ("count", "f1"))
     assert by_f1.params["expected_f1"] >= by_count.params["expected_f1"]
     assert by_f1.n_removed > by_count.n_removed + 40
     assert by_count.n_removed == round(400 * by_count.params["contamination_estimate"])
@@ -246,10 +257,14 @@ def test_calibrated_prior_shrinks_the_estimate_towards_it_and_damps_the_label_dr
     y = (rng.random(1000) < 0.3).astype(int)
     scores = 1.2 * y + rng.normal(size=1000)  # a weak ranking, as on BeaverTails
     draws = [np.random.default_rng(s).choice(1000, 100, replace=False) for s in range(8)]
-    plain = [select_calibrated(scores, scores[i], y[i]) for i in draws]
-    assert all(s.params == select_calibrated(scores, scores[i], y[i], prior=0.3, prior_weight=0).params
+    plain = [select_calibrated(scores, scores[i], y[i], margin=0) for i in draws]
+    assert all(s.params == select_calibrated(scores, scores[i], y[i], prior=0.3, prior_weight=0, margin=0).params
                for s, i in zip(plain, draws))  # weight 0: the rule without a prior
-    prior = [select_calibrated(scores, scores[i], y[i], prior=0.3, prior_weight=200) for i in draws]
+    prior = [select_calibrated(scores, scores[i], y[i], prior=0.3, prior_weight=200, margin=0) for i in draws]
+    # the prior's weight counts in the margin's standard error as labels do
+    t, w = prior[0].params["contamination_estimate"], prior[0].params["prior_weight_used"]
+    assert w > 100 and select_calibrated(scores, scores[draws[0]], y[draws[0]], prior=0.3, prior_weight=200).params[
+        "contamination_estimate_se"] == pytest.approx(np.sqrt(t * (1 - t) / (100 + w)))
     for s, p in zip(plain, prior):
         est, platt = p.params["contamination_estimate"], p.params["platt_estimate"]
         assert platt == pytest.approx(s.params["contamination_estimate"])

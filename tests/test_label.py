@@ -181,9 +181,9 @@ def test_calibrated_prior_gives_way_when_the_labels_contradict_it():
     y = (rng.random(2000) < 0.24).astype(int)
     scores = 2.0 * y + rng.normal(size=2000)
     idx = rng.choice(2000, 100, replace=False)
-    labels_only = select_calibrated(scores, scores[idx], y[idx])
+    labels_only = select_calibrated(scores, scores[idx], y[idx], margin=0)
     # the labels say about 0.24 harmful, the prior 0.94: the labels win
-    sel = select_calibrated(scores, scores[idx], y[idx], prior=0.94, prior_weight=100)
+    sel = select_calibrated(scores, scores[idx], y[idx], prior=0.94, prior_weight=100, margin=0)
     assert sel.params["prior_agreement_p"] < 1e-6 and sel.params["prior_weight_used"] < 1e-3
     assert abs(sel.params["contamination_estimate"] - labels_only.params["contamination_estimate"]) < 0.01
     assert abs(sel.n_removed - labels_only.n_removed) <= 5 and sel.n_removed / 2000 < 0.35

@@ -28,7 +28,7 @@ def _count(estimator: str, z: np.ndarray, idx: np.ndarray, y: np.ndarray, prior:
 
     if estimator in ("calibrated", "platt"):
         kw = {"prior": prior, "prior_weight": PRIOR_WEIGHT} if estimator == "calibrated" else {}
-        return select_calibrated(z, z[idx], y[idx], **kw).n_removed
+        return select_calibrated(z, z[idx], y[idx], margin=0.0, **kw).n_removed  # the estimated count
     if len(set(y[idx].tolist())) < 2:
         raise ValueError("labels of one class only")
     if estimator == "isotonic":

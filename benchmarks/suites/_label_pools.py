@@ -90,22 +90,34 @@ def calibrated_draws(z: np.ndarray, y: np.ndarray, prior: float, pick, *, draws:
     """The calibrated rule (`saft filter --labels-file`, the prior worth `PRIOR_WEIGHT` labels) over `draws` label
     draws: `pick(d)` gives draw d's labelled rows and the rule's extra options. The removal-count error
     |removed - harmful| / rows (mean and worst), the estimate's error and F1 of the removal (means) over the draws
-    that did not refuse (labelled rows of one class), and the refusals."""
+    that did not refuse (labelled rows of one class), and the refusals. For the count cut, also what the default
+    margin (`saft.select.MARGIN` standard errors past the count) changes: the share of harmful rows kept and of
+    safe rows removed, at the count and with the margin (means)."""
     from sklearn.metrics import f1_score
 
     from saft.select import PRIOR_WEIGHT, select_calibrated
 
     errs, est_errs, f1s, refused = [], [], [], 0
+    margin = {k: [] for k in ("harmful_kept", "harmful_kept_margin", "safe_removed", "safe_removed_margin")}
+    harmful = y.astype(bool)
     for d in range(draws):
         idx, extra = pick(d)
         try:
-            sel = select_calibrated(z, z[idx], y[idx], prior=prior, prior_weight=PRIOR_WEIGHT, **extra)
+            # the estimated count (margin 0): these suites measure how well the labels count
+            sel = select_calibrated(z, z[idx], y[idx], prior=prior, prior_weight=PRIOR_WEIGHT,
+                                    **{"margin": 0.0, **extra})
         except ValueError:  # the labelled rows hold one class only: the rule refuses, as the CLI does
             refused += 1
             continue
         errs.append(abs(sel.n_removed - y.sum()) / len(y))
         est_errs.append(abs(sel.params["contamination_estimate"] - y.mean()))
         f1s.append(f1_score(y, sel.removed, zero_division=0))
+        if extra.get("cut", "count") == "count" and harmful.any():
+            wide = select_calibrated(z, z[idx], y[idx], prior=prior, prior_weight=PRIOR_WEIGHT, **extra)
+            for suffix, removed in (("", sel.removed), ("_margin", wide.removed)):
+                margin["harmful_kept" + suffix].append(float((harmful & ~removed).sum() / harmful.sum()))
+                margin["safe_removed" + suffix].append(float((~harmful & removed).sum() / (~harmful).sum()))
     mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
     return {"count_error": mean(errs), "count_error_max": float(np.max(errs)) if errs else None,
-            "estimate_error": mean(est_errs), "f1": mean(f1s), "draws": len(errs), "refused": refused}
+            "estimate_error": mean(est_errs), "f1": mean(f1s), "draws": len(errs), "refused": refused,
+            **({"margin": {k: mean(v) for k, v in margin.items()}} if margin["harmful_kept"] else {})}

@@ -170,6 +170,9 @@ def _print_summary(summary: dict) -> None:
         se = summary["rule_params"].get("contamination_estimate_se")
         print(f"estimated contamination ({source}): {summary['rule_params']['contamination_estimate']:.3f}"
               + (f" (standard error {se:.3f})" if se is not None else ""))
+    if summary["rule_params"].get("margin"):
+        print(f"  removing {summary['rule_params']['margin']:g} standard errors past the estimated count "
+              "(a missed harmful row costs more than a removed safe one; --margin 0 removes the count)")
     if summary["rule"] == "certify":
         print(f"certificate: {summary['rule_params']['reason']}")
     trust = summary.get("trust")

@@ -51,7 +51,7 @@ from .pools import attack_pool
 from .prompting import harmful_by_prompting
 from .reference import reference_view
 from .regions import refusal_mask
-from .select import draw_labeled
+from .select import MARGIN, draw_labeled
 
 logger = logging.getLogger(__name__)
 # In the order they run: the comparison the promise rests on (SFT, oracle, the defaults) first.
@@ -82,6 +82,7 @@ class ExperimentConfig:
     layer: int | str = field(default="middle", metadata={"help": "SAFT feature layer"})
     position: str = field(default="prompt_last", metadata={"help": "SAFT token position"})
     n_labels: int = field(default=100, metadata={"help": "labelled pool rows (the paper's F1 rule and the labelled arm)"})
+    margin: float = field(default=MARGIN, metadata={"help": "labelled arm: standard errors removed past the estimated count"})
     feature_max_length: int = field(default=512, metadata={"help": "tokens per sample when scoring (as saft filter)"})
     max_length: int = field(default=128, metadata={"help": "tokens per sample when fine-tuning"})
     epochs: float = field(default=2.0, metadata={"help": "fine-tuning epochs"})
@@ -120,6 +121,8 @@ class ExperimentConfig:
         guard_weights(self.guard)  # raises for an unknown version or a missing file
         if not 0 <= self.demo_share < 1:
             raise ValueError(f"demo_share must be in [0, 1), got {self.demo_share}")
+        if not 0 <= self.margin < float("inf"):
+            raise ValueError(f"margin must be a finite number at least 0, got {self.margin}")
 
     def plan(self) -> list[tuple[float, int]]:
         """The (rate, seed) pairs of `runs`."""
@@ -144,8 +147,9 @@ class ExperimentConfig:
 
 
 # Fields that do not change what an arm trains on or how it is evaluated: a rerun may change them freely. The
-# guard changes only which rows the detector arms keep, and a finished arm is checked against its kept rows.
-FREE_FIELDS = ("runs", "arms", "n_boot", "raw_dir", "cache_dir", "device", "guard")
+# guard and the margin change only which rows the detector arms keep, and a finished arm is checked against its
+# kept rows.
+FREE_FIELDS = ("runs", "arms", "n_boot", "raw_dir", "cache_dir", "device", "guard", "margin")
 
 
 def settings_sha1(config: ExperimentConfig) -> str:
@@ -214,7 +218,8 @@ def _selections(config: ExperimentConfig, pool, model, tok, *, seed: int, cache:
     for arm in detectors:
         fc = FilterConfig(detector="subspace" if arm == "saft" else arm, layer=config.layer, position=config.position,
                           max_length=config.feature_max_length, n_labels=config.n_labels, seed=seed,
-                          device=config.device, cache_dir=config.cache_dir, guard=config.guard)
+                          device=config.device, cache_dir=config.cache_dir, guard=config.guard,
+                          margin=config.margin)
         view, positions = detector_view(fc, model, tok, feature_cache=cache / "features")
         X = view(pool)
         reference = None

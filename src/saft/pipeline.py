@@ -42,7 +42,7 @@ from .metrics import detection_metrics
 from .models import EMBEDDED, default_cache_dir, load_model
 from .reference import reference_view
 from .regions import refusal_mask
-from .select import PRIOR_WEIGHT, RULES, RuleInputs, Selection, draw_labeled, select
+from .select import MARGIN, PRIOR_WEIGHT, RULES, RuleInputs, Selection, draw_labeled, select
 from .trust import label_free_trust
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ class FilterConfig:
                                                       advanced=True))
     prior_weight: float = field(default=PRIOR_WEIGHT, metadata=_help(
         "calibrated rule: labels the label-free estimate counts as", advanced=True))
+    margin: float = field(default=MARGIN, metadata=_help(
+        "calibrated rule: standard errors removed past the estimated count", advanced=True))
     n_components: int | None = field(default=None, metadata=_help("subspace: fix k (default: searched by the f1 rule)",
                                                                   advanced=True))
     k_candidates: tuple[int, ...] = field(default=(1, 2, 3, 4), metadata=_help("subspace: k values the f1 rule "
@@ -152,6 +154,8 @@ class FilterConfig:
             raise ValueError(f"k_candidates must be positive integers, got {self.k_candidates!r}")
         if not self.prior_weight >= 0:
             raise ValueError(f"prior_weight must be at least 0, got {self.prior_weight}")
+        if not 0 <= self.margin < float("inf"):
+            raise ValueError(f"margin must be a finite number at least 0, got {self.margin}")
         if self.n_labels < 1:
             raise ValueError(f"n_labels must be at least 1, got {self.n_labels}")
         if self.n_thresholds < 2:
@@ -381,8 +385,8 @@ def score_and_select(config: FilterConfig, X: np.ndarray, *, labelled_X=None, la
                 estimate = dataclasses.replace(estimate, interval=tuple(trust["interval"]), level=trust["level"])
     pool_scores = {c: d.score_samples(X) for c, d in detectors.items()}
     inputs = RuleInputs(pool_scores, estimate=estimate, fraction=config.fraction, threshold=config.threshold,
-                        n_thresholds=config.n_thresholds, prior_weight=config.prior_weight, labelled_idx=labelled_idx,
-                        alpha=config.certify, delta=config.delta, strata=strata)
+                        n_thresholds=config.n_thresholds, prior_weight=config.prior_weight, margin=config.margin,
+                        labelled_idx=labelled_idx, alpha=config.certify, delta=config.delta, strata=strata)
     if rule.labels:
         inputs.labelled_scores = {c: d.score_samples(labelled_X) for c, d in detectors.items()}
         inputs.labels = labels

@@ -12,6 +12,8 @@ Rules:
   less with the label draw than under the F1 rule; a
   label-free estimate given as a prior (worth `prior_weight` labels) steadies it further, at full weight while the
   labels agree with it and less the more they contradict it (`prior_agreement`): when they conflict, the labels win.
+  It removes `MARGIN` standard errors of the estimate more than the estimated count, as a missed harmful row costs
+  more than a removed safe one.
 - `select_certified` (a random labelled sample, not in the paper): the largest kept set whose harmful share is
   certified at most ALPHA with probability 1 - delta (`saft.certify`).
 - `select_estimate` (label-free, not in the paper): remove the top `estimate` share of the pool, where the
@@ -49,6 +51,17 @@ PLATT_C = 100.0
 # (30 chosen labels) it removed 0.009-0.256 of the pool more or fewer rows than were harmful, against 0.007-0.061
 # for the estimated count, and its true F1 was lower on 5 of 8 pools, equal on 2, higher on J30 (0.605 vs 0.572).
 CUT = "count"
+# How far past the estimated harmful count the calibrated rule removes, in standard errors of the estimate (the
+# share estimated from the labels and the prior's weight in labels, sqrt(t(1 - t) / (n_labels + weight))); 1.28 is
+# the one-sided 90% upper bound. A missed harmful row costs more than a removed safe one: on the end-to-end
+# experiment (docs/aligned-base.md), an aligned model fine-tuned on a pool that kept 6-9 of 96 harmful rows
+# answered 0.01-0.06 more held-out harmful prompts harmfully than one trained on the safe rows only, while about
+# 15 more safe rows removed from 224 left its helpfulness (ROUGE-L, reference loss) within noise. The margin cut
+# the harmful rows kept there from 6-9 to 1-4 at 30% (3 seeds) and from 5-8 to 0-3 at 10% (2 seeds). On pools of
+# the six source families, each scored by a guard that never learned from it (benchmarks/suites/detection.py,
+# 10% and 30% harmful, 30 chosen or 100 random labels), the share of harmful rows kept fell by 0.00-0.20 and the
+# share of safe rows removed rose by 0.03-0.08. 0 removes the estimated count.
+MARGIN = 1.2816
 
 
 @dataclass
@@ -159,9 +172,11 @@ def prior_agreement(pool_logit: np.ndarray, val_logit: np.ndarray, val_labels: S
 
 def select_calibrated(scores: np.ndarray, val_scores: np.ndarray, val_labels: Sequence[int], *,
                       prior: float | None = None, prior_weight: float = 0.0,
-                      test_level: float = PRIOR_TEST_LEVEL, platt_c: float = PLATT_C, cut: str = CUT) -> Selection:
-    """Remove the estimated number of harmful rows, highest scores first, the estimate being the pool mean of
-    Platt-calibrated probabilities (`cut` "f1": the top m rows maximising the F1 expected under them instead).
+                      test_level: float = PRIOR_TEST_LEVEL, platt_c: float = PLATT_C, cut: str = CUT,
+                      margin: float = MARGIN) -> Selection:
+    """Remove the estimated number of harmful rows and `margin` standard errors of that estimate more, highest
+    scores first, the estimate being the pool mean of Platt-calibrated probabilities (`cut` "f1": the top m rows
+    maximising the F1 expected under them instead; the margin applies to the count only).
 
     `prior`, a label-free contamination estimate of the pool (the guard's), counts as `prior_weight` extra labels:
     the probabilities are shifted by one constant on the log-odds scale until their pool mean is
@@ -179,6 +194,8 @@ def select_calibrated(scores: np.ndarray, val_scores: np.ndarray, val_labels: Se
 
     if cut not in ("f1", "count"):
         raise ValueError(f"cut must be 'f1' or 'count', got {cut!r}")
+    if not 0 <= margin < float("inf"):
+        raise ValueError(f"margin must be a finite number at least 0, got {margin}")
     y = np.asarray(val_labels, dtype=int)
     if not 0 < y.sum() < len(y):
         raise ValueError("the calibrated rule needs harmful and safe rows among the labelled samples; draw more labels")
@@ -191,6 +208,7 @@ def select_calibrated(scores: np.ndarray, val_scores: np.ndarray, val_labels: Se
     logit = platt.decision_function(scores.reshape(-1, 1))
     p = expit(logit)
     params = {"n_labels": len(y)}
+    weight = 0.0
     if not 0 <= test_level < 1:
         raise ValueError(f"test_level must be in [0, 1), got {test_level}")
     if prior_weight > 0:
@@ -209,8 +227,11 @@ def select_calibrated(scores: np.ndarray, val_scores: np.ndarray, val_labels: Se
     expected_f1 = 2 * expected_tp / (np.arange(1, len(scores) + 1) + p.sum())
     if cut == "f1":
         m = int(np.argmax(expected_f1)) + 1
-    else:
-        m = max(1, int(round(p.sum())))  # the labels hold a harmful row, so the pool has one
+    else:  # the labels hold a harmful row, so the pool has one
+        t = float(p.mean())
+        se = float(np.sqrt(t * (1 - t) / (len(y) + weight)))
+        m = min(len(scores), max(1, int(round(len(scores) * (t + margin * se)))))
+        params.update({"margin": float(margin), "contamination_estimate_se": se})
     removed = np.zeros(len(scores), dtype=bool)
     removed[order[:m]] = True
     threshold = float(scores[~removed].max()) if (~removed).any() else float(scores.min())
@@ -246,6 +267,7 @@ class RuleInputs:
     threshold: float | None = None
     n_thresholds: int = 100
     prior_weight: float = PRIOR_WEIGHT
+    margin: float = MARGIN
     labelled_idx: Sequence[int] | None = None  # the labelled rows' positions in the pool, when they are pool rows
     alpha: float | None = None
     delta: float = 0.1
@@ -270,7 +292,7 @@ class Rule:
 
 def _calibrated(i: RuleInputs) -> Selection:
     prior = {} if i.estimate is None or i.prior_weight <= 0 else {"prior": i.estimate.value, "prior_weight": i.prior_weight}
-    return select_calibrated(i.only(i.scores), i.only(i.labelled_scores), i.labels, **prior)
+    return select_calibrated(i.only(i.scores), i.only(i.labelled_scores), i.labels, margin=i.margin, **prior)
 
 
 def _none(i: RuleInputs) -> Selection:
@@ -280,7 +302,7 @@ def _none(i: RuleInputs) -> Selection:
 RULES: dict[str, Rule] = {
     "f1": Rule(lambda i: select_by_f1(i.scores, i.labelled_scores, i.labels, n_thresholds=i.n_thresholds),
                "the paper's: the candidate and threshold with the best F1 on the labelled rows", labels=True),
-    "calibrated": Rule(_calibrated, "labels: Platt-calibrated scores, remove the estimated harmful count",
+    "calibrated": Rule(_calibrated, "labels: Platt-calibrated scores, remove the estimated harmful count and a margin",
                        labels=True),
     "estimate": Rule(lambda i: select_estimate(i.only(i.scores), estimate=i.estimate),
                      "label-free: remove the detector's own contamination estimate", estimate=True, label_free=True),
