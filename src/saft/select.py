@@ -55,8 +55,8 @@ CUT = "count"
 # share estimated from the labels and the prior's weight in labels, sqrt(t(1 - t) / (n_labels + weight))); 1.28 is
 # the one-sided 90% upper bound. A missed harmful row costs more than a removed safe one: on the end-to-end
 # experiment (docs/aligned-base.md), an aligned model fine-tuned on a pool that kept 6-9 of 96 harmful rows
-# answered 0.01-0.06 more held-out harmful prompts harmfully than one trained on the safe rows only, while about
-# 15 more safe rows removed from 224 left its helpfulness (ROUGE-L, reference loss) within noise. The margin cut
+# answered 0.01-0.06 more held-out harmful prompts harmfully than one trained on the safe rows only, while 13-17
+# more safe rows removed from 224 left its helpfulness (ROUGE-L, reference loss) within noise. The margin cut
 # the harmful rows kept there from 6-9 to 1-4 at 30% (3 seeds) and from 5-8 to 0-3 at 10% (2 seeds). On pools of
 # the six source families, each scored by a guard that never learned from it (benchmarks/suites/detection.py,
 # 10% and 30% harmful, 30 chosen or 100 random labels), the share of harmful rows kept fell by 0.00-0.20 and the
