@@ -56,7 +56,8 @@ def run(args) -> dict:
     loads = [r["load_average"] for r in res["rows"] if "load_average" in r]
     demos = f"{c['demo_share']:.0%} safety demonstrations" if c["demo_share"] else "no safety demonstrations"
     # The table's cost: every arm's own fine-tuning and evaluation seconds as recorded when it ran (an arm a resumed
-    # run reused keeps them; results.json's "seconds" is the last invocation's wall time alone).
+    # run reused keeps them). results.json's "seconds" is the last invocation's wall time alone, which is seconds
+    # when that invocation only checked finished arms, so it is not reported.
     arm_seconds = sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in res["rows"])
     return {"results": res, "folder": folder, "seconds": arm_seconds, "seed": sorted({r["seed"] for r in res["rows"] if r["seed"] is not None}),
             "data": (f"pools of {c['pool_size']} rows ({', '.join(c['runs'])} as rate/seed): BeaverTails unsafe pairs "
@@ -65,7 +66,6 @@ def run(args) -> dict:
                      f"{res['evaluation']['benign'] + res['evaluation']['lookalike']} benign prompts, "
                      f"{res['evaluation']['helpful']} benign references"),
             "cpu_note": ("the arms' fine-tuning and evaluation seconds summed, scoring and selection not counted; "
-                         f"the last invocation took {res['seconds']:.0f} s; "
                          + (f"torch threads {res.get('threads', 'not recorded (the default: one per core)')} on a "
                             f"machine of 2 cores; load average (1 min) when each arm finished: {min(loads):.2f}-{max(loads):.2f}"
                             if loads else "see results.json")),
