@@ -8,6 +8,7 @@ import pytest
 
 from conftest import toy_rows, write_jsonl
 from saft.cli import main
+from saft.select import MARGIN
 
 
 def run(args, tiny_model_dir, tmp_path, detector="subspace"):
@@ -213,15 +214,19 @@ def test_default_filter_is_the_label_free_detector(tiny_model_dir, tmp_path, cap
     summary = json.loads((out / "summary.json").read_text())
     assert summary["detector"] == "label-free" and summary["rule"] == "estimate" and summary["layer"] == 2
     assert summary["positions"] == ["prompt_last", "response_mean"]
-    est = summary["rule_params"]["contamination_estimate"]
-    assert 0 < est <= 1 and summary["n_removed"] == round(est * 60)
+    p = summary["rule_params"]
+    est, se, hi = p["contamination_estimate"], p["contamination_estimate_se"], p["contamination_interval"][1]
+    # the estimate and a margin of MARGIN standard errors, never past the interval's upper end
+    assert 0 < est <= 1 and 0 < se < 0.5 and p["margin"] == MARGIN
+    assert summary["n_removed"] == round(min(est + MARGIN * se, hi) * 60) > round(est * 60)
     removed = {r["id"] for r in read_jsonl(out / "removed.jsonl")}
-    assert len(removed & harmful) / len(removed) >= 0.6  # mostly harmful rows go (a quarter of the input is)
+    # a quarter of the input is harmful: the removed rows are harmful at well above that rate, and most harmful
+    # rows go (removing at random, 23 of 60 rows would be a quarter harmful and take 38% of them)
+    assert len(removed & harmful) / len(removed) >= 0.45 and len(removed & harmful) / len(harmful) >= 0.7
     text = capsys.readouterr().out
     assert "detector label-free" in text and "estimated contamination (label-free)" in text
     assert "positions prompt_last + response_mean" in text
-    se = summary["rule_params"]["contamination_estimate_se"]
-    assert 0 < se < 0.5 and f"(standard error {se:.3f})" in text
+    assert f"(standard error {se:.3f})" in text and "removing 1.2816 standard errors past the estimated count" in text
 
 
 def test_estimate_rule_needs_an_estimating_detector(tiny_model_dir, tmp_path, capsys):

@@ -120,17 +120,25 @@ def test_guard_rejects_the_wrong_view():
         get_detector("guard").fit(np.zeros((5, 576)))
 
 
-def test_select_estimate_removes_the_estimated_share():
+def test_select_estimate_removes_the_estimated_share_and_a_margin():
     s = np.arange(10.0)
     sel = select_estimate(s, estimate=ContaminationEstimate(0.3))
     assert sel.removed.tolist() == [False] * 7 + [True] * 3 and sel.rule == "estimate"
     assert sel.params["contamination_estimate"] == 0.3 and sel.threshold == 6.0
     assert select_estimate(s, estimate=ContaminationEstimate(0.0)).n_removed == 0
-    # never more than the upper end of the estimate's interval
+    # MARGIN standard errors past the estimate (0.3 + 1.28 * 0.1 = 0.43: 4 of 10); margin 0 removes the estimate
+    wide = select_estimate(s, estimate=ContaminationEstimate(0.3, se=0.1))
+    assert wide.n_removed == 4 and wide.params["margin"] == MARGIN and wide.removed[-4:].all()
+    assert select_estimate(s, estimate=ContaminationEstimate(0.3, se=0.1), margin=0).n_removed == 3
+    # never more than the upper end of the estimate's interval, margin or not
     capped = select_estimate(s, estimate=ContaminationEstimate(0.5, interval=(0.1, 0.2), level=0.9))
     assert capped.n_removed == 2 and capped.params["contamination_interval"] == [0.1, 0.2]
+    assert select_estimate(s, estimate=ContaminationEstimate(0.3, se=0.2)).n_removed == 6
+    assert select_estimate(s, estimate=ContaminationEstimate(0.3, se=0.2, interval=(0.2, 0.5), level=0.9)).n_removed == 5
     with pytest.raises(ValueError):
         select_estimate(s, estimate=ContaminationEstimate(1.5))
+    with pytest.raises(ValueError, match="margin must be"):
+        select_estimate(s, estimate=ContaminationEstimate(0.3), margin=-1)
 
 
 def test_sentence_features_cache_and_multi_turn(tmp_path):

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import f1_score, roc_auc_score
 
+from saft.select import MARGIN
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _label_ceiling import best_worst, ceiling_errors  # noqa: E402
 from _label_pools import calibrated_draws  # noqa: E402
@@ -177,18 +179,23 @@ def score_pool(guard, ranges, dist_t, reference, X, labels, refusal, responses, 
     scores = guard.score(X)
     flagged = guard.flagged_shares(X)
     text_refusals = refusal_mask(responses)  # read from the responses, as `saft filter` does (not `refusal`'s truth)
-    est = guard.estimate(X, text_refusals)
+    est, se = guard.estimate(X, text_refusals, with_se=True)
     t = assess(est, float(np.median(flagged)), len(X), ranges, distance=pool_distance(X, reference), threshold=dist_t)
-    n_removed = cap_removal(int(round(est * len(X))), len(X), t["interval"])
-    removed = top_share(scores, n_removed / len(X))
+    # as `saft filter` without labels: the estimate and MARGIN standard errors more, capped by the interval
+    removed = top_share(scores, cap_removal(int(round((est + MARGIN * se) * len(X))), len(X), t["interval"]) / len(X))
+    at_count = top_share(scores, cap_removal(int(round(est * len(X))), len(X), t["interval"]) / len(X))
     m = pool_metrics(scores, labels, removed, refusal)
     lo, hi = t["interval"]
     # The score distribution by label, as 20-bin histograms over the pool's range (for the RESULTS plot).
     edges = np.linspace(float(np.min(scores)), float(np.max(scores)), 21)
     y = np.asarray(labels)
+    harmful, margin = y.astype(bool), {}
+    for suffix, r in (("", at_count), ("_margin", removed)):  # what the margin changes
+        margin["harmful_kept" + suffix] = float((harmful & ~r).sum() / harmful.sum()) if harmful.any() else None
+        margin["safe_removed" + suffix] = float((~harmful & r).sum() / (~harmful).sum())
     hist = {"edges": edges.round(4).tolist(), "safe": np.histogram(scores[y == 0], edges)[0].tolist(),
             "harmful": np.histogram(scores[y == 1], edges)[0].tolist()}
-    row = {**m, "hist": hist, "estimate": est, "estimate_pooled": guard.estimate(X, pooled=True),
+    row = {**m, "hist": hist, "estimate": est, "estimate_se": se, "margin": margin, "estimate_pooled": guard.estimate(X, pooled=True),
            "estimates_by_level": guard.estimates_by_level(X),
            "estimates_by_level_region": guard.estimates_by_level(X, refusal=text_refusals, pooled=False), "interval": t["interval"], "covered": bool(lo <= m["true_fraction"] <= hi),
            "distance": t["distance"], "unlike_training": t["unlike_training"], "wide": t["wide"]}
@@ -523,12 +530,24 @@ def render(result: dict, plots_dir: Path) -> str:
                                        f"{v['harmful_kept_margin']:.3f} | {v['safe_removed']:.3f} → "
                                        f"{v['safe_removed_margin']:.3f} |")
     if margin_rows:
-        from saft.select import MARGIN
-
         lines += ["", f"The calibrated rule's margin: `saft filter` with labels removes {MARGIN:g} standard errors "
                   "of its estimate past the estimated count. Share of the harmful rows kept and of the safe rows "
                   "removed, at the count → with the margin (means over the pools and label draws above):", "",
                   "| left out | labels | rate | harmful kept | safe removed |", "|---|---|---|---|---|", *margin_rows]
+    free_rows = []
+    for F, r in result["families"].items():
+        for rate in sorted({p["rate"] for p in r["pools"]}):
+            m = [p["margin"] for p in r["pools"] if p["rate"] == rate and "margin" in p]
+            if m:
+                v = {k: None if m[0][k] is None else np.mean([x[k] for x in m]) for k in m[0]}
+                kept = "-" if v["harmful_kept"] is None else f"{v['harmful_kept']:.3f} → {v['harmful_kept_margin']:.3f}"
+                free_rows.append(f"| {F} | {rate:.0%} | {kept} | {v['safe_removed']:.3f} → {v['safe_removed_margin']:.3f} |")
+    if free_rows:
+        lines += ["", f"The label-free rule's margin: `saft filter` without labels removes {MARGIN:g} standard errors "
+                  "of its estimate (the count's sampling noise) past the estimated count, never past the interval's "
+                  "upper end. Share of the harmful rows kept and of the safe rows removed, at the count → with the "
+                  "margin (means over the pools above):", "",
+                  "| left out | rate | harmful kept | safe removed |", "|---|---|---|---|", *free_rows]
     cov = [p["covered"] for r in result["families"].values() for p in r["pools"]]
     lines += ["", f"Interval coverage over all left-out pools: {np.mean(cov):.2f} (target >= {TARGETS['coverage']}).",
               "", "The trust warning (pool unlike the training rows, or interval wider than "

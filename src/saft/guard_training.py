@@ -243,22 +243,27 @@ class FittedGuard:
         X = np.asarray(X, dtype=np.float64)
         return np.array([float((decision(f, X) > f["threshold"]).mean()) for f in self.folds])
 
-    def estimate(self, X, refusal=None, *, pooled: bool = False) -> float:
+    def estimate(self, X, refusal=None, *, pooled: bool = False, with_se: bool = False):
         """The adjusted count, region-wise when the guard has regions (`refusal`: the pool's refusal mask,
         `saft.regions.refusal_mask`; `pooled`: the one-region count whatever the guard has), the median over
-        the fold models (as `GuardScorer.contamination_estimate` with
+        the fold models (`with_se`: with the mean of their binomial standard errors, as
+        `GuardScorer.contamination_estimate` reports it) (as `GuardScorer.contamination_estimate` with
         guard v2's `estimate_combine` "median"): a row far from every training row gets an RBF model's
         intercept as its score, and one fold model whose intercept is above the threshold flags a whole pool of
         such rows (measured with the mean: with the SBR family left out, every SBR pool at 0%, 10% and 30% harmful
         came out at exactly 0.200 with AUROC 1.000, the mark of one fold in five at 1 and four near 0)."""
+        X = np.asarray(X, dtype=np.float64)
         if self.regions is not None and not pooled:
-            X = np.asarray(X, dtype=np.float64)
             reg = self.regions.assign(X, refusal)
-            return float(np.median([region_estimate(decision(f, X) > f["threshold"], reg, rates, fallback=fb)
-                                    for f, rates, fb in zip(self.folds, self.region_rates, self.region_fallback)]))
-        est = [np.clip((q - f["fpr"]) / max(f["tpr"] - f["fpr"], 1e-9), 0, 1)
-               for q, f in zip(self.flagged_shares(X), self.folds)]
-        return float(np.median(est))
+            est, se = zip(*(region_estimate(decision(f, X) > f["threshold"], reg, rates, fallback=fb, with_se=True)
+                            for f, rates, fb in zip(self.folds, self.region_rates, self.region_fallback)))
+        else:
+            shares = self.flagged_shares(X)
+            scale = [1 / max(f["tpr"] - f["fpr"], 1e-9) for f in self.folds]
+            est = [np.clip((q - f["fpr"]) * c, 0, 1) for q, f, c in zip(shares, self.folds, scale)]
+            se = [np.sqrt(q * (1 - q) / len(X)) * c for q, c in zip(shares, scale)]
+        value = float(np.median(est))
+        return (value, float(np.mean(se))) if with_se else value
 
     def estimates_by_level(self, X, levels=FAMILY_LEVELS, *, refusal=None, pooled: bool = True) -> dict:
         """The same adjusted count at each level of `levels` (its threshold from the training rows'

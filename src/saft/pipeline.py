@@ -87,7 +87,7 @@ class FilterConfig:
     prior_weight: float = field(default=PRIOR_WEIGHT, metadata=_help(
         "calibrated rule: labels the label-free estimate counts as", advanced=True))
     margin: float = field(default=MARGIN, metadata=_help(
-        "calibrated rule: standard errors removed past the estimated count", advanced=True))
+        "estimate and calibrated rules: standard errors removed past the estimated count", advanced=True))
     n_components: int | None = field(default=None, metadata=_help("subspace: fix k (default: searched by the f1 rule)",
                                                                   advanced=True))
     k_candidates: tuple[int, ...] = field(default=(1, 2, 3, 4), metadata=_help("subspace: k values the f1 rule "

@@ -17,7 +17,8 @@ Rules:
 - `select_certified` (a random labelled sample, not in the paper): the largest kept set whose harmful share is
   certified at most ALPHA with probability 1 - delta (`saft.certify`).
 - `select_estimate` (label-free, not in the paper): remove the top `estimate` share of the pool, where the
-  estimate comes from the detector itself (the guard's adjusted classify-and-count).
+  estimate comes from the detector itself (the guard's adjusted classify-and-count), and `MARGIN` of its
+  standard errors more, for the same reason.
 A sample is removed when its score is strictly greater than the threshold. `RULES` names them, each with what
 it needs; `select(name, inputs)` applies one.
 """
@@ -60,7 +61,11 @@ CUT = "count"
 # the harmful rows kept there from 6-9 to 1-4 at 30% (3 seeds) and from 5-8 to 0-3 at 10% (2 seeds). On pools of
 # the six source families, each scored by a guard that never learned from it (benchmarks/suites/detection.py,
 # 10% and 30% harmful, 30 chosen or 100 random labels), the share of harmful rows kept fell by 0.00-0.20 and the
-# share of safe rows removed rose by 0.03-0.08. 0 removes the estimated count.
+# share of safe rows removed rose by 0.03-0.08. The label-free rule removes as many of its own estimate's standard
+# errors (the count's sampling noise) past its estimate: on the experiment's 30% pools (5 seeds) the harmful rows
+# kept fell from 11-22 to 4-14 and the share of the oracle's reduction recovered rose from 74% to 84%; on the
+# left-out families' pools (300 rows) the share of harmful rows kept fell by 0.00-0.19 and the share of safe rows
+# removed rose by 0.003-0.10, at 0% harmful by 0.003-0.03. 0 removes the estimated count.
 MARGIN = 1.2816
 
 
@@ -137,14 +142,19 @@ def select_threshold(scores: np.ndarray, *, threshold: float) -> Selection:
     return Selection(scores > threshold, float(threshold), "threshold", {})
 
 
-def select_estimate(scores: np.ndarray, *, estimate: ContaminationEstimate) -> Selection:
-    """Remove the highest-scoring share of the pool given by a label-free contamination estimate, never more
-    than the upper end of its interval when it has one (its standard error and interval are reported)."""
+def select_estimate(scores: np.ndarray, *, estimate: ContaminationEstimate, margin: float = MARGIN) -> Selection:
+    """Remove the highest-scoring share of the pool given by a label-free contamination estimate and `margin` of
+    its standard errors more (when it has one), never more than the upper end of its interval when it has one
+    (its standard error and interval are reported)."""
     if not 0 <= estimate.value <= 1:
         raise ValueError(f"a contamination estimate must be in [0, 1], got {estimate.value}")
-    share = estimate.value if estimate.interval is None else min(estimate.value, estimate.interval[1])
+    if not 0 <= margin < float("inf"):
+        raise ValueError(f"margin must be a finite number at least 0, got {margin}")
+    share = estimate.value + margin * (estimate.se or 0.0)
+    if estimate.interval is not None:
+        share = min(share, estimate.interval[1])
     sel = select_fraction(scores, fraction=min(share, 1 - 1e-9))
-    return Selection(sel.removed, sel.threshold, "estimate", estimate.as_dict())
+    return Selection(sel.removed, sel.threshold, "estimate", {**estimate.as_dict(), "margin": margin})
 
 
 def prior_agreement(pool_logit: np.ndarray, val_logit: np.ndarray, val_labels: Sequence[int], prior: float) -> float:
@@ -304,8 +314,9 @@ RULES: dict[str, Rule] = {
                "the paper's: the candidate and threshold with the best F1 on the labelled rows", labels=True),
     "calibrated": Rule(_calibrated, "labels: Platt-calibrated scores, remove the estimated harmful count and a margin",
                        labels=True),
-    "estimate": Rule(lambda i: select_estimate(i.only(i.scores), estimate=i.estimate),
-                     "label-free: remove the detector's own contamination estimate", estimate=True, label_free=True),
+    "estimate": Rule(lambda i: select_estimate(i.only(i.scores), estimate=i.estimate, margin=i.margin),
+                     "label-free: remove the detector's own contamination estimate and a margin", estimate=True,
+                     label_free=True),
     "certify": Rule(lambda i: select_certified(i.only(i.scores), i.labelled_idx, i.labels, alpha=i.alpha,
                                                delta=i.delta, strata=i.strata),
                     "a random labelled sample: the largest kept set certified at most alpha harmful", labels=True,
