@@ -249,8 +249,9 @@ class FittedGuard:
         the fold models; `with_se`: (that, the mean of their binomial standard errors), as
         `GuardScorer.contamination_estimate` reports them with guard v2's `estimate_combine` "median". The
         median, because a row far from every training row gets an RBF model's intercept as its score, and one
-        fold model whose intercept is above the threshold flags a whole pool of such rows (measured with the mean: with the SBR family left out, every SBR pool at 0%, 10% and 30% harmful
-        came out at exactly 0.200 with AUROC 1.000, the mark of one fold in five at 1 and four near 0)."""
+        fold model whose intercept is above the threshold flags a whole pool of such rows (measured with the
+        mean: with the SBR family left out, every SBR pool at 0%, 10% and 30% harmful came out at exactly 0.200
+        with AUROC 1.000, the mark of one fold in five at 1 and four near 0)."""
         X = np.asarray(X, dtype=np.float64)
         if self.regions is not None and not pooled:
             reg = self.regions.assign(X, refusal)
