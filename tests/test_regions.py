@@ -108,6 +108,10 @@ def test_guard_v3_built_from_a_v2_file_counts_region_by_region(tmp_path):
         fit_guard(X, y, fam).estimates_by_level(Xh[pool], pooled=False)
     assert gs3.contamination_estimate(Xh[pool]).value == pytest.approx(region, abs=0.01)
     assert gs2.contamination_estimate(Xh[pool]).value == pytest.approx(pooled, abs=0.01)
+    # with its standard error, as the packaged guard reports it (the mean of the fold models' binomial errors)
+    for kw, gs, value in (({}, gs3, region), ({"pooled": True}, gs2, pooled)):
+        v, se = g.estimate(Xh[pool], with_se=True, **kw)
+        assert v == value and se > 0 and se == pytest.approx(gs.contamination_estimate(Xh[pool]).se, rel=0.05)
     np.testing.assert_allclose(gs3.score_samples(Xh), gs2.score_samples(Xh))  # the same models score
     # refusals are their own region: a pool of refusals is counted with the refusal region's rates alone
     assert all(REFUSAL in r for r in gs3.region_rates_)

@@ -174,16 +174,19 @@ def score_pool(guard, ranges, dist_t, reference, X, labels, refusal, responses, 
     """One pool's numbers; `refusal`: the safe rows that are refusals (truth, for "refusals kept"); `responses`:
     the texts the estimate reads its refusal region from (as `saft filter` does)."""
     from saft.regions import refusal_mask
-    from saft.trust import assess, cap_removal, pool_distance
+    from saft.detectors import ContaminationEstimate
+    from saft.select import select_estimate
+    from saft.trust import assess, pool_distance
 
     scores = guard.score(X)
     flagged = guard.flagged_shares(X)
     text_refusals = refusal_mask(responses)  # read from the responses, as `saft filter` does (not `refusal`'s truth)
     est, se = guard.estimate(X, text_refusals, with_se=True)
     t = assess(est, float(np.median(flagged)), len(X), ranges, distance=pool_distance(X, reference), threshold=dist_t)
-    # as `saft filter` without labels: the estimate and MARGIN standard errors more, capped by the interval
-    removed = top_share(scores, cap_removal(int(round((est + MARGIN * se) * len(X))), len(X), t["interval"]) / len(X))
-    at_count = top_share(scores, cap_removal(int(round(est * len(X))), len(X), t["interval"]) / len(X))
+    # the rule of `saft filter` without labels (the estimate and MARGIN standard errors more, capped by the
+    # interval), and the estimate alone
+    estimate = ContaminationEstimate(est, se, interval=tuple(t["interval"]), level=t["level"])
+    removed, at_count = (select_estimate(scores, estimate=estimate, margin=k).removed for k in (MARGIN, 0.0))
     m = pool_metrics(scores, labels, removed, refusal)
     lo, hi = t["interval"]
     # The score distribution by label, as 20-bin histograms over the pool's range (for the RESULTS plot).
@@ -195,8 +198,8 @@ def score_pool(guard, ranges, dist_t, reference, X, labels, refusal, responses, 
         margin["safe_removed" + suffix] = float((~harmful & r).sum() / (~harmful).sum())
     hist = {"edges": edges.round(4).tolist(), "safe": np.histogram(scores[y == 0], edges)[0].tolist(),
             "harmful": np.histogram(scores[y == 1], edges)[0].tolist()}
-    row = {**m, "hist": hist, "estimate": est, "estimate_se": se, "margin": margin, "estimate_pooled": guard.estimate(X, pooled=True),
-           "estimates_by_level": guard.estimates_by_level(X),
+    row = {**m, "hist": hist, "estimate": est, "estimate_se": se, "margin": margin,
+           "estimate_pooled": guard.estimate(X, pooled=True), "estimates_by_level": guard.estimates_by_level(X),
            "estimates_by_level_region": guard.estimates_by_level(X, refusal=text_refusals, pooled=False), "interval": t["interval"], "covered": bool(lo <= m["true_fraction"] <= hi),
            "distance": t["distance"], "unlike_training": t["unlike_training"], "wide": t["wide"]}
     if label_draws and 0 < y.sum() < len(y):  # at 0% harmful every label is safe and the calibrated rule refuses
@@ -541,11 +544,12 @@ def render(result: dict, plots_dir: Path) -> str:
             if m:
                 v = {k: None if m[0][k] is None else np.mean([x[k] for x in m]) for k in m[0]}
                 kept = "-" if v["harmful_kept"] is None else f"{v['harmful_kept']:.3f} → {v['harmful_kept_margin']:.3f}"
-                free_rows.append(f"| {F} | {rate:.0%} | {kept} | {v['safe_removed']:.3f} → {v['safe_removed_margin']:.3f} |")
+                removed = f"{v['safe_removed']:.3f} → {v['safe_removed_margin']:.3f}"
+                free_rows.append(f"| {F} | {rate:.0%} | {kept} | {removed} |")
     if free_rows:
-        lines += ["", f"The label-free rule's margin: `saft filter` without labels removes {MARGIN:g} standard errors "
-                  "of its estimate (the count's sampling noise) past the estimated count, never past the interval's "
-                  "upper end. Share of the harmful rows kept and of the safe rows removed, at the count → with the "
+        lines += ["", f"The label-free rule's margin: `saft filter` without labels removes {MARGIN:g} standard "
+                  "errors of its estimate (the count's sampling noise) past the estimated count, never past the "
+                  "interval's upper end. Share of the harmful rows kept and of the safe rows removed, at the count → with the "
                   "margin (means over the pools above):", "",
                   "| left out | rate | harmful kept | safe removed |", "|---|---|---|---|", *free_rows]
     cov = [p["covered"] for r in result["families"].values() for p in r["pools"]]

@@ -82,7 +82,8 @@ class ExperimentConfig:
     layer: int | str = field(default="middle", metadata={"help": "SAFT feature layer"})
     position: str = field(default="prompt_last", metadata={"help": "SAFT token position"})
     n_labels: int = field(default=100, metadata={"help": "labelled pool rows (the paper's F1 rule and the labelled arm)"})
-    margin: float = field(default=MARGIN, metadata={"help": "label-free and labelled arms: standard errors removed past the estimated count"})
+    margin: float = field(default=MARGIN, metadata={
+        "help": "label-free and labelled arms: standard errors removed past the estimated count"})
     feature_max_length: int = field(default=512, metadata={"help": "tokens per sample when scoring (as saft filter)"})
     max_length: int = field(default=128, metadata={"help": "tokens per sample when fine-tuning"})
     epochs: float = field(default=2.0, metadata={"help": "fine-tuning epochs"})

@@ -255,13 +255,11 @@ class FittedGuard:
         X = np.asarray(X, dtype=np.float64)
         if self.regions is not None and not pooled:
             reg = self.regions.assign(X, refusal)
-            est, se = zip(*(region_estimate(decision(f, X) > f["threshold"], reg, rates, fallback=fb, with_se=True)
-                            for f, rates, fb in zip(self.folds, self.region_rates, self.region_fallback)))
-        else:
-            shares = self.flagged_shares(X)
-            scale = [1 / max(f["tpr"] - f["fpr"], 1e-9) for f in self.folds]
-            est = [np.clip((q - f["fpr"]) * c, 0, 1) for q, f, c in zip(shares, self.folds, scale)]
-            se = [np.sqrt(q * (1 - q) / len(X)) * c for q, c in zip(shares, scale)]
+            parts = [(reg, rates, fb) for rates, fb in zip(self.region_rates, self.region_fallback)]
+        else:  # one region with each fold model's own rates (the raw share where they cannot separate)
+            parts = [(np.zeros(len(X), dtype=int), {}, (f["tpr"], f["fpr"])) for f in self.folds]
+        est, se = zip(*(region_estimate(decision(f, X) > f["threshold"], reg, rates, fallback=fb, with_se=True)
+                        for f, (reg, rates, fb) in zip(self.folds, parts)))
         value = float(np.median(est))
         return (value, float(np.mean(se))) if with_se else value
 

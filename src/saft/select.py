@@ -64,8 +64,9 @@ CUT = "count"
 # share of safe rows removed rose by 0.03-0.08. The label-free rule removes as many of its own estimate's standard
 # errors (the count's sampling noise) past its estimate: on the experiment's 30% pools (5 seeds) it kept 4-14
 # harmful rows of 96 and recovered 84% of the oracle's reduction, against 11-22 and 74% at the estimate; on the
-# left-out families' pools (300 rows) the share of harmful rows kept fell by 0.00-0.19 and the share of safe rows
-# removed rose by 0.003-0.10, at 0% harmful by 0.003-0.03. 0 removes the estimated count.
+# left-out families' pools (300 rows; means over a family's pools at one rate) the share of harmful rows kept fell
+# by 0.00-0.19 and the share of safe rows removed rose by 0.003-0.10, at 0% harmful by 0.003-0.03. 0 removes the
+# estimated count.
 MARGIN = 1.2816
 
 
