@@ -51,7 +51,7 @@ from .pools import attack_pool
 from .prompting import harmful_by_prompting
 from .reference import reference_view
 from .regions import refusal_mask
-from .select import MARGIN, draw_labeled
+from .select import MARGIN, check_margin, draw_labeled
 
 logger = logging.getLogger(__name__)
 # In the order they run: the comparison the promise rests on (SFT, oracle, the defaults) first.
@@ -122,8 +122,7 @@ class ExperimentConfig:
         guard_weights(self.guard)  # raises for an unknown version or a missing file
         if not 0 <= self.demo_share < 1:
             raise ValueError(f"demo_share must be in [0, 1), got {self.demo_share}")
-        if not 0 <= self.margin < float("inf"):
-            raise ValueError(f"margin must be a finite number at least 0, got {self.margin}")
+        check_margin(self.margin)
 
     def plan(self) -> list[tuple[float, int]]:
         """The (rate, seed) pairs of `runs`."""

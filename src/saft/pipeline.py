@@ -42,7 +42,7 @@ from .metrics import detection_metrics
 from .models import EMBEDDED, default_cache_dir, load_model
 from .reference import reference_view
 from .regions import refusal_mask
-from .select import MARGIN, PRIOR_WEIGHT, RULES, RuleInputs, Selection, draw_labeled, select
+from .select import MARGIN, PRIOR_WEIGHT, RULES, RuleInputs, Selection, check_margin, draw_labeled, select
 from .trust import label_free_trust
 
 logger = logging.getLogger(__name__)
@@ -154,8 +154,7 @@ class FilterConfig:
             raise ValueError(f"k_candidates must be positive integers, got {self.k_candidates!r}")
         if not self.prior_weight >= 0:
             raise ValueError(f"prior_weight must be at least 0, got {self.prior_weight}")
-        if not 0 <= self.margin < float("inf"):
-            raise ValueError(f"margin must be a finite number at least 0, got {self.margin}")
+        check_margin(self.margin)
         if self.n_labels < 1:
             raise ValueError(f"n_labels must be at least 1, got {self.n_labels}")
         if self.n_thresholds < 2:

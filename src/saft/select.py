@@ -70,6 +70,12 @@ CUT = "count"
 MARGIN = 1.2816
 
 
+def check_margin(margin: float) -> None:
+    """A margin in standard errors is a finite number at least 0."""
+    if not 0 <= margin < float("inf"):
+        raise ValueError(f"margin must be a finite number at least 0, got {margin}")
+
+
 @dataclass
 class Selection:
     """Which samples to remove, why, and the threshold used (reusable on new data)."""
@@ -149,8 +155,7 @@ def select_estimate(scores: np.ndarray, *, estimate: ContaminationEstimate, marg
     (its standard error and interval are reported)."""
     if not 0 <= estimate.value <= 1:
         raise ValueError(f"a contamination estimate must be in [0, 1], got {estimate.value}")
-    if not 0 <= margin < float("inf"):
-        raise ValueError(f"margin must be a finite number at least 0, got {margin}")
+    check_margin(margin)
     share = estimate.value + margin * (estimate.se or 0.0)
     if estimate.interval is not None:
         share = min(share, estimate.interval[1])
@@ -205,8 +210,7 @@ def select_calibrated(scores: np.ndarray, val_scores: np.ndarray, val_labels: Se
 
     if cut not in ("f1", "count"):
         raise ValueError(f"cut must be 'f1' or 'count', got {cut!r}")
-    if not 0 <= margin < float("inf"):
-        raise ValueError(f"margin must be a finite number at least 0, got {margin}")
+    check_margin(margin)
     y = np.asarray(val_labels, dtype=int)
     if not 0 < y.sum() < len(y):
         raise ValueError("the calibrated rule needs harmful and safe rows among the labelled samples; draw more labels")
