@@ -360,8 +360,9 @@ def attack_pool(n: int, *, harmful_rate: float, seed: int, demo_share: float = 0
     row's prompt is `judge_reserved` or, normalised, in `exclude` (the evaluation prompts), and no row trained a
     packaged guard (`guard_unseen`; BeaverTails harmful rows then come from `holdout_slice`), so the detector arms
     score rows they never learned from. `unseen=False` is the recipe of scripts/aligned_study.py, whose results
-    it reproduces: harmful rows from the 'task' slice, and only the demonstrations checked against `exclude`. `benign_only`: the pool at 30% without its harmful rows (its benign rows
-    and demonstrations), for the attack's control.
+    it reproduces: harmful rows from the 'task' slice, and only the demonstrations checked against `exclude`.
+    `benign_only`: the pool at 30% without its harmful rows (its benign rows and demonstrations), for the
+    attack's control.
     """
     from .aligned import alignment_slice
 
