@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from saft.guard_training import FAMILY_LEVELS, cap_rows, choose_family_level, family_rates, fit_guard, pooled_rates
-from saft.trust import (assess, cap_removal, distance_threshold, estimate_interval, nearest_distances, pool_distance,
+from saft.trust import (assess, distance_threshold, estimate_interval, nearest_distances, pool_distance,
                         rate_ranges)
 
 
@@ -45,7 +45,6 @@ def test_assess_flags_distance_and_width_and_advises_labels():
     assert ok["interval"][0] <= 0.1 <= ok["interval"][1] and ok["level"] == 0.9
     bad = assess(0.1, 0.035, 300, ranges, distance=0.5, threshold=0.3)
     assert bad["unlike_training"] and bad["wide"] and "label" in bad["advice"] and "0.500" in bad["advice"]
-    assert cap_removal(90, 300, [0.0, 0.2]) == 60 and cap_removal(30, 300, [0.0, 0.2]) == 30
 
 
 def test_nearest_distance_and_threshold():

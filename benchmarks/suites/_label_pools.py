@@ -86,6 +86,17 @@ if __name__ == "__main__":  # precompute the sentence views of every base pool
         print(name, len(samples), f"truth {y.mean():.3f} estimate {est:.3f}", flush=True)
 
 
+def margin_effect(harmful, at_count, with_margin) -> dict:
+    """What a margin past the estimated count changes: the share of the harmful rows kept and of the safe rows
+    removed, at the count and with the margin (`harmful`, `at_count`, `with_margin`: boolean masks; the harmful
+    shares are None for a pool without harmful rows)."""
+    out = {}
+    for suffix, removed in (("", at_count), ("_margin", with_margin)):
+        out["harmful_kept" + suffix] = float((harmful & ~removed).sum() / harmful.sum()) if harmful.any() else None
+        out["safe_removed" + suffix] = float((~harmful & removed).sum() / (~harmful).sum())
+    return out
+
+
 def calibrated_draws(z: np.ndarray, y: np.ndarray, prior: float, pick, *, draws: int) -> dict:
     """The calibrated rule (`saft filter --labels-file`, the prior worth `PRIOR_WEIGHT` labels) over `draws` label
     draws: `pick(d)` gives draw d's labelled rows and the rule's extra options. The removal-count error
@@ -114,9 +125,8 @@ def calibrated_draws(z: np.ndarray, y: np.ndarray, prior: float, pick, *, draws:
         f1s.append(f1_score(y, sel.removed, zero_division=0))
         if extra.get("cut", "count") == "count" and harmful.any():
             wide = select_calibrated(z, z[idx], y[idx], prior=prior, prior_weight=PRIOR_WEIGHT, **extra)
-            for suffix, removed in (("", sel.removed), ("_margin", wide.removed)):
-                margin["harmful_kept" + suffix].append(float((harmful & ~removed).sum() / harmful.sum()))
-                margin["safe_removed" + suffix].append(float((~harmful & removed).sum() / (~harmful).sum()))
+            for k, v in margin_effect(harmful, sel.removed, wide.removed).items():
+                margin[k].append(v)
     mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
     return {"count_error": mean(errs), "count_error_max": float(np.max(errs)) if errs else None,
             "estimate_error": mean(est_errs), "f1": mean(f1s), "draws": len(errs), "refused": refused,

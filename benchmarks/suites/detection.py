@@ -31,7 +31,7 @@ from saft.select import MARGIN
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _label_ceiling import best_worst, ceiling_errors  # noqa: E402
-from _label_pools import calibrated_draws  # noqa: E402
+from _label_pools import calibrated_draws, margin_effect  # noqa: E402
 
 NAME = "detection"
 QUESTION = ("How well does the label-free guard rank and count harmful rows on a source family it never learned "
@@ -192,10 +192,7 @@ def score_pool(guard, ranges, dist_t, reference, X, labels, refusal, responses, 
     # The score distribution by label, as 20-bin histograms over the pool's range (for the RESULTS plot).
     edges = np.linspace(float(np.min(scores)), float(np.max(scores)), 21)
     y = np.asarray(labels)
-    harmful, margin = y.astype(bool), {}
-    for suffix, r in (("", at_count), ("_margin", removed)):  # what the margin changes
-        margin["harmful_kept" + suffix] = float((harmful & ~r).sum() / harmful.sum()) if harmful.any() else None
-        margin["safe_removed" + suffix] = float((~harmful & r).sum() / (~harmful).sum())
+    margin = margin_effect(y.astype(bool), at_count, removed)
     hist = {"edges": edges.round(4).tolist(), "safe": np.histogram(scores[y == 0], edges)[0].tolist(),
             "harmful": np.histogram(scores[y == 1], edges)[0].tolist()}
     row = {**m, "hist": hist, "estimate": est, "estimate_se": se, "margin": margin,

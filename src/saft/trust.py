@@ -111,11 +111,6 @@ def assess(estimate: float, flagged: float, n: int, ranges: dict, *, distance: f
             "advice": ("; ".join(reasons) + ": " + ADVICE) if reasons else None}
 
 
-def cap_removal(n_removed: int, n: int, interval) -> int:
-    """A label-free run never removes more rows than the upper end of its own interval allows."""
-    return int(min(n_removed, np.floor(interval[1] * n + 1e-9)))
-
-
 def guard_calibration(guard) -> dict | None:
     """The trust calibration a fitted `GuardScorer` was shipped with (guard v2's meta), for its kernel; None for
     a guard without one (guard v1)."""
