@@ -64,22 +64,21 @@ def report() -> Path:
 
 
 def _readme_tables() -> None:
-    """Put each suite's `readme_table(result)` (those that have one) between the README's results markers, so the
-    README quotes the result files and nothing else."""
+    """Put each suite's `readme_table(result)` (those that have one) between the README's markers for that suite
+    (`<!-- results:NAME:start -->` ... `<!-- results:NAME:end -->`), so the README quotes the result files and
+    nothing else."""
     from saft.data import atomic_open
 
     readme = common.HERE.parent / "README.md"
-    text = readme.read_text()
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
-    if start not in text or end not in text:
-        return
-    parts = []
+    text = new = readme.read_text()
     for name, module in suites().items():
+        start, end = f"<!-- results:{name}:start -->", f"<!-- results:{name}:end -->"
         result = common.load_result(name)
-        if result is not None and hasattr(module, "readme_table"):
-            parts.append(module.readme_table(result).strip())
-    block = start + "\n" + "\n\n".join(parts) + ("\n" if parts else "") + end
-    new = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+        if start not in new or end not in new or result is None or not hasattr(module, "readme_table"):
+            continue
+        table = module.readme_table(result).strip()
+        block = start + "\n" + table + ("\n" if table else "") + end
+        new = new[:new.index(start)] + block + new[new.index(end) + len(end):]
     if new != text:
         with atomic_open(readme) as f:
             f.write(new)

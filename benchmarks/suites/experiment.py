@@ -107,6 +107,44 @@ def reading(res: dict) -> str:
     return "\n\n".join(out)
 
 
+def readme_table(result: dict) -> str:
+    """The README's end-to-end table: per harmful share of the pool, each arm's harmful rate after fine-tuning on
+    what it kept (with its interval), and each filter's share of the oracle's reduction with the rows it kept."""
+    res = result["results"]
+    judge = next(iter(res["judges"]))
+    c = res["config"]
+    arms = {"base": "aligned base", "sft": "SFT on all", "oracle": "oracle", "label-free": "label-free",
+            "labelled": "labelled (100 labels)", "saft": "paper's SAFT", "random": "random", "prompting": "prompting"}
+    rates = [r for r, per_arm in res["summary"].items() if "sft" in per_arm and "oracle" in per_arm]
+    arms = {a: name for a, name in arms.items() if any(a in res["summary"][r] for r in rates)}
+    if not rates:
+        return ""
+    accuracy = res["judges"][judge].get("test_accuracy")
+    judged = f"judge {judge}" + (f", accuracy {accuracy:.3f} on held-out labelled answers" if accuracy else "")
+    lines = [f"Fine-tuning the aligned base on {c['pool_size']}-row pools after each filter: harmful rate ({judged}) "
+             f"on held-out harmful prompts, mean [95% interval over seeds and prompts], then the share of "
+             "the oracle's reduction against SFT on all, with the rows kept "
+             "([RESULTS](benchmarks/RESULTS.md#experiment)):", "",
+             "| pool | " + " | ".join(arms.values()) + " |", "|---|" + "---|" * len(arms)]
+    for r in rates:
+        per_arm = res["summary"][r]
+        n = len(per_arm["sft"]["seeds"])
+        h = [per_arm[a][f"harmful_{judge}"] if a in per_arm else None for a in arms]
+        lines.append(f"| {float(r):.0%} harmful, {n} seeds | "
+                     + " | ".join("—" if x is None else f"{x['mean']:.3f} [{x['ci'][0]:.2f}, {x['ci'][1]:.2f}]"
+                                  for x in h) + " |")
+        cells = []
+        for a in arms:
+            e = per_arm.get(a) or {}
+            s = e.get("share_of_oracle_reduction") or {}
+            kept = f"{e['kept']:.0f} kept" if e.get("kept") is not None else ""
+            cells.append("; ".join(x for x in ([f"{s['mean']:.0%} [{s['ci'][0]:.0%}, {s['ci'][1]:.0%}]"]
+                                               if a != "oracle" and s.get("mean") is not None else []) + [kept] if x)
+                         or "—")
+        lines.append("| share; rows kept | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render(result: dict, plots_dir: Path) -> str:
     from saft.experiment import plot_results, results_table
 
