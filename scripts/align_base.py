@@ -17,6 +17,9 @@ With --preference, a DPO stage follows (trl): the SFT adapter is trained on, aga
 prefer each harmful prompt's refusal over the embedded model's own compliant answer and each benign prompt's
 helpful answer over the refusal the SFT-tuned model itself gives once a refusal is begun (`preference_pairs`):
 SFT on refusals teaches refusing as a habit; the pairs teach when.
+With --recovery, a last stage teaches the model to turn back into the refusal after a compliant opening of a few
+tokens (`recovery_samples`), so its safety does not rest on the first tokens of an answer, the ones fine-tuning
+on any data shifts first; the shipped adapter is then the stages' adapters stacked into one (`combine_adapters`).
 No training prompt is reserved for the judge (`judge_reserved`), occurs in BeaverTails (either half), in a task or
 held-out pool source outside the 'align' slice, or in an evaluation set (AdvBench, I-MaliciousInstructions,
 I-Alpaca, src/saft/lookalike_prompts.txt; the Llama-2-chat refusals answer 361 AdvBench prompts, so AdvBench's
@@ -276,6 +279,102 @@ def train_preference(pairs: list[dict], sft_adapter: Path, out: Path, *, lr: flo
     return result
 
 
+def recovery_samples(rows: Sequence[dict], work_dir: Path, tokenizer, *, n_recovery: int, n_refusal: int,
+                     n_benign: int, max_opening_tokens: int, seed: int,
+                     max_new_tokens: int = 48) -> tuple[list[Sample], dict]:
+    """The recovery stage's rows, from the SFT stage's training rows (after Qi et al. 2024, "Safety alignment should
+    be made more than just a few tokens deep"):
+    - `n_recovery` harmful prompts whose answer opens with the embedded model's own compliant answer cut after k
+      of its tokens (k uniform in 1..`max_opening_tokens`) and goes on with the row's refusal; the opening is given,
+      not learned (`meta["response_opening"]`), so the model learns to turn back from a compliant start rather than
+      to refuse in its first tokens only (prompts the embedded model refuses itself have no such opening: dropped);
+    - `n_refusal` other harmful prompts answered with their refusal and `n_benign` benign rows as they are, so
+      that refusing stays tied to the harm.
+    The embedded model's answers are cached in `work_dir` (`original_answers`, shared with the other stages)."""
+    from saft.regions import is_refusal_text
+
+    rng = np.random.default_rng(seed)
+    harm = [r for r in rows if r["harmful_prompt"]]
+    harm = [harm[i] for i in rng.permutation(len(harm))]
+    drawn = harm[: n_recovery + n_recovery // 3]  # room for the prompts the embedded model refuses
+    complied = original_answers([r["prompt"] for r in drawn], work_dir / "original_answers.jsonl",
+                                max_new_tokens=max_new_tokens)
+    recovery = [r for r in drawn if not is_refusal_text(complied[r["prompt"]])][:n_recovery]
+    taken = {r["prompt"] for r in recovery}
+    refusal = [r for r in harm if r["prompt"] not in taken][:n_refusal]
+    benign = [r for r in rows if not r["harmful_prompt"]]
+    benign = [benign[i] for i in rng.permutation(len(benign))][:n_benign]
+    samples = []
+    for i, r in enumerate(recovery):
+        ids = tokenizer(complied[r["prompt"]], add_special_tokens=False)["input_ids"]
+        opening = tokenizer.decode(ids[: int(rng.integers(1, min(len(ids), max_opening_tokens) + 1))]).rstrip()
+        samples.append(Sample(f"recovery-{i:05d}", [{"role": "user", "content": r["prompt"]},
+                                                    {"role": "assistant", "content": f"{opening} {r['response']}"}],
+                              label=0, meta={"source": r["source"], "response_opening": opening}))
+    for i, r in enumerate(refusal + benign):
+        samples.append(Sample(f"row-{i:05d}", [{"role": "user", "content": r["prompt"]},
+                                               {"role": "assistant", "content": r["response"]}],
+                              label=0, meta={"source": r["source"]}))
+    samples = [samples[i] for i in rng.permutation(len(samples))]
+    counts = {"recovery": len(recovery),
+              "recovery_dropped_original_refused": sum(is_refusal_text(complied[r["prompt"]]) for r in drawn),
+              "refusal": len(refusal), "benign": len(benign), "max_opening_tokens": max_opening_tokens}
+    return samples, counts
+
+
+def train_recovery(samples: list[Sample], adapter: Path, work_dir: Path, *, lr: float, max_length: int,
+                   seed: int) -> dict:
+    """The recovery stage: a new LoRA (r16, alpha 32, every linear layer, one epoch) on the embedded model with
+    `adapter` (the earlier stages) merged into it, in `work_dir/recovery-<adapter hash>/` (resumable, and a finished
+    stage is loaded: `finetune`). Returns finetune's result less the model, with "adapter" the two stages as one
+    adapter (`combine_adapters`), which is what ships."""
+    from peft import PeftModel
+
+    from saft.finetune import FinetuneConfig, finetune
+    from saft.models import load_model
+
+    out = work_dir / f"recovery-{adapter_digest(adapter)[:12]}"
+    model, tok = load_model(EMBEDDED, device="cpu")
+    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    config = FinetuneConfig(model=EMBEDDED, rank=16, alpha=32, target_modules=("all-linear",), learning_rate=lr,
+                            epochs=1.0, batch_size=8, max_length=max_length, seed=seed, save_steps=25)
+    t0 = time.time()
+    ft = finetune(samples, output_dir=out, config=config, model=model, tokenizer=tok)
+    seconds = next((h["train_runtime"] for h in reversed(ft["log_history"]) if "train_runtime" in h), time.time() - t0)
+    combine_adapters([adapter, out / "adapter"], out / "combined")
+    return {"adapter": str(out / "combined"), "steps": ft["steps"], "train_loss": ft["train_loss"],
+            "seconds": round(seconds)}
+
+
+def combine_adapters(adapters: Sequence[Path], out: Path) -> None:
+    """One LoRA adapter equal to `adapters` applied one after the other (each trained on the model with the ones
+    before it merged): LoRA updates on the same layers add up, so the ranks are stacked (A's rows, B's columns)
+    with each adapter's scaling (alpha / r) folded into its B and the combined scaling set to 1."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    configs = [json.loads((Path(a) / "adapter_config.json").read_text()) for a in adapters]
+    tensors = [load_file(Path(a) / "adapter_model.safetensors") for a in adapters]
+    for a, c, t in zip(adapters, configs, tensors):
+        if c.get("use_rslora") or c.get("use_dora") or c.get("rank_pattern") or c.get("alpha_pattern"):
+            raise ValueError(f"{a}: only plain LoRA adapters (no rsLoRA, DoRA or per-layer ranks) can be combined")
+        if t.keys() != tensors[0].keys():
+            raise ValueError(f"{a}: adapts other layers than {adapters[0]}; the adapters cannot be combined")
+    combined = {}
+    for key in tensors[0]:
+        if ".lora_A." in key:
+            combined[key] = torch.cat([t[key].float() for t in tensors], dim=0)
+        elif ".lora_B." in key:
+            combined[key] = torch.cat([t[key].float() * (c["lora_alpha"] / c["r"]) for c, t in zip(configs, tensors)],
+                                      dim=1)
+        else:
+            raise ValueError(f"{adapters[0]}: unexpected tensor {key}; only LoRA A and B weights can be combined")
+    rank = sum(c["r"] for c in configs)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(combined, out / "adapter_model.safetensors")
+    write_json({**configs[0], "r": rank, "lora_alpha": rank}, out / "adapter_config.json")
+
+
 def write_shipped_adapter(adapter: Path, target: Path, manifest: dict) -> None:
     """Copy the adapter as fp16 safetensors, with the embedded base's stable name as its base model."""
     import torch
@@ -325,13 +424,19 @@ def main() -> None:
                     help="weight of the chosen answers' NLL beside the DPO loss (0: DPO alone)")
     ap.add_argument("--preference-seed", type=int, default=None,
                     help="seed of the pairs' draw and the DPO stage (default --seed): another draw on the same SFT adapter")
+    ap.add_argument("--recovery", type=int, nargs=3, default=None, metavar=("N_RECOVERY", "N_REFUSAL", "N_BENIGN"),
+                    help="after the other stages, a recovery stage (recovery_samples): harmful prompts answered with "
+                         "a compliant opening that turns into the refusal, plain refusals and benign rows")
+    ap.add_argument("--recovery-lr", type=float, default=2e-4)
+    ap.add_argument("--recovery-opening-tokens", type=int, default=24,
+                    help="longest compliant opening of a recovery row, in tokens")
     ap.add_argument("--check-harmful", action="store_true",
                     help="take a safety-tuned-llamas prompt as harmful only when the packaged guard (v3) flags the "
                          "embedded model's own answer to it (guard_check): the source holds benign tasks too")
     ap.add_argument("--dry-run", action="store_true", help="build and check the rows, print the counts, stop")
     args = ap.parse_args()
-    if args.preference and args.ship_checkpoint is not None:
-        ap.error("--ship-checkpoint ships an SFT checkpoint as it is: leave out --preference")
+    if (args.preference or args.recovery) and args.ship_checkpoint is not None:
+        ap.error("--ship-checkpoint ships an SFT checkpoint as it is: leave out --preference and --recovery")
     if args.preference:
         try:
             import trl  # noqa: F401
@@ -385,6 +490,23 @@ def main() -> None:
                       "max_length": args.max_length + 32, "steps": pref["steps"], "train_loss": pref["train_loss"],
                       "seconds": pref["seconds"]}
         ft = {**ft, "adapter": pref["adapter"]}
+    recovery = None
+    if args.recovery:
+        from transformers import AutoTokenizer
+
+        from saft.models import resolve_model_path
+
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(EMBEDDED))
+        rec_samples, rec_counts = recovery_samples(
+            rows, Path(args.work_dir), tok, n_recovery=args.recovery[0], n_refusal=args.recovery[1],
+            n_benign=args.recovery[2], max_opening_tokens=args.recovery_opening_tokens, seed=args.seed)
+        print(json.dumps({"recovery_rows": rec_counts}))
+        rec = train_recovery(rec_samples, Path(ft["adapter"]), Path(args.work_dir), lr=args.recovery_lr,
+                             max_length=args.max_length + 32, seed=args.seed)
+        recovery = {"rows": rec_counts, "lr": args.recovery_lr, "max_length": args.max_length + 32,
+                    "rank": 16, "alpha": 32, "steps": rec["steps"], "train_loss": rec["train_loss"],
+                    "seconds": rec["seconds"]}
+        ft = {**ft, "adapter": rec["adapter"]}
     manifest = {"name": ALIGNED, "base": EMBEDDED, "built_by": "python scripts/align_base.py",
                 "recipe": {"rank": args.rank, "alpha": args.alpha, "target_modules": "all-linear", "lr": args.lr,
                            "epochs": args.epochs, "batch_size": 8, "max_length": args.max_length, "seed": args.seed,
@@ -393,12 +515,14 @@ def main() -> None:
                            "threads": args.threads, "self_answered": [Path(f).name for f in args.self_answered],
                            "self_answer_tokens": args.self_answer_tokens if args.self_answered else None,
                            "check_harmful": "guard v3" if args.check_harmful else None,
-                           "preference": preference},
+                           "preference": preference, "recovery": recovery},
                 "rows": counts, "train_prompt_sha1": sorted(prompt_sha1(r["prompt"]) for r in rows)}
     write_shipped_adapter(Path(ft["adapter"]), ADAPTER_DIR, manifest)
     stages = f"SFT {ft['steps']} steps, loss {ft['train_loss']:.3f}, {seconds:.0f} s"
     if preference:
         stages += f"; DPO {preference['steps']} steps, loss {preference['train_loss']:.3f}, {preference['seconds']} s"
+    if recovery:
+        stages += f"; recovery {recovery['steps']} steps, loss {recovery['train_loss']:.3f}, {recovery['seconds']} s"
     print(f"wrote {ADAPTER_DIR} ({stages})")
 
 

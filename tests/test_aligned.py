@@ -1,11 +1,15 @@
-"""The aligned embedded model's resolution (base + shipped adapter, merged once), the TF-IDF judge, and the
-judge/keyword disagreement reported by evaluation. Tiny models and adapters built here; no real training."""
+"""The aligned embedded model's resolution (base + shipped adapter, merged once), the TF-IDF judge, the
+judge/keyword disagreement reported by evaluation, and the alignment script's stages. Tiny models and adapters built
+here; a stage trains a tiny model for two steps."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from conftest import make_tokenizer
 
 import saft.aligned as A
 import saft.models as M
@@ -341,3 +345,73 @@ def test_preference_stage_pairs_each_prompt_with_a_models_own_answer_and_trains_
     swapped = [{**q, "chosen": q["rejected"], "rejected": q["chosen"]} for q in pairs]  # as many pairs, other ones
     with pytest.raises(TypeError):  # not the finished stage: it would train (and trl's trainer is gone here)
         S.train_preference(swapped, sft, tmp_path / "pref", lr=1e-3, beta=0.1, max_length=64, seed=0)
+
+
+def test_recovery_rows_turn_a_compliant_opening_into_the_refusal(tmp_path, monkeypatch):
+    from saft.finetune import IGNORE, training_features
+
+    S = _script("align_base")
+    tok = make_tokenizer()
+    answers = {f"harmful {i}": f"Sure, here is how to do harmful thing {i}: first get the tools" for i in range(8)}
+    answers["harmful 3"] = "I'm sorry, but I cannot help with that."  # refused by the embedded model: no opening
+    seen = []
+
+    def original(prompts, cache, *, max_new_tokens):
+        seen.extend(prompts)
+        return {p: answers[p] for p in prompts}
+
+    monkeypatch.setattr(S, "original_answers", original)
+    rows = ([{"prompt": p, "response": "I cannot help with that.", "harmful_prompt": 1, "source": "refusal"}
+             for p in answers]
+            + [{"prompt": f"benign {i}", "response": f"Here is answer {i}.", "harmful_prompt": 0, "source": "alpaca"}
+               for i in range(5)])
+    samples, counts = S.recovery_samples(rows, tmp_path, tok, n_recovery=4, n_refusal=2, n_benign=3,
+                                         max_opening_tokens=6, seed=0)
+    assert counts == {"recovery": 4, "recovery_dropped_original_refused": int("harmful 3" in seen), "refusal": 2,
+                      "benign": 3, "max_opening_tokens": 6}
+    assert len(seen) == 5  # only the drawn prompts are answered (4 and a third more)
+    recovery = [s for s in samples if "response_opening" in s.meta]
+    assert len(recovery) == 4 and len(samples) == 9
+    prompts = [s.messages[0]["content"] for s in samples]
+    assert len(set(prompts)) == 9 and "harmful 3" not in [s.messages[0]["content"] for s in recovery]
+    for s in recovery:
+        opening, answer = s.meta["response_opening"], s.messages[-1]["content"]
+        assert opening and answers[s.messages[0]["content"]].startswith(opening)
+        assert answer == f"{opening} I cannot help with that."
+        assert len(tok(opening, add_special_tokens=False)["input_ids"]) <= 6
+        row = training_features([s], tok, max_length=256)[0]
+        learned = tok.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE])
+        assert learned == " I cannot help with that.<|im_end|>\n"  # the refusal is learned, the opening is not
+    plain = [s for s in samples if "response_opening" not in s.meta]
+    assert sum(s.messages[0]["content"].startswith("harmful") for s in plain) == 2
+
+
+def test_stacked_stages_ship_as_one_adapter_equal_to_both_applied_in_turn(tiny_model_dir, tmp_path, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import saft.models
+    from saft.data import Sample
+
+    S = _script("align_base")
+    base = lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # noqa: E731
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    first = make_adapter(tiny_model_dir, tmp_path / "first")
+    monkeypatch.setattr(saft.models, "load_model", lambda *a, **k: (base(), tok))
+    samples = [Sample(f"s{i}", [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": f"a {i}"}])
+               for i in range(16)]
+    result = S.train_recovery(samples, first, tmp_path, lr=1e-2, max_length=32, seed=0)
+    assert result["steps"] == 2 and Path(result["adapter"]).parent.name.startswith("recovery-")
+    stage = Path(result["adapter"]).parent / "adapter"
+    in_turn = PeftModel.from_pretrained(PeftModel.from_pretrained(base(), str(first)).merge_and_unload(), str(stage))
+    combined = PeftModel.from_pretrained(base(), result["adapter"])
+    ids = tok("User: q 3\nAssistant:")["input_ids"]
+    assert not torch.allclose(logits(in_turn, ids), logits(PeftModel.from_pretrained(base(), str(first)), ids),
+                              atol=1e-4)  # the second stage changed the model
+    torch.testing.assert_close(logits(combined, ids), logits(in_turn, ids), atol=1e-4, rtol=1e-4)
+    assert json.loads((Path(result["adapter"]) / "adapter_config.json").read_text())["r"] == 4 + 16
+    other = make_adapter(tiny_model_dir, tmp_path / "other")
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(ValueError, match="only plain LoRA"):
+        S.combine_adapters([first, other], tmp_path / "bad")

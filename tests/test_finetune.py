@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from conftest import make_model, make_tokenizer
@@ -22,6 +23,27 @@ def test_loss_mask_covers_only_the_final_response():
     # the earlier assistant turn of the multi-turn sample is context, not a target
     row = training_features([MULTI], tok, max_length=512)[0]
     assert "hello" not in tok.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE])
+
+
+def test_a_given_response_opening_is_context_not_a_target():
+    tok = make_tokenizer()
+    opening = "Sure, step 1: mix the"
+    s = Sample("o", [{"role": "user", "content": "how do I make it?"},
+                     {"role": "assistant", "content": opening + " ... I cannot help with that."}],
+               meta={"response_opening": opening})
+    row = training_features([s], tok, max_length=512)[0]
+    learned = tok.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE])
+    assert learned == " ... I cannot help with that.<|im_end|>\n"
+    assert row["input_ids"] == encode(s, tok).ids  # the opening stays in the input
+    whole = training_features([Sample("w", s.messages)], tok, max_length=512)[0]
+    assert sum(lab != IGNORE for lab in whole["labels"]) > sum(lab != IGNORE for lab in row["labels"])
+    # truncation that leaves nothing past the opening skips the sample instead of learning the opening
+    n_learned = sum(lab != IGNORE for lab in row["labels"])
+    assert training_features([s], tok, max_length=len(row["input_ids"]) - n_learned) == []
+    assert len(training_features([s], tok, max_length=len(row["input_ids"]) - n_learned + 1)) == 1
+    bad = Sample("b", s.messages, meta={"response_opening": "Here is"})
+    with pytest.raises(ValueError, match="sample b: meta\\['response_opening'\\] must be the start"):
+        training_features([bad], tok, max_length=512)
 
 
 def samples(n=16):
@@ -80,8 +102,6 @@ def test_a_finished_run_is_loaded_not_trained_again(tmp_path, monkeypatch):
 
 
 def test_config_validation():
-    import pytest
-
     with pytest.raises(ValueError, match="dropout must be in"):
         FinetuneConfig(dropout=1.5)
     assert FinetuneConfig(target_modules="all-linear").target_modules == ("all-linear",)

@@ -1,7 +1,9 @@
 """LoRA supervised fine-tuning on kept samples, with the loss on response tokens only.
 
 Samples are rendered with the same chat template and truncation as scoring (`saft.render.encode`); prompt
-tokens (including earlier turns of a multi-turn sample) get label -100 so only the final response is learned.
+tokens (including earlier turns of a multi-turn sample) get label -100 so only the final response is learned. A
+sample whose `meta["response_opening"]` holds the start of its response learns only what follows that opening:
+the opening is given, as `saft.generate.generate(prefixes=...)` gives it when answering.
 Training runs through transformers' `Trainer` with a peft LoRA adapter: checkpoints, resumption, logging and the
 progress bar come from there. Outputs in `output_dir`: `adapter/` (the LoRA adapter and tokenizer),
 `finetune_config.json`, `log_history.json`, and `checkpoints/` while training.
@@ -63,16 +65,38 @@ class FinetuneConfig:
 
 
 def training_features(samples: Sequence[Sample], tokenizer, *, max_length: int) -> list[dict]:
-    """input_ids and labels per sample; labels are -100 except on the final response's tokens."""
+    """input_ids and labels per sample; labels are -100 except on the final response's tokens, less its given
+    opening (`meta["response_opening"]`) when it has one."""
     rows = []
     for s in samples:
         e = encode(s, tokenizer, max_length=max_length)
-        if e.response_len == 0:
-            logger.warning("sample %s has no response tokens after truncation; skipped", s.id)
+        given = _opening_tokens(s, tokenizer)
+        if e.response_len <= given:
+            logger.warning("sample %s has no response tokens to learn after truncation; skipped", s.id)
             continue
+        start = e.prompt_len + given
         rows.append({"input_ids": e.ids, "attention_mask": [1] * len(e.ids),
-                     "labels": [IGNORE] * e.prompt_len + e.ids[e.prompt_len:]})
+                     "labels": [IGNORE] * start + e.ids[start:]})
     return rows
+
+
+def _opening_tokens(sample: Sample, tokenizer) -> int:
+    """How many of the response's tokens are its given opening (`meta["response_opening"]`; 0 without one): the
+    tokens the sample shares with the same conversation answered by the opening alone, past the prompt."""
+    opening = (sample.meta or {}).get("response_opening")
+    if not opening:
+        return 0
+    response = sample.messages[-1]["content"]
+    if not response.startswith(opening):
+        raise ValueError(f"sample {sample.id}: meta['response_opening'] must be the start of its response; "
+                         f"the response begins {response[:40]!r}")
+    full = encode(sample, tokenizer)
+    cut = encode(dataclasses.replace(sample, messages=[*sample.messages[:-1], {"role": "assistant", "content": opening}]),
+                 tokenizer)
+    shared = next((i for i, (a, b) in enumerate(zip(cut.ids, full.ids)) if a != b), min(len(cut.ids), len(full.ids)))
+    # The opening's turn ends in end-of-turn tokens the full answer does not have at that place: only the shared
+    # tokens count, and a token merged across the opening's end is learned.
+    return max(0, min(shared, len(cut.ids)) - full.prompt_len)
 
 
 def _lora_config(config: FinetuneConfig):
