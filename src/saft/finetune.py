@@ -96,7 +96,7 @@ def _opening_tokens(sample: Sample, tokenizer) -> int:
     shared = next((i for i, (a, b) in enumerate(zip(cut.ids, full.ids)) if a != b), min(len(cut.ids), len(full.ids)))
     # The opening's turn ends in end-of-turn tokens the full answer does not have at that place: only the shared
     # tokens count, and a token merged across the opening's end is learned.
-    return max(0, min(shared, len(cut.ids)) - full.prompt_len)
+    return max(0, shared - full.prompt_len)
 
 
 def _lora_config(config: FinetuneConfig):
