@@ -287,7 +287,8 @@ def recovery_samples(rows: Sequence[dict], work_dir: Path, tokenizer, *, n_recov
     - `n_recovery` harmful prompts whose answer opens with the embedded model's own compliant answer cut after k
       of its tokens (k uniform in 1..`max_opening_tokens`) and goes on with the row's refusal; the opening is given,
       not learned (`meta["response_opening"]`), so the model learns to turn back from a compliant start rather than
-      to refuse in its first tokens only (prompts the embedded model refuses itself have no such opening: dropped);
+      to refuse in its first tokens only (prompts the embedded model refuses, or answers with nothing, have no
+      such opening: dropped);
     - `n_refusal` other harmful prompts answered with their refusal and `n_benign` benign rows as they are, so
       that refusing stays tied to the harm.
     The embedded model's answers are cached in `work_dir` (`original_answers`, shared with the other stages)."""
@@ -299,7 +300,8 @@ def recovery_samples(rows: Sequence[dict], work_dir: Path, tokenizer, *, n_recov
     drawn = harm[: n_recovery + n_recovery // 3]  # room for the prompts the embedded model refuses
     complied = original_answers([r["prompt"] for r in drawn], work_dir / "original_answers.jsonl",
                                 max_new_tokens=max_new_tokens)
-    recovery = [r for r in drawn if not is_refusal_text(complied[r["prompt"]])][:n_recovery]
+    recovery = [r for r in drawn if complied[r["prompt"]].strip() and not is_refusal_text(complied[r["prompt"]])]
+    recovery = recovery[:n_recovery]
     taken = {r["prompt"] for r in recovery}
     refusal = [r for r in harm if r["prompt"] not in taken][:n_refusal]
     benign = [r for r in rows if not r["harmful_prompt"]]
