@@ -73,8 +73,10 @@ def _readme_tables() -> None:
     text = new = readme.read_text()
     for name, module in suites().items():
         start, end = f"<!-- results:{name}:start -->", f"<!-- results:{name}:end -->"
-        result = common.load_result(name)
-        if start not in new or end not in new or result is None or not hasattr(module, "readme_table"):
+        if start not in new or end not in new or not hasattr(module, "readme_table"):
+            continue
+        result = common.load_result(name)  # read only for a suite the README quotes
+        if result is None:
             continue
         table = module.readme_table(result).strip()
         block = start + "\n" + table + ("\n" if table else "") + end

@@ -324,28 +324,26 @@ def recovery_samples(rows: Sequence[dict], work_dir: Path, tokenizer, *, n_recov
     return samples, counts
 
 
-def train_recovery(samples: list[Sample], adapter: Path, work_dir: Path, *, lr: float, max_length: int,
-                   seed: int) -> dict:
-    """The recovery stage: a new LoRA (r16, alpha 32, every linear layer, one epoch) on the embedded model with
-    `adapter` (the earlier stages) merged into it, in `work_dir/recovery-<adapter hash>/` (resumable, and a finished
-    stage is loaded: `finetune`). Returns finetune's result less the model, with "adapter" the two stages as one
-    adapter (`combine_adapters`), which is what ships."""
+def train_recovery(samples: list[Sample], adapter: Path, work_dir: Path, *, model, tokenizer, lr: float,
+                   max_length: int, seed: int) -> dict:
+    """The recovery stage: a new LoRA (r16, alpha 32, every linear layer, one epoch) on `model` (the embedded model)
+    with `adapter` (the earlier stages) merged into it, in `work_dir/recovery-<adapter hash>/` (resumable, and a
+    finished stage is loaded: `finetune`). Returns the stage's steps, loss, seconds, rank and alpha, with "adapter"
+    the two stages as one adapter (`combine_adapters`), which is what ships."""
     from peft import PeftModel
 
     from saft.finetune import FinetuneConfig, finetune
-    from saft.models import load_model
 
     out = work_dir / f"recovery-{adapter_digest(adapter)[:12]}"
-    model, tok = load_model(EMBEDDED, device="cpu")
     model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     config = FinetuneConfig(model=EMBEDDED, rank=16, alpha=32, target_modules=("all-linear",), learning_rate=lr,
                             epochs=1.0, batch_size=8, max_length=max_length, seed=seed, save_steps=25)
     t0 = time.time()
-    ft = finetune(samples, output_dir=out, config=config, model=model, tokenizer=tok)
+    ft = finetune(samples, output_dir=out, config=config, model=model, tokenizer=tokenizer)
     seconds = next((h["train_runtime"] for h in reversed(ft["log_history"]) if "train_runtime" in h), time.time() - t0)
     combine_adapters([adapter, out / "adapter"], out / "combined")
     return {"adapter": str(out / "combined"), "steps": ft["steps"], "train_loss": ft["train_loss"],
-            "seconds": round(seconds)}
+            "seconds": round(seconds), "rank": config.rank, "alpha": config.alpha}
 
 
 def combine_adapters(adapters: Sequence[Path], out: Path) -> None:
@@ -494,20 +492,17 @@ def main() -> None:
         ft = {**ft, "adapter": pref["adapter"]}
     recovery = None
     if args.recovery:
-        from transformers import AutoTokenizer
+        from saft.models import load_model
 
-        from saft.models import resolve_model_path
-
-        tok = AutoTokenizer.from_pretrained(resolve_model_path(EMBEDDED))
+        model, tok = load_model(EMBEDDED, device="cpu")
         rec_samples, rec_counts = recovery_samples(
             rows, Path(args.work_dir), tok, n_recovery=args.recovery[0], n_refusal=args.recovery[1],
             n_benign=args.recovery[2], max_opening_tokens=args.recovery_opening_tokens, seed=args.seed)
         print(json.dumps({"recovery_rows": rec_counts}))
-        rec = train_recovery(rec_samples, Path(ft["adapter"]), Path(args.work_dir), lr=args.recovery_lr,
-                             max_length=args.max_length + 32, seed=args.seed)
+        rec = train_recovery(rec_samples, Path(ft["adapter"]), Path(args.work_dir), model=model, tokenizer=tok,
+                             lr=args.recovery_lr, max_length=args.max_length + 32, seed=args.seed)
         recovery = {"rows": rec_counts, "lr": args.recovery_lr, "max_length": args.max_length + 32,
-                    "rank": 16, "alpha": 32, "steps": rec["steps"], "train_loss": rec["train_loss"],
-                    "seconds": rec["seconds"]}
+                    **{k: v for k, v in rec.items() if k != "adapter"}}
         ft = {**ft, "adapter": rec["adapter"]}
     manifest = {"name": ALIGNED, "base": EMBEDDED, "built_by": "python scripts/align_base.py",
                 "recipe": {"rank": args.rank, "alpha": args.alpha, "target_modules": "all-linear", "lr": args.lr,

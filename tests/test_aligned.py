@@ -386,21 +386,19 @@ def test_recovery_rows_turn_a_compliant_opening_into_the_refusal(tmp_path, monke
     assert sum(s.messages[0]["content"].startswith("harmful") for s in plain) == 2
 
 
-def test_stacked_stages_ship_as_one_adapter_equal_to_both_applied_in_turn(tiny_model_dir, tmp_path, monkeypatch):
+def test_stacked_stages_ship_as_one_adapter_equal_to_both_applied_in_turn(tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import saft.models
     from saft.data import Sample
 
     S = _script("align_base")
     base = lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # noqa: E731
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     first = make_adapter(tiny_model_dir, tmp_path / "first")
-    monkeypatch.setattr(saft.models, "load_model", lambda *a, **k: (base(), tok))
     samples = [Sample(f"s{i}", [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": f"a {i}"}])
                for i in range(16)]
-    result = S.train_recovery(samples, first, tmp_path, lr=1e-2, max_length=32, seed=0)
+    result = S.train_recovery(samples, first, tmp_path, model=base(), tokenizer=tok, lr=1e-2, max_length=32, seed=0)
     assert result["steps"] == 2 and Path(result["adapter"]).parent.name.startswith("recovery-")
     stage = Path(result["adapter"]).parent / "adapter"
     in_turn = PeftModel.from_pretrained(PeftModel.from_pretrained(base(), str(first)).merge_and_unload(), str(stage))

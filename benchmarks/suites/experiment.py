@@ -133,16 +133,19 @@ def readme_table(result: dict) -> str:
         lines.append(f"| {float(r):.0%} harmful, {n} seeds | "
                      + " | ".join("—" if x is None else f"{x['mean']:.3f} [{x['ci'][0]:.2f}, {x['ci'][1]:.2f}]"
                                   for x in h) + " |")
-        cells = []
-        for a in arms:
-            e = per_arm.get(a) or {}
-            s = e.get("share_of_oracle_reduction") or {}
-            kept = f"{e['kept']:.0f} kept" if e.get("kept") is not None else ""
-            cells.append("; ".join(x for x in ([f"{s['mean']:.0%} [{s['ci'][0]:.0%}, {s['ci'][1]:.0%}]"]
-                                               if a != "oracle" and s.get("mean") is not None else []) + [kept] if x)
-                         or "—")
-        lines.append("| share; rows kept | " + " | ".join(cells) + " |")
+        lines.append("| share; rows kept | " + " | ".join(_share_and_kept(a, per_arm.get(a) or {}) for a in arms) + " |")
     return "\n".join(lines)
+
+
+def _share_and_kept(arm: str, e: dict) -> str:
+    """An arm's README cell: its share of the oracle's reduction (the oracle's own, 100% by definition, left out)
+    and the rows it kept."""
+    share = e.get("share_of_oracle_reduction") or {}
+    parts = [] if arm == "oracle" or share.get("mean") is None else [
+        f"{share['mean']:.0%} [{share['ci'][0]:.0%}, {share['ci'][1]:.0%}]"]
+    if e.get("kept") is not None:
+        parts.append(f"{e['kept']:.0f} kept")
+    return "; ".join(parts) or "—"
 
 
 def render(result: dict, plots_dir: Path) -> str:
